@@ -1,0 +1,45 @@
+"""Arguments and steps shared by several subcommands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, help="alias, zoo:NAME, Hugging Face id, local folder or .gguf file")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps); default cpu")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow Python code shipped with the checkpoint to run (off by default: unsafe)")
+
+
+def add_eval_args(p: argparse.ArgumentParser, default_data: str = "stdlib-code:eval") -> None:
+    p.add_argument("--eval", "--data", dest="eval", default=default_data,
+                   help=f"evaluation corpus (default {default_data}; see `advisor ls datasets`)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+
+
+def add_json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def load_model(args: argparse.Namespace, **kwargs: Any):
+    from models.loading import load
+
+    return load(args.model, device=args.device, dtype=args.dtype,
+                trust_remote_code=args.trust_remote_code, **kwargs)
+
+
+def eval_windows_for(loaded, args: argparse.Namespace):
+    from models.data import eval_windows, load_corpus
+
+    corpus = load_corpus(args.eval)
+    return eval_windows(loaded.tokenizer, corpus, args.seq_len, args.max_windows,
+                        max_context=loaded.adapter.max_context)
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty()

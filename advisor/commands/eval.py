@@ -1,0 +1,31 @@
+"""`advisor eval`: perplexity of a model by the standard protocol."""
+from __future__ import annotations
+
+import argparse
+
+from advisor.commands._common import add_eval_args, add_json_arg, add_model_args, eval_windows_for, load_model
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_eval_args(p)
+    add_json_arg(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from advisor.cli import emit_json
+    from models.evaluate import perplexity
+
+    loaded = load_model(args)
+    windows = eval_windows_for(loaded, args)
+    result = perplexity(loaded.model, windows, batch_size=args.batch_size, device=args.device)
+    out = dict(result.to_dict(), model=loaded.source.to_dict())
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"{args.model}: perplexity {result.ppl:.4f} (mean NLL {result.nll:.5f} nats over "
+              f"{result.n_tokens} tokens, {windows.protocol['n_windows']} x {args.seq_len}-token windows "
+              f"of {windows.protocol['dataset']} [{windows.protocol.get('format')}], {result.seconds:.1f}s)")
+        for note in loaded.source.notes:
+            print(f"note: {note}")
+    return 0
