@@ -196,7 +196,9 @@ def load(
         attn_implementation: e.g. ``"eager"`` for probes that need double backward.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars show progress; theirs clutter stderr
     dtype = parse_dtype(dtype)
     kind, target, notes = resolve(name)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
@@ -217,7 +219,7 @@ def load(
         raise
     except ImportError as e:
         raise AdvisorError(f"loading {name!r} needs a missing package: {e}") from e
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError) as e:
+    except Exception as e:  # corrupted files surface as many types (SafetensorError, OSError, ValueError...)
         raise ModelNotFoundError(
             f"could not load model {name!r} from {target}: {type(e).__name__}: {str(e)[:300]}. "
             "The files may be truncated or corrupted; re-download or re-save them."

