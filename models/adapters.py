@@ -119,7 +119,7 @@ class Adapter:
             group = []
             for path in paths:
                 layer = _get(block, path)
-                if not isinstance(layer, nn.Linear):
+                if not (isinstance(layer, nn.Linear) or hasattr(layer, "in_features")):  # or a packed QuantLinear
                     raise AdvisorError(
                         f"layer {path!r} of a {self.family.name} block is a {type(layer).__name__}, "
                         "not nn.Linear; call Adapter.prepare() after loading"

@@ -43,3 +43,19 @@ def eval_windows_for(loaded, args: argparse.Namespace):
 
 def progress_enabled() -> bool:
     return sys.stderr.isatty()
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="stdlib-code:calib",
+                   help="calibration corpus (default stdlib-code:calib; see `advisor ls datasets`)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default: --seq-len)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
+
+
+def calib_windows_for(loaded, args: argparse.Namespace, exclude=None):
+    from models.data import calibration_windows, load_corpus
+
+    corpus = load_corpus(args.calib)
+    return calibration_windows(loaded.tokenizer, corpus, args.n_calib, args.calib_seq_len or args.seq_len,
+                               seed=args.seed, exclude=exclude, max_context=loaded.adapter.max_context)
