@@ -1,0 +1,88 @@
+"""The block-sequential driver on real (tiny) transformers models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.adapters import get_adapter
+from models.data import Windows
+from models.loading import LoadedModel, ModelSource
+from models.pipeline import quantize_model
+from quantizers import LayerStats, QuantSpec, get_method
+from tests.conftest import ARCHS, tiny_model
+
+
+def _loaded(arch, seed=0):
+    model = tiny_model(arch, seed)
+    return LoadedModel(model, None, get_adapter(model), ModelSource("tiny", "folder", arch, "fp"))
+
+
+def _calib(n=3, seq=16):
+    return Windows(torch.randint(0, 90, (n, seq), generator=torch.Generator().manual_seed(0)), {"seq_len": seq})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rtn_pipeline_equals_layerwise_rtn(arch):
+    ref, run = _loaded(arch), _loaded(arch)
+    spec = QuantSpec.parse("rtn:int4:g16")
+    expected = {name: get_method("rtn").quantize(layer.weight.data, spec, LayerStats()).dequantize()
+                for name, layer in ref.adapter.linear_layers()}
+    result = quantize_model(run, spec, None, pack=False, progress=False)
+    assert result.n_layers == len(expected)
+    for name, layer in run.adapter.linear_layers():
+        assert torch.equal(layer.weight.data, expected[name]), name
+    assert result.bits_per_weight == pytest.approx(spec.bits_per_weight(32))
+
+
+def test_first_group_statistics_equal_hand_computed_hessian():
+    """H of block 0's q/k/v input is sum x x^T of the normalized embeddings, token by token."""
+    loaded = _loaded("llama")
+    model, block0 = loaded.model, loaded.adapter.blocks()[0]
+    calib = _calib()
+    seen = []
+    h = block0.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for ids in calib.ids:
+            model(ids[None])
+    h.remove()
+    X = torch.cat(seen)  # (n_windows * seq_len, hidden): block 0's q_proj input, one entry per window
+    H_expected = X.T @ X
+
+    captured = {}
+    method = get_method("gptq")
+    original = method.fn
+
+    def spy(W, spec, stats):
+        captured.setdefault("H", stats.H.clone())
+        captured.setdefault("n", stats.n_tokens)
+        return original(W, spec, stats)
+
+    object.__setattr__(method, "fn", spy)
+    try:
+        quantize_model(loaded, "gptq:int4:g16", calib, pack=False, progress=False)
+    finally:
+        object.__setattr__(method, "fn", original)
+    assert captured["n"] == calib.ids.numel()
+    torch.testing.assert_close(captured["H"], H_expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_errors_reported_for_hessian_methods_only():
+    rtn = quantize_model(_loaded("llama"), "rtn:int3:g16", _calib(), pack=False, progress=False)
+    gptq = quantize_model(_loaded("llama"), "gptq:int3:g16", _calib(), pack=False, progress=False)
+    errs = [r.rel_error for r in gptq.layers]
+    assert all(e is not None and 0 < e < 1 for e in errs)
+    assert rtn.layers[0].rel_error is None  # RTN collects no statistics
+
+
+def test_method_needing_calibration_refuses_none():
+    from models.errors import AdvisorError
+
+    with pytest.raises(AdvisorError, match="needs calibration data"):
+        quantize_model(_loaded("llama"), "gptq:int4:g16", None, pack=False, progress=False)
+
+
+def test_nan_weight_is_reported_with_layer_name():
+    loaded = _loaded("llama")
+    loaded.adapter.blocks()[1].mlp.down_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj"):
+        quantize_model(loaded, "rtn:int4:g16", None, pack=False, progress=False)
