@@ -1,0 +1,306 @@
+"""Scales and the one reference round-to-grid shared by every data type and method.
+
+Representation (INTERFACES.md): ``W[o, i] = table[codes[o, i]] * scales[o, g] + offsets[o, g]`` with
+``g = i // group_size``. Groups run along the input dimension; when ``group_size`` does not divide
+``in_features`` the last group is partial (``n_groups = ceil(in / group_size)``).
+
+Scale rules (per output row ``o`` and group ``g``, ``w`` = the group's weights):
+
+- symmetric (int, fp, nf): the smallest scale at which nothing clips,
+  ``s = max(max(w, 0) / grid_max, min(w, 0) / grid_min)``; for grids symmetric about 0 this is
+  ``absmax / grid_max``; for two's-complement ints (``-2**(b-1) .. 2**(b-1)-1``) it lets a group whose
+  extreme value is negative use the extra code. Stored as fp16 (rounded here, so the dequantized weights
+  are exactly what 16 bits can hold); an all-zero group gets scale 1.
+- asymmetric ints (GPTQ ``Quantizer``, ``sym=False``): range ``[min(w, 0), max(w, 0)]``,
+  ``s = (xmax - xmin) / (2**b - 1)`` (fp16), integer zero point ``z = round(-xmin / s)`` in ``[0, 2**b-1]``,
+  unsigned table ``0 .. 2**b-1`` and ``offset = -z * s``.
+- MX (OCP MX v1.0 §6.3): blocks of 32, ``X = 2**(floor(log2(amax)) - emax_elem)`` as an E8M0 exponent
+  clamped to [-127, 127]; elements are rounded to the element grid with saturation.
+
+Rounding: ``y = (w - offset) / s`` computed as ``w / s + z``; ``bucketize`` of ``y`` on the midpoints of
+the sorted grid (ties go to the lower grid value); the grid index maps to a code through ``grid_codes``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .dtypes import DataType
+
+__all__ = [
+    "Rounder", "GridParams", "rounder_for", "compute_grid_params", "round_to_grid", "quantize_rtn",
+    "dequantize", "n_groups", "expand_groups", "effective_group_size",
+]
+
+E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
+FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+FP16_MAX = 65504.0
+
+
+class Rounder:
+    """Nearest-value rounding onto a sorted grid: ``bucketize`` on midpoints.
+
+    Args:
+        grid: sorted values, ``(K,)`` shared or ``(rows, K)`` one grid per row.
+        codes: code of each grid entry, same shape as ``grid`` (default: the index itself).
+    """
+
+    def __init__(self, grid: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+        grid = grid.to(torch.float32)
+        self.grid = grid
+        self.midpoints = ((grid[..., 1:].double() + grid[..., :-1].double()) / 2).float()  # (..., K-1)
+        self.codes = torch.arange(grid.shape[-1]).expand_as(grid) if codes is None else codes.long()
+        # Fast path for evenly spaced shared grids (int, mxint) with a power-of-two step: elementwise
+        # the nearest integer to t = y / step (ties toward -inf) minus g0 / step: the same index and tie
+        # rule as bucketize; every operation is exact in float32, so it equals the reference.
+        self.uniform: tuple[float, float, int] | None = None
+        if grid.dim() == 1 and grid.numel() > 1:
+            steps = grid[1:] - grid[:-1]
+            step = float(steps[0])
+            if bool((steps == step).all()) and step > 0 and math.log2(step).is_integer():
+                self.uniform = (float(grid[0]), step, grid.numel() - 1)
+
+    def index(self, y: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest grid value for each element of ``y`` (long, same shape)."""
+        if self.uniform is not None:
+            g0, step, last = self.uniform
+            t = y / step if step != 1.0 else y  # exact: step is a power of two
+            a = t.abs()
+            f = torch.floor(a)
+            frac = a - f  # exact for a >= 0
+            # nearest integer, ties toward -inf (bucketize's rule): up for t > 0 only if frac > 1/2,
+            # down for t < 0 if frac >= 1/2
+            k = torch.where(t >= 0, f + (frac > 0.5), -(f + (frac >= 0.5)))
+            return (k - g0 / step).clamp_(0, last).long()
+        return self.index_reference(y)
+
+    def index_reference(self, y: torch.Tensor) -> torch.Tensor:
+        """The reference: ``bucketize`` on the midpoints (``searchsorted`` per row for row grids)."""
+        if self.midpoints.dim() == 1:
+            return torch.bucketize(y, self.midpoints)
+        # per-row grids: y is (rows, cols) or (rows,)
+        flat = y.unsqueeze(-1) if y.dim() == 1 else y
+        idx = torch.searchsorted(self.midpoints, flat.contiguous())
+        return idx.squeeze(-1) if y.dim() == 1 else idx
+
+    def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (codes long, unit values float32) of the nearest grid points."""
+        idx = self.index(y)
+        if self.grid.dim() == 1:
+            return self.codes[idx], self.grid[idx]
+        idx2 = idx.unsqueeze(-1) if y.dim() == 1 else idx
+        unit, codes = torch.gather(self.grid, -1, idx2), torch.gather(self.codes, -1, idx2)
+        if y.dim() == 1:
+            unit, codes = unit.squeeze(-1), codes.squeeze(-1)
+        return codes, unit
+
+
+@lru_cache(maxsize=None)
+def _rounder_cached(name: str, symmetric: bool) -> Rounder:
+    from .dtypes import get_dtype
+
+    dtype = get_dtype(name)
+    if symmetric:
+        values, codes = dtype.grid_and_codes
+        return Rounder(torch.tensor(values, dtype=torch.float32), torch.tensor(codes))
+    return Rounder(dtype.table_tensor(symmetric=False))
+
+
+def rounder_for(dtype: DataType, symmetric: bool = True) -> Rounder:
+    """The shared ``Rounder`` of a data type (asymmetric: the unsigned integer grid)."""
+    if not symmetric and not dtype.supports_asymmetric:
+        raise ValueError(f"{dtype.name} has no asymmetric form; only int types do")
+    return _rounder_cached(dtype.name, symmetric)
+
+
+# ----- groups ------------------------------------------------------------------------------------
+def effective_group_size(dtype: DataType, group_size: int | None, in_features: int) -> int:
+    """Columns per scale: the MX block, the spec's group, or ``in_features`` (per output channel)."""
+    if dtype.block_size is not None:
+        return dtype.block_size
+    return in_features if group_size is None else int(group_size)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of groups, counting a last partial group."""
+    return -(-in_features // group_size)
+
+
+def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """``(out, n_groups)`` -> ``(out, in_features)`` by repeating each group's value."""
+    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def _group_apply(W: torch.Tensor, group_size: int, fn) -> torch.Tensor:
+    """Apply ``fn((out, k, g)) -> (out, k)`` to full groups and to the last partial one."""
+    out, cols = W.shape
+    full = cols // group_size
+    parts = []
+    if full:
+        parts.append(fn(W[:, : full * group_size].reshape(out, full, group_size)))
+    if cols % group_size:
+        parts.append(fn(W[:, full * group_size:].reshape(out, 1, cols % group_size)))
+    return torch.cat(parts, dim=1)
+
+
+def _range(x: torch.Tensor, trim_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) over the last dim, ignoring the ``round(g * f / 2)`` most extreme values per side."""
+    n = int(round(x.shape[-1] * trim_fraction / 2)) if trim_fraction > 0 else 0
+    n = min(n, (x.shape[-1] - 1) // 2)
+    if n == 0:
+        return x.amin(-1), x.amax(-1)
+    lo = torch.topk(x, n + 1, dim=-1, largest=False).values[..., -1]
+    hi = torch.topk(x, n + 1, dim=-1, largest=True).values[..., -1]
+    return lo, hi
+
+
+def _to_fp16_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    if scale_dtype == torch.float16:
+        s = s.clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
+    return s
+
+
+# ----- parameters --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GridParams:
+    """Per-(row, group) scale (and integer zero point) of one weight matrix.
+
+    Attributes:
+        scales: ``(out, n_groups)`` float32.
+        zero_points: ``(out, n_groups)`` float32 holding integers, asymmetric ints only; else ``None``.
+        group_size: columns per group (MX: 32; per channel: in_features).
+        dtype, symmetric: the format.
+    """
+
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None
+    group_size: int
+    dtype: DataType
+    symmetric: bool
+
+    @property
+    def offsets(self) -> torch.Tensor | None:
+        """``(out, n_groups)`` float32: ``-zero_point * scale`` (asymmetric), else ``None``."""
+        return None if self.zero_points is None else -self.zero_points * self.scales
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.dtype.table_tensor(self.symmetric)
+
+    @property
+    def rounder(self) -> Rounder:
+        return rounder_for(self.dtype, self.symmetric)
+
+    def columns(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale and zero point for columns ``start:stop``, each ``(out, stop - start)``."""
+        g = torch.arange(start, stop) // self.group_size
+        zp = None if self.zero_points is None else self.zero_points[:, g]
+        return self.scales[:, g], zp
+
+
+def compute_grid_params(
+    W: torch.Tensor,
+    dtype: DataType,
+    group_size: int | None,
+    symmetric: bool = True,
+    trim_fraction: float = 0.0,
+    scale_dtype: torch.dtype = torch.float16,
+) -> GridParams:
+    """Scales (and zero points) for every (row, group) of ``W`` by the rules in the module docstring.
+
+    Args:
+        W: ``(out, cols)`` float32 (cols may be a slice of a layer, e.g. one GPTQ group).
+        group_size: columns per group; ``None`` = one group over all columns. Ignored for MX (32).
+        trim_fraction: exclude ``round(g * f / 2)`` extreme values on each side from the range
+            (QuantEase-outlier: the grid is fitted to the non-outlier weights).
+        scale_dtype: ``torch.float16`` (stored format) or ``torch.float32`` (to reproduce references).
+    Returns:
+        ``GridParams`` with ``scales`` ``(out, ceil(cols / group))``.
+    """
+    W = W.to(torch.float32)
+    cols = W.shape[1]
+    g = effective_group_size(dtype, group_size, cols)
+    lo = _group_apply(W, g, lambda x: _range(x, trim_fraction)[0])  # (out, n_groups)
+    hi = _group_apply(W, g, lambda x: _range(x, trim_fraction)[1])
+    if dtype.scale_format == "e8m0":
+        amax = torch.maximum(lo.abs(), hi.abs())
+        _, e = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)  ->  floor(log2 amax) = e - 1
+        exp = torch.where(amax > 0, e - 1 - dtype.emax_elem, torch.full_like(e, E8M0_MIN_EXP))
+        exp = exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
+        return GridParams(torch.exp2(exp.to(torch.float32)), None, g, dtype, True)
+    zero = torch.zeros_like(lo)
+    xmin, xmax = torch.minimum(lo, zero), torch.maximum(hi, zero)
+    if symmetric:
+        s = torch.maximum(xmax / dtype.grid_max, xmin / dtype.grid_min)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return GridParams(_to_fp16_scale(s, scale_dtype), None, g, dtype, True)
+    maxq = 2**dtype.bits - 1
+    both_zero = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(both_zero, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(both_zero, torch.ones_like(xmax), xmax)
+    s = _to_fp16_scale((xmax - xmin) / maxq, scale_dtype)
+    zp = torch.round(-xmin / s).clamp(0, maxq)
+    return GridParams(s, zp, g, dtype, False)
+
+
+def round_to_grid(
+    x: torch.Tensor, rounder: Rounder, scale: torch.Tensor, zero_point: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round ``x`` to the nearest point of ``grid * scale + offset`` (``offset = -zero_point * scale``).
+
+    Args:
+        x: ``(rows, cols)`` or ``(rows,)``; ``scale`` / ``zero_point`` broadcast against it.
+        rounder: the grid (shared, or one per row for codebooks).
+    Returns:
+        (codes long, dequantized values float32 computed as ``table[code] * scale + offset``).
+    """
+    y = x / scale
+    if zero_point is not None:
+        y = y + zero_point
+    codes, unit = rounder(y)
+    values = unit * scale
+    if zero_point is not None:
+        values = values + (-zero_point * scale)
+    return codes, values
+
+
+def quantize_rtn(
+    W: torch.Tensor,
+    dtype: DataType,
+    group_size: int | None,
+    symmetric: bool = True,
+    trim_fraction: float = 0.0,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, GridParams]:
+    """Round-to-nearest of a whole matrix.
+
+    Returns:
+        codes ``(out, in)`` long and the ``GridParams`` (scales/offsets ``(out, n_groups)``, table).
+    """
+    params = compute_grid_params(W, dtype, group_size, symmetric, trim_fraction, scale_dtype)
+    s, zp = params.columns(0, W.shape[1])
+    codes, _ = round_to_grid(W.to(torch.float32), params.rounder, s, zp)
+    return codes, params
+
+
+def dequantize(
+    codes: torch.Tensor,
+    table: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """``W[o, i] = table[codes[o, i]] * scales[o, i // g] + offsets[o, i // g]`` -> ``(out, in)`` float32."""
+    codes = codes.long()
+    in_features = codes.shape[1]
+    if table.dim() == 1:
+        unit = table[codes]
+    else:
+        unit = torch.gather(table, 1, codes)
+    W = unit * expand_groups(scales, group_size, in_features)
+    if offsets is not None:
+        W = W + expand_groups(offsets, group_size, in_features)
+    return W
