@@ -1,0 +1,107 @@
+"""The candidate grid (data type x method x group size) and its cost model.
+
+Cost of a candidate on a given model:
+- ``bits_per_weight``: exact storage bits of the quantized linear layers (codes + scales + zeros +
+  outliers; :meth:`QuantSpec.bits_per_weight` with the model's layer widths);
+- ``bytes``: those layers at that rate, plus every other parameter (embeddings, norms, head) at 16 bits;
+- ``relative_speed``: decode (batch 1) speed of the packed kernels relative to a bf16 ``nn.Linear``,
+  from the kernel benchmark shipped with the package (``advisor/data/kernel_speed.json``), falling
+  back to the memory-bound estimate 16 / bits when a format was not measured.
+Candidates are ranked by bytes, then by speed (faster first).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+# About 40 specs from ~2.2 to ~8.1 bits per weight. Methods are paired with the formats where
+# they are known to matter: GPTQ/AWQ/QuantEase at 2-4 bits; RTN is enough at 6-8 bits.
+DEFAULT_SPECS: tuple[str, ...] = (
+    # 8 bits
+    "rtn:int8", "rtn:fp8_e4m3", "rtn:fp8_e5m2", "rtn:mxint8", "rtn:mxfp8_e4m3",
+    # 6 bits
+    "rtn:fp6_e3m2", "rtn:fp6_e2m3", "rtn:mxfp6_e3m2", "rtn:mxfp6_e2m3",
+    # 4 bits
+    "rtn:int4:g128", "rtn:int4:g64", "rtn:int4:g32", "gptq:int4:g128", "gptq:int4:g64", "gptq:int4",
+    "awq:int4:g128", "quantease:int4:g128", "rtn:nf4:g64", "rtn:fp4_e2m1:g128", "rtn:mxfp4", "gptq:mxfp4",
+    "rtn:mxint4", "gptq:mxint4", "nonuniform:int4",
+    # 3 bits
+    "rtn:int3:g128", "rtn:int3:g64", "gptq:int3:g128", "gptq:int3:g64", "awq:int3:g128", "quantease:int3:g128",
+    "quantease-outlier:int3:g128", "rtn:nf3:g64", "nonuniform:int3",
+    # 2 bits
+    "gptq:int2:g64", "gptq:int2:g32", "quantease:int2:g64", "quantease-outlier:int2:g64",
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    spec: str
+    method: str
+    dtype: str
+    group_size: int | None
+    bits_per_weight: float
+    bytes: int
+    relative_speed: float  # decode speed vs bf16 nn.Linear (higher is faster)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "method": self.method, "dtype": self.dtype, "group_size": self.group_size,
+                "bits_per_weight": self.bits_per_weight, "bytes": self.bytes, "relative_speed": self.relative_speed}
+
+
+def default_specs(methods: Iterable[str] | None = None, dtypes: Iterable[str] | None = None) -> list[str]:
+    """The default grid, optionally restricted to some methods and/or data types (validated)."""
+    from quantizers import QuantSpec, get_dtype, get_method
+
+    methods = list(methods) if methods else None
+    dtypes = list(dtypes) if dtypes else None
+    for m in methods or []:
+        get_method(m)
+    for d in dtypes or []:
+        get_dtype(d)
+    out = []
+    for s in DEFAULT_SPECS:
+        spec = QuantSpec.parse(s)
+        if (methods is None or spec.method in methods) and (dtypes is None or spec.dtype in dtypes):
+            out.append(s)
+    return out
+
+
+def _kernel_speed_table() -> dict[str, float]:
+    path = Path(__file__).with_name("data") / "kernel_speed.json"
+    if not path.exists():
+        return {}
+    return {k: float(v) for k, v in json.loads(path.read_text()).get("speedup_vs_bf16_batch1", {}).items()}
+
+
+def layer_shapes(loaded) -> list[tuple[int, int]]:
+    """(out, in) of every quantizable linear layer."""
+    return [(layer.out_features, layer.in_features) for _, layer in loaded.adapter.linear_layers()]
+
+
+def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
+              speed_table: dict[str, float] | None = None) -> Candidate:
+    """Cost of one spec on a model with linear layers of ``shapes`` and ``other_params`` 16-bit parameters."""
+    from quantizers import QuantSpec
+
+    spec = QuantSpec.parse(spec_str)
+    n = sum(o * i for o, i in shapes)
+    bits = sum(spec.bits_per_weight(i) * o * i for o, i in shapes)
+    bpw = bits / n if n else float("nan")
+    total_bytes = int(math.ceil(bits / 8)) + 2 * other_params
+    table = _kernel_speed_table() if speed_table is None else speed_table
+    speed = table.get(spec.dtype, 16.0 / max(bpw, 1e-9))
+    return Candidate(spec=str(spec), method=spec.method, dtype=spec.dtype, group_size=spec.group_size,
+                     bits_per_weight=bpw, bytes=total_bytes, relative_speed=speed)
+
+
+def enumerate_candidates(loaded, specs: Iterable[str] | None = None) -> list[Candidate]:
+    """Every spec costed on ``loaded``'s shapes, cheapest (fewest bytes, then fastest) first."""
+    shapes = layer_shapes(loaded)
+    n_linear = sum(o * i for o, i in shapes)
+    other = loaded.n_params() - n_linear
+    table = _kernel_speed_table()
+    cands = [candidate(s, shapes, other, table) for s in (specs or DEFAULT_SPECS)]
+    return sorted(cands, key=lambda c: (c.bytes, -c.relative_speed, c.spec))

@@ -1,0 +1,78 @@
+"""`advisor sweep`: measure every (model, spec) pair not yet in the store; resumable, parallel."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", required=True,
+                   help="models to sweep; zoo:all expands to every model of the zoo manifest")
+    p.add_argument("--specs", nargs="+", default=["default"],
+                   help="spec strings, or 'default' for the default candidate grid")
+    p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
+    p.add_argument("--eval", default="stdlib-code:eval", help="evaluation corpus")
+    p.add_argument("--calib", default="stdlib-code:calib", help="calibration corpus")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--n-calib", type=int, default=16)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--retry-failed", action="store_true", help="re-measure pairs recorded as failed")
+    p.add_argument("--no-probes", action="store_true", help="do not run and store probe features")
+    p.add_argument("--export", default=None, help="after the sweep, export all runs to this CSV/parquet file")
+    p.add_argument("--json", action="store_true")
+
+
+def expand_models(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        if n == "zoo:all":
+            from models.zoo import zoo_names
+
+            out += [f"zoo:{z}" for z in zoo_names(present_only=True)]
+        else:
+            out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def expand_specs(specs: list[str]) -> list[str]:
+    from advisor.candidates import DEFAULT_SPECS
+
+    out: list[str] = []
+    for s in specs:
+        out += list(DEFAULT_SPECS) if s == "default" else [s]
+    return list(dict.fromkeys(out))
+
+
+def run(args: argparse.Namespace) -> int:
+    from advisor.cli import emit_json
+    from advisor.store import open_store
+    from advisor.sweep import Protocol, run_sweep
+    from models.errors import AdvisorError
+
+    if args.jobs < 1:
+        raise AdvisorError(f"--jobs must be at least 1, got {args.jobs}")
+    store = open_store(args.store)
+    protocol = Protocol(eval_data=args.eval, calib_data=args.calib, seq_len=args.seq_len,
+                        max_windows=args.max_windows, n_calib=args.n_calib, calib_seq_len=args.calib_seq_len,
+                        seed=args.seed, device=args.device)
+    on_model = None
+    if not args.no_probes:
+        from advisor.probing import store_probes
+
+        on_model = store_probes
+    summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, protocol, jobs=args.jobs,
+                        retry_failed=args.retry_failed, on_model=on_model)
+    if args.export:
+        store.export(args.export)
+    out = dict(summary.to_dict(), store=str(store.path), runs_in_store=store.count_runs())
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"sweep: {summary.done} measured, {summary.skipped} already in the store, {summary.failed} failed "
+              f"in {summary.seconds:.0f}s; store {store.path} now holds {out['runs_in_store']} runs")
+        for e in summary.errors[:10]:
+            print(f"  failed: {e}")
+    return 0

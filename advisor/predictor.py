@@ -1,0 +1,280 @@
+"""The fitted predictor of dL = ln(ppl_q / ppl_fp), the mean-NLL increase caused by a quantization spec.
+
+Physics first (ARCHITECTURE.md §4): for small perturbations dL ~ 1/2 sum_i F_ii e_i^2, which the
+``second_order`` probe computes for round-to-nearest errors e of each (data type, group size). The
+statistical model works in log space and corrects that estimate with fitted terms:
+
+    log dL = b0 + b1 * log SO_rtn + sum_m [method = m] * (c_m + d_m * bits)
+             + e1 * log10(params) + e2 * baseline_nll + e3 * max(0, log(noise / knee))
+
+- ``method`` terms: GPTQ, AWQ, QuantEase shrink the effective error, by an amount that depends on bits;
+- ``log10(params)``, ``baseline_nll``: scale (larger / better-trained models have flatter landscapes);
+- the hinge on ``noise / knee`` (RTN relative noise over the knee of the radial loss curve from the
+  ``perturbation`` probe): the step-like rise once noise passes the flat region.
+
+Fitted with statsmodels OLS (interpretable coefficients, analytic prediction intervals); interval
+widths are then calibrated by split-conformal on grouped (leave-one-family-out) residuals, so that a
+90% interval covers about 90% of held-out runs. A scikit-learn random forest on the published feature
+set (parameter count, baseline NLL, RTN SQNR, format descriptors) is the baseline it must beat.
+
+The fitted model is stored as JSON (coefficients, covariance, conformal scale), never as a pickle.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FORMAT_VERSION = 1
+DL_FLOOR = 1e-4  # nats; measured dL below this (8-bit noise, even negative) is floored in log space
+METHODS = ("rtn", "gptq", "awq", "quantease", "quantease-outlier", "nonuniform")
+FOREST_FEATURES = ("log_params", "baseline_nll", "sqnr_db", "bits", "group_log2", "is_int", "is_fp", "is_nf",
+                   "is_mx", "m_rtn", "m_gptq", "m_awq", "m_quantease", "m_quantease-outlier", "m_nonuniform")
+REQUIRED_COLUMNS = ("method", "bits", "log_so", "log_params", "baseline_nll", "noise_over_knee")
+
+
+class PredictorError(ValueError):
+    """Bad fitting data or an incompatible predictor file."""
+
+
+def _design(df: pd.DataFrame) -> np.ndarray:
+    """Design matrix rows for the log-space linear model (see module docstring)."""
+    cols = [np.ones(len(df)), df["log_so"].to_numpy(float)]
+    for m in METHODS[1:]:  # rtn is the reference level
+        is_m = (df["method"] == m).to_numpy(float)
+        cols += [is_m, is_m * df["bits"].to_numpy(float)]
+    cols += [df["log_params"].to_numpy(float), df["baseline_nll"].to_numpy(float),
+             np.maximum(0.0, np.log(np.maximum(df["noise_over_knee"].to_numpy(float), 1e-12)))]
+    return np.column_stack(cols)
+
+
+def design_names() -> list[str]:
+    names = ["const", "log_so"]
+    for m in METHODS[1:]:
+        names += [f"method[{m}]", f"method[{m}]:bits"]
+    return names + ["log_params", "baseline_nll", "hinge_noise_over_knee"]
+
+
+def _target(dl: pd.Series | np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(dl, float), DL_FLOOR))
+
+
+def check_runs(df: pd.DataFrame, required: tuple[str, ...] = REQUIRED_COLUMNS + ("dl",)) -> None:
+    """Refuse fitting data with missing columns, NaN values or unknown methods, naming the rows."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise PredictorError(f"runs are missing columns {missing}; required: {list(required)}")
+    problems = []
+    for c in required:
+        if c == "method":
+            continue
+        bad = df.index[~np.isfinite(pd.to_numeric(df[c], errors="coerce").to_numpy(float))].tolist()
+        if bad:
+            problems.append(f"column {c!r} is NaN/non-numeric in rows {bad[:20]}{' ...' if len(bad) > 20 else ''}")
+    unknown = df.index[~df["method"].isin(METHODS)].tolist()
+    if unknown:
+        problems.append(f"unknown method in rows {unknown[:20]} (known: {', '.join(METHODS)})")
+    if problems:
+        raise PredictorError("; ".join(problems))
+
+
+@dataclass
+class Predictor:
+    """Log-space OLS on physics features with conformal intervals (scikit-learn estimator contract).
+
+    Fitted attributes end in ``_``: ``coef_``, ``cov_``, ``resid_std_``, ``df_resid_``, ``conformal_``
+    (multiplier on the analytic half-width per nominal coverage), ``n_train_``.
+    """
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {}
+
+    def set_params(self, **params: Any) -> "Predictor":
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray | pd.Series | None = None) -> "Predictor":
+        """Fit on feature rows ``X`` (columns REQUIRED_COLUMNS) and measured dL ``y`` (or ``X['dl']``).
+
+        statsmodels OLS (pseudo-inverse, so a method absent from the data gets zero terms instead of
+        a singular fit); the coefficients and their covariance are kept, so predictions and intervals
+        are computed exactly as ``OLSResults.get_prediction().summary_frame()`` does, without statsmodels
+        objects having to be stored.
+        """
+        import statsmodels.api as sm
+
+        X = X.reset_index(drop=True)
+        y = X["dl"] if y is None else y
+        check_runs(X.assign(dl=np.asarray(y, float)))
+        A, t = _design(X), _target(y)
+        res = sm.OLS(t, A).fit(method="pinv")
+        self.coef_ = np.asarray(res.params, float)
+        self.cov_ = np.asarray(res.cov_params(), float)
+        self.resid_std_ = float(math.sqrt(res.scale))
+        self.df_resid_ = float(max(res.df_resid, 1.0))
+        self.n_train_ = int(len(t))
+        self.conformal_ = {}
+        self.summary_ = res  # statsmodels results for reports (not persisted)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise PredictorError("the predictor is not fitted; call fit() or load a predictor file")
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """Point prediction of dL (nats), the median of the log-space model."""
+        self._check_fitted()
+        return np.exp(_design(X) @ self.coef_)
+
+    def _halfwidth(self, X: pd.DataFrame, alpha: float) -> np.ndarray:
+        from scipy import stats
+
+        A = _design(X)
+        var = self.resid_std_ ** 2 + np.einsum("ij,jk,ik->i", A, self.cov_, A)
+        t = stats.t.ppf(1 - alpha / 2, self.df_resid_)
+        scale = self.conformal_.get(f"{1 - alpha:.2f}", 1.0)
+        return t * np.sqrt(var) * scale
+
+    def predict_interval(self, X: pd.DataFrame, alpha: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, lower, upper) of dL at coverage 1 - alpha; bounds are calibrated when ``calibrate`` ran."""
+        self._check_fitted()
+        center = _design(X) @ self.coef_
+        hw = self._halfwidth(X, alpha)
+        return np.exp(center), np.exp(center - hw), np.exp(center + hw)
+
+    def calibrate(self, X: pd.DataFrame, groups: np.ndarray, alphas: tuple[float, ...] = (0.1, 0.2, 0.05)) -> "Predictor":
+        """Split-conformal on grouped CV: scale interval half-widths so held-out coverage is nominal.
+
+        For each held-out group, refit on the rest and record |residual| / analytic half-width; the
+        multiplier is the (1 - alpha) quantile of those ratios (finite-sample corrected).
+        """
+        X = X.reset_index(drop=True)
+        groups = np.asarray(groups)
+        ratios: dict[float, list[float]] = {a: [] for a in alphas}
+        for g in np.unique(groups):
+            train, test = X[groups != g], X[groups == g]
+            if len(train) < 10 or not len(test):
+                continue
+            sub = Predictor().fit(train)
+            r = np.abs(_target(test["dl"]) - _design(test) @ sub.coef_)
+            for a in alphas:
+                ratios[a] += list(r / np.maximum(sub._halfwidth(test, a), 1e-12))
+        for a in alphas:
+            rs = np.sort(np.asarray(ratios[a]))
+            if len(rs):
+                k = min(len(rs) - 1, int(math.ceil((len(rs) + 1) * (1 - a))) - 1)
+                self.conformal_[f"{1 - a:.2f}"] = float(max(rs[k], 1e-3))
+        return self
+
+    # -- persistence: JSON only ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"format_version": FORMAT_VERSION, "kind": "advisor.Predictor", "design": design_names(),
+                "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
+                "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
+                "conformal": self.conformal_, "dl_floor": DL_FLOOR}
+
+    def save(self, path: str | Path) -> Path:
+        from models.saving import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Predictor":
+        if d.get("kind") != "advisor.Predictor":
+            raise PredictorError("not an advisor predictor file")
+        if d.get("format_version") != FORMAT_VERSION or d.get("design") != design_names():
+            raise PredictorError(f"predictor file format {d.get('format_version')} with terms {len(d.get('design', []))} "
+                                 f"is incompatible with this advisor (format {FORMAT_VERSION}); refit it with "
+                                 "`advisor fit --with-shipped --out PRED.json`")
+        p = cls()
+        p.coef_ = np.asarray(d["coef"], float)
+        p.cov_ = np.asarray(d["cov"], float)
+        p.resid_std_, p.df_resid_, p.n_train_ = d["resid_std"], d["df_resid"], d["n_train"]
+        p.conformal_ = dict(d.get("conformal", {}))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Predictor":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise PredictorError(f"predictor file {path} is not valid JSON ({e}); refit it with `advisor fit`") from e
+        return cls.from_dict(d)
+
+
+# -- the published-approach baseline ------------------------------------------------------------------
+def forest_matrix(df: pd.DataFrame) -> np.ndarray:
+    cols = {
+        "log_params": df["log_params"], "baseline_nll": df["baseline_nll"], "sqnr_db": df["sqnr_db"],
+        "bits": df["bits"], "group_log2": np.log2(df["group_size"].fillna(4096).astype(float)),
+        "is_int": df["dtype_family"].eq("int"), "is_fp": df["dtype_family"].eq("fp"),
+        "is_nf": df["dtype_family"].eq("nf"), "is_mx": df["dtype_family"].eq("mx"),
+    }
+    for m in METHODS:
+        cols[f"m_{m}"] = df["method"].eq(m)
+    return np.column_stack([np.asarray(cols[k], float) for k in FOREST_FEATURES])
+
+
+def fit_forest(df: pd.DataFrame, seed: int = 0):
+    """Random forest on the published feature set (Xu et al.): params, baseline NLL, RTN SQNR, format."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    rf = RandomForestRegressor(n_estimators=300, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    return rf.fit(forest_matrix(df), np.asarray(df["dl"], float))
+
+
+# -- evaluation ----------------------------------------------------------------------------------------
+def error_report(measured_dl: np.ndarray, pred_dl: np.ndarray, lower: np.ndarray | None = None,
+                 upper: np.ndarray | None = None, baseline_ppl: np.ndarray | None = None) -> dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    measured_dl, pred_dl = np.asarray(measured_dl, float), np.asarray(pred_dl, float)
+    abs_err = np.abs(pred_dl - measured_dl)
+    rel = abs_err / np.maximum(np.abs(measured_dl), DL_FLOOR)
+    out: dict[str, Any] = {
+        "n_runs": int(len(measured_dl)),
+        "median_abs_err_dl": float(np.median(abs_err)) if len(abs_err) else None,
+        "median_rel_err_dl": float(np.median(rel)) if len(rel) else None,
+        "spearman": float(spearmanr(measured_dl, pred_dl).statistic) if len(measured_dl) > 2 else None,
+    }
+    if baseline_ppl is not None:
+        bp = np.asarray(baseline_ppl, float)
+        out["median_abs_err_dppl"] = float(np.median(np.abs(bp * (np.exp(pred_dl) - np.exp(measured_dl)))))
+    if lower is not None and upper is not None:
+        m = np.maximum(measured_dl, DL_FLOOR)
+        out["coverage90"] = float(np.mean((m >= lower * (1 - 1e-9)) & (m <= upper * (1 + 1e-9))))
+    return out
+
+
+def leave_one_group_out(df: pd.DataFrame, group_col: str = "family", alpha: float = 0.1,
+                        with_forest: bool = True) -> dict[str, Any]:
+    """Hold out each group in turn (refit + calibrate on the rest); pooled held-out error report."""
+    preds, lows, ups, forest_preds, idx = [], [], [], [], []
+    groups = df[group_col].to_numpy()
+    for g in np.unique(groups):
+        train, test = df[groups != g], df[groups == g]
+        if len(train) < 10 or not len(test):
+            continue
+        p = Predictor().fit(train).calibrate(train, train[group_col].to_numpy())
+        mean, lo, up = p.predict_interval(test, alpha)
+        preds.append(mean); lows.append(lo); ups.append(up); idx.append(test.index.to_numpy())
+        if with_forest:
+            forest_preds.append(fit_forest(train).predict(forest_matrix(test)))
+    if not idx:
+        raise PredictorError(f"leave-one-{group_col}-out needs at least two {group_col} groups with runs")
+    order = np.concatenate(idx)
+    held = df.loc[order]
+    rep = error_report(held["dl"].to_numpy(), np.concatenate(preds), np.concatenate(lows), np.concatenate(ups),
+                       held["baseline_ppl"].to_numpy() if "baseline_ppl" in held else None)
+    if with_forest:
+        fp = np.concatenate(forest_preds)
+        rep["forest_median_abs_err_dl"] = float(np.median(np.abs(fp - held["dl"].to_numpy())))
+    rep["n_families"] = int(len(np.unique(held[group_col])))
+    return rep

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from advisor.predictor import (METHODS, Predictor, PredictorError, _design, _target, check_runs,
+                               leave_one_group_out)
+
+
+def synthetic_runs(n_models=12, seed=0) -> pd.DataFrame:
+    """Runs obeying the model's functional form plus log-normal noise, in 3 families."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for m in range(n_models):
+        fam = ["llama", "gpt2", "opt"][m % 3]
+        log_params, base = rng.uniform(5, 7), rng.uniform(1.5, 3.5)
+        knee = rng.uniform(0.02, 0.08)
+        for method in METHODS:
+            for bits in (2, 3, 4, 6, 8):
+                so = 10 ** (1.5 - 0.6 * bits + rng.normal(0, 0.1))
+                noise = 2.0 ** -bits * rng.uniform(1, 2)
+                shrink = {"rtn": 0, "gptq": -0.5, "awq": -0.3, "quantease": -0.6,
+                          "quantease-outlier": -0.9, "nonuniform": -0.2}[method]
+                y = (0.2 + 0.95 * np.log(so) + shrink - 0.1 * log_params + 0.1 * base
+                     + 0.8 * max(0, np.log(noise / knee)) + rng.normal(0, 0.15))
+                rows.append(dict(family=fam, model=f"m{m}", method=method, bits=bits, log_so=np.log(so),
+                                 log_params=log_params, baseline_nll=base, noise_over_knee=noise / knee,
+                                 sqnr_db=6.02 * bits, group_size=128, dtype_family="int", dl=np.exp(y),
+                                 baseline_ppl=np.exp(base)))
+    return pd.DataFrame(rows)
+
+
+def test_intervals_equal_statsmodels_prediction_intervals():
+    import statsmodels.api as sm
+
+    df = synthetic_runs()
+    p = Predictor().fit(df)
+    res = sm.OLS(_target(df["dl"]), _design(df)).fit(method="pinv")
+    frame = res.get_prediction(_design(df.head(7))).summary_frame(alpha=0.1)
+    mean, lo, up = p.predict_interval(df.head(7), alpha=0.1)
+    np.testing.assert_allclose(np.log(mean), frame["mean"], rtol=1e-8)
+    np.testing.assert_allclose(np.log(lo), frame["obs_ci_lower"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.log(up), frame["obs_ci_upper"], rtol=1e-6, atol=1e-9)
+
+
+def test_lofo_accuracy_and_calibrated_coverage_on_model_shaped_data():
+    df = synthetic_runs(n_models=15)
+    rep = leave_one_group_out(df, "family")
+    assert rep["n_families"] == 3
+    assert rep["median_rel_err_dl"] < 0.2
+    assert 0.8 <= rep["coverage90"] <= 0.97
+    assert rep["spearman"] > 0.95
+
+
+def test_json_round_trip_and_incompatible_file(tmp_path):
+    df = synthetic_runs()
+    p = Predictor().fit(df).calibrate(df, df["family"].to_numpy())
+    path = p.save(tmp_path / "pred.json")
+    q = Predictor.load(path)
+    np.testing.assert_allclose(q.predict_interval(df)[2], p.predict_interval(df)[2])
+    d = json.loads(path.read_text())
+    d["format_version"] = 999
+    path.write_text(json.dumps(d))
+    with pytest.raises(PredictorError, match="incompatible"):
+        Predictor.load(path)
+
+
+def test_bad_runs_are_refused_with_row_numbers():
+    df = synthetic_runs(n_models=3)
+    with pytest.raises(PredictorError, match="missing columns.*log_so"):
+        check_runs(df.drop(columns=["log_so"]))
+    bad = df.copy()
+    bad.loc[[4, 9], "dl"] = np.nan
+    with pytest.raises(PredictorError, match=r"'dl' is NaN.*\[4, 9\]"):
+        check_runs(bad)
+    bad = df.copy()
+    bad.loc[2, "method"] = "gtpq"
+    with pytest.raises(PredictorError, match=r"unknown method in rows \[2\]"):
+        check_runs(bad)
