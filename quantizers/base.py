@@ -123,6 +123,8 @@ class Method:
         dtype_families: data type families it supports.
         supports_asymmetric: whether ``asym`` specs are allowed.
         extra_bits: ``(spec, in_features) -> float`` storage overhead beyond codes/scales/zeros.
+        validate: ``(spec, dtype) -> None``, raising ``ValueError`` for combinations the method refuses
+            (called from ``QuantSpec.__post_init__``).
     """
 
     name: str
@@ -133,6 +135,7 @@ class Method:
     dtype_families: frozenset[str] = ALL_FAMILIES
     supports_asymmetric: bool = True
     extra_bits: Callable[[QuantSpec, int | None], float] | None = field(default=None, repr=False)
+    validate: Callable[[QuantSpec, DataType], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.requires <= STAT_KINDS:

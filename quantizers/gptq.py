@@ -69,8 +69,9 @@ def gptq_quantize_weight(
     Returns:
         codes ``(out, in)`` long, ``GridParams`` (scales ``(out, n_groups)``), dequantized ``Q (out, in)``.
     """
-    W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(torch.float32).clone()
+    fdt = torch.float64 if W.dtype == torch.float64 else torch.float32  # float64 only for tests
+    W = W.detach().to(fdt).clone()
+    H = H.detach().to(fdt).clone()
     out, cols = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -86,8 +87,8 @@ def gptq_quantize_weight(
     static = act_order and g < cols
 
     ng = n_groups(cols, g)
-    scales = torch.zeros(out, ng)
-    zps = None if symmetric or unit > 1 else torch.zeros(out, ng)
+    scales = torch.zeros(out, ng, dtype=fdt)
+    zps = None if symmetric or unit > 1 else torch.zeros(out, ng, dtype=fdt)
     group_of = torch.arange(cols) // g
     if static:
         params = compute_grid_params(W, dtype, g, symmetric, scale_dtype=scale_dtype)
@@ -100,7 +101,7 @@ def gptq_quantize_weight(
         group_of = group_of[perm]
 
     Hinv = damped_inverse_cholesky(H, damp)
-    rounder = rounder_for(dtype, symmetric and unit == 1)
+    rounder = rounder_for(dtype, symmetric or unit > 1)
     codes = torch.zeros(out, cols, dtype=torch.long)
     Q = torch.zeros_like(W)
 
@@ -145,7 +146,7 @@ def gptq_quantize_weight(
     if act_order:
         inv = torch.argsort(perm)
         codes, Q = codes[:, inv], Q[:, inv]
-    params = GridParams(scales, zps, g, dtype, symmetric if unit == 1 else True)
+    params = GridParams(scales, zps, g, dtype, symmetric or unit > 1)
     return codes, params, Q
 
 
@@ -168,6 +169,12 @@ def gptq_quantize(W: torch.Tensor, spec: QuantSpec, stats: LayerStats) -> Quanti
     return weight_from_grid(codes, params, spec)
 
 
+def _validate(spec: QuantSpec, dtype: DataType) -> None:
+    if dtype.block_size is not None and spec.option("act"):
+        raise ValueError(f"{spec}: act-order is not supported for MX type {dtype.name} (its blocks of "
+                         f"{dtype.block_size} columns must stay contiguous); drop ':act'")
+
+
 register(Method(
     name="gptq",
     description="GPTQ: column-by-column rounding with inverse-Hessian error compensation (lazy blocks, "
@@ -178,4 +185,5 @@ register(Method(
         Option("act", bool, False, "act-order: visit columns by decreasing H_jj (not for MX types)"),
         Option("damp", float, 0.01, "diagonal damping as a fraction of mean(diag H)", max_value=10.0),
     ),
+    validate=_validate,
 ))

@@ -51,7 +51,9 @@ class Rounder:
     def __init__(self, grid: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         grid = grid.to(torch.float32)
         self.grid = grid
-        self.midpoints = ((grid[..., 1:].double() + grid[..., :-1].double()) / 2).float()  # (..., K-1)
+        mid64 = (grid[..., 1:].double() + grid[..., :-1].double()) / 2  # exact
+        self.midpoints = mid64.float()  # (..., K-1)
+        self._by_dtype = {torch.float32: (grid, self.midpoints), torch.float64: (grid.double(), mid64)}
         self.codes = torch.arange(grid.shape[-1]).expand_as(grid) if codes is None else codes.long()
         # Fast path for evenly spaced shared grids (int, mxint) with a power-of-two step: elementwise
         # the nearest integer to t = y / step (ties toward -inf) minus g0 / step: the same index and tie
@@ -79,20 +81,22 @@ class Rounder:
 
     def index_reference(self, y: torch.Tensor) -> torch.Tensor:
         """The reference: ``bucketize`` on the midpoints (``searchsorted`` per row for row grids)."""
-        if self.midpoints.dim() == 1:
-            return torch.bucketize(y, self.midpoints)
+        midpoints = self._by_dtype[y.dtype][1]
+        if midpoints.dim() == 1:
+            return torch.bucketize(y, midpoints)
         # per-row grids: y is (rows, cols) or (rows,)
         flat = y.unsqueeze(-1) if y.dim() == 1 else y
-        idx = torch.searchsorted(self.midpoints, flat.contiguous())
+        idx = torch.searchsorted(midpoints, flat.contiguous())
         return idx.squeeze(-1) if y.dim() == 1 else idx
 
     def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (codes long, unit values float32) of the nearest grid points."""
+        """Returns (codes long, unit values in ``y``'s dtype) of the nearest grid points."""
         idx = self.index(y)
-        if self.grid.dim() == 1:
-            return self.codes[idx], self.grid[idx]
+        grid = self._by_dtype[y.dtype][0]
+        if grid.dim() == 1:
+            return self.codes[idx], grid[idx]
         idx2 = idx.unsqueeze(-1) if y.dim() == 1 else idx
-        unit, codes = torch.gather(self.grid, -1, idx2), torch.gather(self.codes, -1, idx2)
+        unit, codes = torch.gather(grid, -1, idx2), torch.gather(self.codes, -1, idx2)
         if y.dim() == 1:
             unit, codes = unit.squeeze(-1), codes.squeeze(-1)
         return codes, unit
@@ -159,7 +163,7 @@ def _range(x: torch.Tensor, trim_fraction: float) -> tuple[torch.Tensor, torch.T
 
 def _to_fp16_scale(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     if scale_dtype == torch.float16:
-        s = s.clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(torch.float32)
+        s = s.clamp(FP16_TINY, FP16_MAX).to(torch.float16).to(s.dtype)
     return s
 
 
@@ -212,7 +216,8 @@ def compute_grid_params(
     """Scales (and zero points) for every (row, group) of ``W`` by the rules in the module docstring.
 
     Args:
-        W: ``(out, cols)`` float32 (cols may be a slice of a layer, e.g. one GPTQ group).
+        W: ``(out, cols)`` float32, or float64 (then scales/zero points are float64 holding the same
+            values) (cols may be a slice of a layer, e.g. one GPTQ group).
         group_size: columns per group; ``None`` = one group over all columns. Ignored for MX (32).
         trim_fraction: exclude ``round(g * f / 2)`` extreme values on each side from the range
             (QuantEase-outlier: the grid is fitted to the non-outlier weights).
@@ -220,7 +225,7 @@ def compute_grid_params(
     Returns:
         ``GridParams`` with ``scales`` ``(out, ceil(cols / group))``.
     """
-    W = W.to(torch.float32)
+    W = W if W.dtype == torch.float64 else W.to(torch.float32)
     cols = W.shape[1]
     g = effective_group_size(dtype, group_size, cols)
     lo = _group_apply(W, g, lambda x: _range(x, trim_fraction)[0])  # (out, n_groups)
@@ -230,7 +235,7 @@ def compute_grid_params(
         _, e = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)  ->  floor(log2 amax) = e - 1
         exp = torch.where(amax > 0, e - 1 - dtype.emax_elem, torch.full_like(e, E8M0_MIN_EXP))
         exp = exp.clamp(E8M0_MIN_EXP, E8M0_MAX_EXP)
-        return GridParams(torch.exp2(exp.to(torch.float32)), None, g, dtype, True)
+        return GridParams(torch.exp2(exp.to(W.dtype)), None, g, dtype, True)
     zero = torch.zeros_like(lo)
     xmin, xmax = torch.minimum(lo, zero), torch.maximum(hi, zero)
     if symmetric:
@@ -282,7 +287,7 @@ def quantize_rtn(
     """
     params = compute_grid_params(W, dtype, group_size, symmetric, trim_fraction, scale_dtype)
     s, zp = params.columns(0, W.shape[1])
-    codes, _ = round_to_grid(W.to(torch.float32), params.rounder, s, zp)
+    codes, _ = round_to_grid(W if W.dtype == torch.float64 else W.to(torch.float32), params.rounder, s, zp)
     return codes, params
 
 

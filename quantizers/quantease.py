@@ -85,7 +85,7 @@ class CDState:
         cols = S.shape[0]
         for b0 in range(0, cols, block):
             b1 = min(b0 + block, cols)
-            delta = torch.empty(b1 - b0, What_t.shape[1])
+            delta = torch.empty(b1 - b0, What_t.shape[1], dtype=What_t.dtype)
             for j in range(b0, b1):
                 w_old = What_t[j]
                 u = w_old + G_t[j] / self.diag_list[j] if positive[j] else w_old
@@ -124,8 +124,9 @@ def quantease_quantize_weight(
     Returns:
         codes ``(out, in)`` long, ``GridParams``, ``W_hat (out, in)``, info (objective per rounded pass).
     """
-    W = W.detach().to(torch.float32)
-    S = H.detach().to(torch.float32)
+    fdt = torch.float64 if W.dtype == torch.float64 else torch.float32  # float64 only for tests
+    W = W.detach().to(fdt)
+    S = H.detach().to(fdt)
     out, cols = W.shape
     if gptq_init:
         codes0, params, What = gptq_quantize_weight(W, S, dtype, group_size, symmetric)

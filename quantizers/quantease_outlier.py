@@ -63,8 +63,9 @@ def quantease_outlier_quantize_weight(
         codes ``(out, in)`` long, ``GridParams``, ``Q (out, in)`` (grid part), ``H_sp (out, in)`` (sparse
         part, fp16-exact, at most ``k`` non-zeros), info.
     """
-    W = W.detach().to(torch.float32)
-    S = H.detach().to(torch.float32)
+    fdt = torch.float64 if W.dtype == torch.float64 else torch.float32  # float64 only for tests
+    W = W.detach().to(fdt)
+    S = H.detach().to(fdt)
     out, cols = W.shape
     k = int(round(outlier_fraction * out * cols))
     params = compute_grid_params(W, dtype, group_size, symmetric, trim_fraction=outlier_fraction)

@@ -116,6 +116,8 @@ class QuantSpec:
             if not method.supports_asymmetric:
                 raise ValueError(f"method {method.name} does not take 'asym'")
         object.__setattr__(self, "options", self._normalize_options(method, self.options))
+        if method.validate is not None:
+            method.validate(self, dt)
 
     @staticmethod
     def _normalize_options(method, options) -> tuple[tuple[str, Any], ...]:
