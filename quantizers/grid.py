@@ -212,6 +212,7 @@ def compute_grid_params(
     symmetric: bool = True,
     trim_fraction: float = 0.0,
     scale_dtype: torch.dtype = torch.float16,
+    exclude: torch.Tensor | None = None,
 ) -> GridParams:
     """Scales (and zero points) for every (row, group) of ``W`` by the rules in the module docstring.
 
@@ -222,10 +223,14 @@ def compute_grid_params(
         trim_fraction: exclude ``round(g * f / 2)`` extreme values on each side from the range
             (QuantEase-outlier: the grid is fitted to the non-outlier weights).
         scale_dtype: ``torch.float16`` (stored format) or ``torch.float32`` (to reproduce references).
+        exclude: optional ``(out, cols)`` bool mask of weights left out of the range (kept elsewhere,
+            e.g. as full-precision outliers); they count as 0, which every range contains.
     Returns:
         ``GridParams`` with ``scales`` ``(out, ceil(cols / group))``.
     """
     W = W if W.dtype == torch.float64 else W.to(torch.float32)
+    if exclude is not None:
+        W = W.masked_fill(exclude, 0.0)
     cols = W.shape[1]
     g = effective_group_size(dtype, group_size, cols)
     lo = _group_apply(W, g, lambda x: _range(x, trim_fraction)[0])  # (out, n_groups)

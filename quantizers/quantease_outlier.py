@@ -11,9 +11,13 @@
    where ``P_k`` keeps the ``k`` entries of largest magnitude.
 
 Init: ``H_sp`` = the ``k`` largest ``|W|``, ``Q`` starts from ``W`` with those entries zeroed. The grid of
-each row/group is fitted to the weights without their extremes (reference ``Quantizer(outlier=f)``:
-``round(g * f / 2)`` values excluded on each side of the range). Outlier values are stored as fp16 and
-cost ``48 * f`` bits per weight (fp16 value + 32-bit flat index), see ``QuantSpec.bits_per_weight``.
+each row/group is fitted to the weights *without the initial outliers* and then held fixed. (The
+reference trims ``round(g * f / 2)`` values from each end of every row/group range instead; that can
+exclude more weights than the outlier budget holds, which then clip: at 8 bits this made the result
+many times worse than RTN on our test layer. Excluding exactly the initial outlier set is the
+unstructured analogue of the paper's structured rule, "grid fitted excluding the outlier columns".)
+Outlier values are stored as fp16 and cost ``48 * f`` bits per weight (fp16 value + 32-bit flat index),
+see ``QuantSpec.bits_per_weight``.
 Like ``quantease``, the rounded iterate (Q, H_sp) with the lowest objective is returned.
 """
 from __future__ import annotations
@@ -68,7 +72,8 @@ def quantease_outlier_quantize_weight(
     S = H.detach().to(fdt)
     out, cols = W.shape
     k = int(round(outlier_fraction * out * cols))
-    params = compute_grid_params(W, dtype, group_size, symmetric, trim_fraction=outlier_fraction)
+    H0 = _top_k(W, k)
+    params = compute_grid_params(W, dtype, group_size, symmetric, exclude=H0 != 0)
     perm = torch.argsort(torch.diagonal(S), descending=True) if act_order else None
     state = CDState(params, S, perm, out)
     Wp = W if perm is None else W[:, perm]
@@ -76,7 +81,7 @@ def quantease_outlier_quantize_weight(
     lam_max = float(torch.linalg.eigvalsh(Sp.double())[-1])
     step = alpha / (2.0 * lam_max) if lam_max > 0 else 0.0
 
-    Hs_t = _top_k(Wp, k).t().contiguous()  # (in, out) sparse part, transposed like W_hat
+    Hs_t = (H0 if perm is None else H0[:, perm]).t().contiguous()  # (in, out) sparse part, like W_hat
     What_t = (Wp.t() - Hs_t).contiguous()  # zero where H_sp holds the weight
     codes_t = torch.zeros(cols, out, dtype=torch.long)
     P_t = Sp @ Wp.t()  # (W S)^T
@@ -101,7 +106,7 @@ def quantease_outlier_quantize_weight(
         if k > 0:
             R_t = Sp @ (What_t + Hs_t - Wp.t())  # ((Q + H_sp - W) S)^T
             Hs_t = _top_k(Hs_t - step * R_t, k)
-            Hs_t = Hs_t.to(torch.float16).to(torch.float32)  # stored as fp16
+            Hs_t = Hs_t.to(torch.float16).to(fdt)  # stored as fp16
 
     _, What_t, codes_t, Hs_t, best_pass = best
     Q, codes, Hs = What_t.t(), codes_t.t(), Hs_t.t()
