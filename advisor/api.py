@@ -1,0 +1,301 @@
+"""The Python API: ``plan`` (budget planning, no quantization) and ``recommend`` (the main job).
+
+Data flow (ARCHITECTURE.md §3): load -> windows -> baseline -> probe -> grid -> predict -> rank
+-> (recommend only) execute the cheapest candidate predicted to pass, measure it packed, escalate on
+a miss -> report. Every measurement is written to the store, so each verification improves the next fit.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from advisor.store import Store, open_store
+from models.errors import AdvisorError
+
+
+class NothingPredictedError(AdvisorError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A perplexity budget, as the largest allowed dL = ln(ppl_q / ppl_fp)."""
+
+    max_dl: float
+    description: str
+
+    @classmethod
+    def from_args(cls, baseline_ppl: float, max_ppl_delta: float | None = None,
+                  max_ppl_ratio: float | None = None) -> "Budget":
+        if (max_ppl_delta is None) == (max_ppl_ratio is None):
+            raise AdvisorError("give exactly one budget: --max-ppl-delta X (absolute perplexity increase) or "
+                               "--max-ppl-ratio R (ppl_q / ppl_fp, e.g. 1.03)")
+        if max_ppl_delta is not None:
+            if not (isinstance(max_ppl_delta, (int, float)) and math.isfinite(max_ppl_delta) and max_ppl_delta > 0):
+                raise AdvisorError(f"--max-ppl-delta must be a positive number, got {max_ppl_delta}")
+            return cls(math.log1p(max_ppl_delta / baseline_ppl), f"dPPL <= {max_ppl_delta:g}")
+        if not (math.isfinite(max_ppl_ratio) and max_ppl_ratio > 1):
+            raise AdvisorError(f"--max-ppl-ratio must be a number above 1, got {max_ppl_ratio}")
+        return cls(math.log(max_ppl_ratio), f"ppl ratio <= {max_ppl_ratio:g}")
+
+    def dppl(self, baseline_ppl: float) -> float:
+        return baseline_ppl * math.expm1(self.max_dl)
+
+
+@dataclass
+class Context:
+    """A loaded model with its windows, baseline and features: what plan and recommend share."""
+
+    loaded: Any
+    eval: Any
+    calib: Any
+    baseline_ppl: float
+    baseline_nll: float
+    features: dict[str, float]
+    provenance: dict[str, Any]
+    store: Store
+
+
+def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "stdlib-code:eval",
+            seq_len: int = 512, max_windows: int | None = 20, n_calib: int = 16, seed: int = 0,
+            device: str = "cpu", store: Store | str | None = None, progress: bool = True) -> Context:
+    """Load (if a name), cut windows, measure or reuse the baseline and the probes."""
+    from advisor.probing import probe_features
+    from models.data import calibration_windows, eval_windows, load_corpus
+    from models.evaluate import perplexity
+    from models.loading import load
+
+    store = store if isinstance(store, Store) else open_store(store)
+    loaded = load(model, device=device) if isinstance(model, str) else model
+    ctx_len = loaded.adapter.max_context
+    ev = eval_windows(loaded.tokenizer, load_corpus(eval), seq_len, max_windows, max_context=ctx_len)
+    cal = calibration_windows(loaded.tokenizer, load_corpus(calib), n_calib, seq_len, seed=seed, exclude=ev,
+                              max_context=ctx_len)
+    fp = loaded.source.fingerprint
+    store.add_model(fp, loaded.source.name, family=loaded.family, source_kind=loaded.source.kind,
+                    n_params=loaded.n_params(), non_embedding_params=loaded.n_params(non_embedding=True),
+                    info=loaded.source.to_dict())
+    base = store.baseline(fp, ev.protocol)
+    if base is None:
+        r = perplexity(loaded.model, ev, progress=progress, desc="baseline")
+        store.add_baseline(fp, ev.protocol, r.ppl, r.nll, r.n_tokens, r.seconds)
+        base = store.baseline(fp, ev.protocol)
+    features, provenance = probe_features(loaded, cal, store=store, seed=seed)
+    return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store)
+
+
+def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence: float = 0.9,
+                       predictor=None) -> pd.DataFrame:
+    """Every candidate with its cost and predicted dL / dPPL interval, cheapest first."""
+    from advisor.candidates import enumerate_candidates
+    from advisor.features import feature_rows
+    from advisor.fitting import load_default_predictor
+
+    predictor = predictor or load_default_predictor()
+    cands = enumerate_candidates(ctx.loaded, specs)
+    rows = feature_rows(ctx.features, [c.spec for c in cands], non_embedding_params=ctx.loaded.n_params(True),
+                        baseline_nll=ctx.baseline_nll)
+    mean, lower, upper = predictor.predict_interval(rows, alpha=1 - confidence)
+    df = pd.DataFrame([c.to_dict() for c in cands])
+    df["pred_dl"], df["pred_dl_lower"], df["pred_dl_upper"] = mean, lower, upper
+    bp = ctx.baseline_ppl
+    df["pred_dppl"] = bp * np.expm1(mean)
+    df["pred_dppl_lower"] = bp * np.expm1(lower)
+    df["pred_dppl_upper"] = bp * np.expm1(upper)
+    return df
+
+
+def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | None = None, *,
+         max_ppl_ratio: float | None = None, confidence: float = 0.9, methods: list[str] | None = None,
+         dtypes: list[str] | None = None, predictor=None, **prepare_kwargs: Any) -> pd.DataFrame:
+    """Budget planning without quantizing anything.
+
+    Returns a DataFrame of every candidate (spec, bits per weight, bytes, relative speed, predicted dL and
+    dPPL with interval). With a perplexity budget, ``passes`` marks candidates whose interval upper
+    bound meets it and ``chosen`` the cheapest of them. With ``max_bytes`` (the inverse question),
+    ``fits`` marks candidates within the memory budget and ``chosen`` the best predicted quality among them.
+    """
+    from advisor.candidates import default_specs
+
+    ctx = prepare(model, **prepare_kwargs)
+    df = predict_candidates(ctx, default_specs(methods, dtypes), confidence, predictor)
+    df.attrs["baseline_ppl"] = ctx.baseline_ppl
+    df["chosen"] = False
+    if max_ppl_delta is not None or max_ppl_ratio is not None:
+        budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
+        df["passes"] = df["pred_dl_upper"] <= budget.max_dl
+        if df["passes"].any():
+            df.loc[df.index[df["passes"]][0], "chosen"] = True
+    if max_bytes is not None:
+        if not (max_bytes > 0):
+            raise AdvisorError(f"max_bytes must be positive, got {max_bytes}")
+        df["fits"] = df["bytes"] <= max_bytes
+        ok = df[df["fits"] & df.get("passes", True)]
+        if len(ok):
+            df["chosen"] = False
+            df.loc[ok["pred_dl"].idxmin(), "chosen"] = True
+    return df
+
+
+@dataclass(frozen=True)
+class Attempt:
+    spec: str
+    predicted: dict[str, float]  # dPPL mean, lower, upper
+    measured_ppl_delta: float
+    measured_dl: float
+    bits_per_weight: float
+    seconds: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    spec: str | None
+    verified: bool
+    baseline_ppl: float
+    budget: str
+    max_ppl_delta: float
+    measured_ppl_delta: float | None
+    predicted: dict[str, float] | None
+    attempts: tuple[Attempt, ...]
+    candidates: tuple[dict[str, Any], ...]
+    features: dict[str, float]
+    protocol: dict[str, Any]
+    provenance: dict[str, Any]
+    saved_to: str | None = None
+    exit_code: int = 0
+    message: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["attempts"] = [a.to_dict() for a in self.attempts]
+        d["candidates"] = list(self.candidates)
+        return d
+
+
+def _pred(row: pd.Series) -> dict[str, float]:
+    return {"mean": float(row["pred_dppl"]), "lower": float(row["pred_dppl_lower"]),
+            "upper": float(row["pred_dppl_upper"])}
+
+
+def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_ratio: float | None = None,
+              confidence: float = 0.9, methods: list[str] | None = None, dtypes: list[str] | None = None,
+              max_attempts: int = 3, out: str | Path | None = None, dry_run: bool = False, predictor=None,
+              progress: bool = True, **prepare_kwargs: Any) -> Recommendation:
+    """Pick, run and verify the cheapest candidate predicted to meet the budget.
+
+    A candidate passes the prediction when its interval's upper bound (at ``confidence``) meets the
+    budget; it is verified only when the packed model's measured dPPL meets it. Never claims success
+    on a miss. Exit codes (``Recommendation.exit_code``): 0 verified (or dry run with a candidate),
+    2 nothing predicted to meet the target, 3 every attempt missed.
+    """
+    from advisor.candidates import default_specs
+
+    t0 = time.perf_counter()
+    if max_attempts < 1:
+        raise AdvisorError(f"--max-attempts must be at least 1, got {max_attempts}")
+    if not (0.5 <= confidence < 1):
+        raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
+    if out is not None:
+        _check_writable(Path(out))
+    ctx = prepare(model, progress=progress, **prepare_kwargs)
+    budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
+    df = predict_candidates(ctx, default_specs(methods, dtypes), confidence, predictor)
+    df["passes"] = df["pred_dl_upper"] <= budget.max_dl
+    passing = df[df["passes"]]
+    common = dict(baseline_ppl=ctx.baseline_ppl, budget=budget.description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
+                  candidates=tuple(df.to_dict("records")), features=ctx.features,
+                  protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
+                  provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint))
+    if passing.empty:
+        best = df.loc[df["pred_dl_upper"].idxmin()]
+        msg = (f"no candidate is predicted to meet {budget.description} at {confidence:.0%} confidence; the best "
+               f"achievable is {best['spec']} with predicted dPPL {best['pred_dppl']:.4f} "
+               f"(upper {best['pred_dppl_upper']:.4f}) at {best['bits_per_weight']:.2f} bits/weight")
+        return Recommendation(spec=None, verified=False, measured_ppl_delta=None, predicted=None, attempts=(),
+                              exit_code=2, message=msg, seconds=time.perf_counter() - t0, **common)
+    if dry_run:
+        first = passing.iloc[0]
+        return Recommendation(spec=first["spec"], verified=False, measured_ppl_delta=None, predicted=_pred(first),
+                              attempts=(), exit_code=0, message="dry run: nothing was quantized",
+                              seconds=time.perf_counter() - t0, **common)
+    attempts: list[Attempt] = []
+    saved = None
+    for _, row in passing.head(max_attempts).iterrows():
+        attempt, quantized = _execute(ctx, row, budget, progress)
+        attempts.append(attempt)
+        if attempt.passed:
+            if out is not None:
+                saved = str(_save(ctx, quantized, attempt, out))
+            _restore(ctx, quantized)
+            return Recommendation(spec=attempt.spec, verified=True, measured_ppl_delta=attempt.measured_ppl_delta,
+                                  predicted=attempt.predicted, attempts=tuple(attempts), saved_to=saved, exit_code=0,
+                                  message=f"verified: {attempt.spec} measured dPPL {attempt.measured_ppl_delta:.4f} "
+                                          f"<= {budget.dppl(ctx.baseline_ppl):.4f}",
+                                  seconds=time.perf_counter() - t0, **common)
+        _restore(ctx, quantized)
+    return Recommendation(spec=None, verified=False, measured_ppl_delta=None, predicted=None, attempts=tuple(attempts),
+                          exit_code=3, message=f"every attempt ({len(attempts)}) missed {budget.description}; "
+                                               "raise --max-attempts or the budget",
+                          seconds=time.perf_counter() - t0, **common)
+
+
+def _check_writable(out: Path) -> None:
+    import os
+
+    parent = out if out.exists() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise AdvisorError(f"output folder {out} is not writable; choose another --out")
+
+
+def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool):
+    """Quantize with the packed kernels, measure, record the run; returns the attempt and swap state."""
+    from models.evaluate import perplexity
+    from models.pipeline import quantize_model
+    from models.saving import _versions
+
+    t0 = time.perf_counter()
+    originals = {name: layer for name, layer in ctx.loaded.adapter.linear_layers()}
+    result = quantize_model(ctx.loaded, row["spec"], ctx.calib, pack=True, progress=progress)
+    r = perplexity(ctx.loaded.model, ctx.eval, progress=progress, desc=f"verify {row['spec']}")
+    dl = r.nll - ctx.baseline_nll
+    seconds = time.perf_counter() - t0
+    ctx.store.add_run(model_fp=ctx.loaded.source.fingerprint, model_name=ctx.loaded.source.name, spec=row["spec"],
+                      calibration=ctx.calib.protocol, protocol=ctx.eval.protocol, seed=ctx.calib.protocol.get("seed", 0),
+                      status="ok", ppl=r.ppl, baseline_ppl=ctx.baseline_ppl, nll=r.nll, baseline_nll=ctx.baseline_nll,
+                      dl=dl, bits_per_weight=result.bits_per_weight, seconds=seconds, packed=1, source="recommend",
+                      versions=_versions(), extra={"predicted_dl": float(row["pred_dl"])})
+    attempt = Attempt(spec=row["spec"], predicted=_pred(row), measured_ppl_delta=r.ppl - ctx.baseline_ppl,
+                      measured_dl=dl, bits_per_weight=result.bits_per_weight, seconds=seconds,
+                      passed=bool(dl <= budget.max_dl))
+    return attempt, (originals, result)
+
+
+def _restore(ctx: Context, quantized) -> None:
+    """Put the original nn.Linear modules back (the pipeline swapped in QuantLinear modules)."""
+    from models.pipeline import _set_module
+
+    originals, _ = quantized
+    for name, layer in originals.items():
+        _set_module(ctx.loaded.model, name, layer)
+
+
+def _save(ctx: Context, quantized, attempt: Attempt, out: str | Path) -> Path:
+    from models.saving import save_quantized_model
+
+    _, result = quantized
+    return save_quantized_model(ctx.loaded, result, {"spec": attempt.spec, "attempt": attempt.to_dict(),
+                                                     "baseline_ppl": ctx.baseline_ppl,
+                                                     "protocol": ctx.eval.protocol}, Path(out) / "model")

@@ -1,0 +1,59 @@
+"""`advisor recommend`: the main job. Exit 0 verified, 2 nothing predicted to meet the target, 3 all missed."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    from advisor.commands._common import add_model_args
+
+    add_model_args(p)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--max-ppl-delta", type=float, help="largest allowed perplexity increase (absolute)")
+    g.add_argument("--max-ppl-ratio", type=float, help="largest allowed ppl_q / ppl_fp, e.g. 1.03")
+    p.add_argument("--confidence", type=float, default=0.9, help="interval coverage a candidate must pass at")
+    p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
+    p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
+    p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up")
+    p.add_argument("--calib", default="stdlib-code:calib", help="calibration corpus")
+    p.add_argument("--eval", default="stdlib-code:eval", help="evaluation corpus")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--n-calib", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
+    p.add_argument("--predictor", default=None, help="predictor JSON from `advisor fit` (default: shipped)")
+    p.add_argument("--out", default=None, help="report folder (markdown, JSON, PNG, packed model)")
+    p.add_argument("--dry-run", action="store_true", help="predict and rank only; quantize nothing")
+    p.add_argument("--json", action="store_true")
+
+
+def _split(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from advisor.api import recommend
+    from advisor.cli import emit_json
+    from advisor.report import candidates_table, write_report
+
+    predictor = None
+    if args.predictor:
+        from advisor.predictor import Predictor
+
+        predictor = Predictor.load(args.predictor)
+    rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
+                    methods=_split(args.methods), dtypes=_split(args.dtypes), max_attempts=args.max_attempts,
+                    out=args.out, dry_run=args.dry_run, predictor=predictor, calib=args.calib, eval=args.eval,
+                    seq_len=args.seq_len, max_windows=args.max_windows, n_calib=args.n_calib, seed=args.seed,
+                    device=args.device, store=args.store)
+    files = write_report(rec, args.out) if args.out else {}
+    if args.json:
+        d = rec.to_dict()
+        d["report"] = files
+        emit_json(d)
+    else:
+        print(candidates_table(rec))
+        if files:
+            print(f"report: {files['markdown']}")
+    return rec.exit_code

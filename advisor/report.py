@@ -1,0 +1,74 @@
+"""Reports of a recommendation: a terminal table, and a folder with markdown, JSON and a PNG plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from models.saving import atomic_write_text
+
+
+def candidates_table(rec, top: int = 12) -> str:
+    """The cheapest candidates with predicted dPPL intervals, and the attempts, as plain text."""
+    lines = [f"baseline ppl {rec.baseline_ppl:.4f}; budget {rec.budget} (dPPL <= {rec.max_ppl_delta:.4f})", "",
+             f"{'spec':<30} {'bits/w':>7} {'MB':>9} {'speed':>6} {'pred dPPL':>10} {'interval':>21} pass"]
+    for c in rec.candidates[:top]:
+        passes = "yes" if c.get("passes") else "no"
+        lines.append(f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {c['relative_speed']:6.2f} "
+                     f"{c['pred_dppl']:10.4f} [{c['pred_dppl_lower']:9.4f},{c['pred_dppl_upper']:9.4f}] {passes}")
+    if rec.attempts:
+        lines += ["", "attempts (predicted vs measured dPPL):"]
+        for a in rec.attempts:
+            p = a.predicted
+            lines.append(f"  {a.spec:<28} predicted {p['mean']:.4f} [{p['lower']:.4f}, {p['upper']:.4f}]  "
+                         f"measured {a.measured_ppl_delta:.4f}  {'PASS' if a.passed else 'MISS'}  ({a.seconds:.1f}s)")
+    lines += ["", rec.message]
+    return "\n".join(lines)
+
+
+def plot(rec, path: Path) -> Path:
+    """Predicted (with interval) and measured dPPL against bits per weight, with the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    cands = list(rec.candidates)
+    xs = [c["bits_per_weight"] for c in cands]
+    ys = [c["pred_dppl"] for c in cands]
+    lo = [c["pred_dppl"] - c["pred_dppl_lower"] for c in cands]
+    hi = [c["pred_dppl_upper"] - c["pred_dppl"] for c in cands]
+    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", ms=4, alpha=0.6, capsize=2, label="predicted (interval)")
+    if rec.attempts:
+        ax.scatter([a.bits_per_weight for a in rec.attempts], [a.measured_ppl_delta for a in rec.attempts],
+                   marker="*", s=160, c=["tab:green" if a.passed else "tab:red" for a in rec.attempts],
+                   zorder=5, label="measured (packed)")
+    ax.axhline(rec.max_ppl_delta, color="k", ls="--", lw=1, label=f"target dPPL {rec.max_ppl_delta:.3g}")
+    ax.set_yscale("symlog", linthresh=max(rec.max_ppl_delta / 10, 1e-3))
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel("perplexity increase (dPPL)")
+    ax.set_title(f"{rec.provenance.get('model', '')} {rec.spec or 'no verified spec'}")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(rec, folder: str | Path) -> dict[str, str]:
+    """recommendation.json, report.md and dppl_vs_bits.png in ``folder`` (each written atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = rec.to_dict()
+    js = atomic_write_text(folder / "recommendation.json", json.dumps(data, indent=2, default=str))
+    png = plot(rec, folder / "dppl_vs_bits.png")
+    md = ["# advisor recommendation", "", f"- model: `{rec.provenance.get('model', '')}`",
+          f"- result: **{rec.spec or 'none'}** ({'verified' if rec.verified else 'not verified'})",
+          f"- {rec.message}", "", "```", candidates_table(rec, top=40), "```", "",
+          "![predicted and measured dPPL](dppl_vs_bits.png)", ""]
+    report = atomic_write_text(folder / "report.md", "\n".join(md))
+    return {"json": str(js), "markdown": str(report), "plot": str(png)}
