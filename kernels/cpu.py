@@ -1,0 +1,501 @@
+"""Fast CPU dequant-matmul kernels (numba, LLVM auto-vectorized; see docs/kernels.md).
+
+One generic row kernel serves every format. What varies is chosen by argument *type* at compile
+time (numba specializes per type signature and ``cache=True`` keeps each specialization on disk):
+
+- ``dec`` (value of a code): ``None`` -> affine ``float(code)``; ``(E, M, bias)`` int tuple ->
+  ExMy float built from bits; float32 (rows, 16) array -> select tree over 16 register values;
+  ``(table2d,)`` 1-tuple -> memory gather.
+- ``scales``: uint16 (fp16 bit patterns), float32, or int8 (power-of-two exponents, MX).
+- ``offsets``: ``None`` or uint16 / float32.
+
+and by a runtime ``layout`` id branched once per tile (crumb2, nib4, byte8, planes, split6; see
+:mod:`kernels.int_pack`). Inputs arrive permuted into *phase order* per tile of ``T`` codes:
+the code at ``U*j + r`` of a tile (``U`` codes per storage unit) sits at ``r*(T/U) + j``, so
+the lowest nibbles of a tile's bytes meet contiguous activations and every inner loop is a
+unit-stride vector loop. Per group ``g``:
+``y[b, o] += (scale*mult) * sum_i value_i x_i + (scale*add + offset) * sum_i x_i``.
+Batch 1 decodes and multiplies in one pass; larger batches decode a tile once into an L1
+buffer and reuse it for every batch row.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+LAYOUT_ID = {"crumb2": 0, "nib4": 1, "byte8": 2, "planes": 3, "split6": 4}
+ROWS_PER_TASK = 16
+
+
+@intrinsic
+def _i2f(typingctx, v):
+    """Reinterpret int32 bits as float32 (free; vectorizes)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _u8_to_f32(typingctx, v):
+    """float32 of the low 8 bits of an integer: lets LLVM keep code math in 8/32-bit lanes
+    (numba widens uint8 arithmetic to int64, which halves the vector width)."""
+    sig = types.float32(v)
+
+    def codegen(context, builder, signature, args):
+        t = builder.trunc(args[0], ir.IntType(8))
+        return builder.uitofp(t, ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _f16_bits_to_f32(h):
+    """fp16 bit pattern -> float32, branch-free so a row of scales converts as one vector loop
+    (Inf/NaN patterns are not expected in scales and are not special-cased)."""
+    h = np.int32(h)
+    normal = _i2f(np.int32(((h & 0x7FFF) << 13) + (112 << 23)))
+    sub = np.float32(h & 1023) * np.float32(5.960464477539063e-08)  # 2**-24
+    v = sub if (h & 0x7C00) == 0 else normal
+    return -v if (h & 0x8000) != 0 else v
+
+
+# ----------------------------------------------------------------- compile-time dispatch stubs
+def _load_row(arr, o, out):
+    """out[:] = float32 values of row o of a scale/offset array (fp16 bits, f32, int8 exp)."""
+    raise NotImplementedError
+
+
+def _row_table(dec, row):
+    raise NotImplementedError
+
+
+def _val(c, dec, tt):
+    raise NotImplementedError
+
+
+@overload(_load_row)
+def _ov_load_row(arr, o, out):
+    if isinstance(arr, (types.NoneType, types.Omitted)):
+        def impl_none(arr, o, out):
+            for g in range(out.shape[0]):
+                out[g] = 0.0
+        return impl_none
+    if arr.dtype == types.uint16:
+        def impl_f16(arr, o, out):
+            row = arr[o]
+            for g in range(out.shape[0]):
+                out[g] = _f16_bits_to_f32(row[g])
+        return impl_f16
+    if arr.dtype == types.int8:
+        def impl_exp(arr, o, out):  # 2**e for e in [-126, 127]
+            row = arr[o]
+            for g in range(out.shape[0]):
+                out[g] = _i2f(np.int32((np.int32(row[g]) + 127) << 23))
+        return impl_exp
+
+    def impl_f32(arr, o, out):
+        row = arr[o]
+        for g in range(out.shape[0]):
+            out[g] = row[g]
+    return impl_f32
+
+
+@overload(_row_table)
+def _ov_row_table(dec, row):
+    if isinstance(dec, types.Array):  # lut16: keep the row's 16 values in registers
+        def impl(dec, row):
+            t = dec[row]
+            return (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7],
+                    t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15])
+        return impl
+    if isinstance(dec, types.BaseTuple) and isinstance(dec[0], types.Array):  # gather: a row
+        return lambda dec, row: dec[0][row]
+    if isinstance(dec, types.UniTuple) and isinstance(dec.dtype, types.Integer):  # exmy
+        def impl_exmy(dec, row):
+            return _i2f(np.int32((128 - dec[2]) << 23))  # 2**(1-bias), subnormal correction
+        return impl_exmy
+    return lambda dec, row: np.float32(0.0)
+
+
+@overload(_val, inline="always")
+def _ov_val(c, dec, tt):
+    if isinstance(dec, types.NoneType):
+        return lambda c, dec, tt: _u8_to_f32(c)
+    if isinstance(dec, types.Array):
+        def impl_sel(c, dec, tt):
+            b0 = (c & 1) != 0
+            b1 = (c & 2) != 0
+            b2 = (c & 4) != 0
+            b3 = (c & 8) != 0
+            l0 = tt[1] if b0 else tt[0]
+            l1 = tt[3] if b0 else tt[2]
+            l2 = tt[5] if b0 else tt[4]
+            l3 = tt[7] if b0 else tt[6]
+            l4 = tt[9] if b0 else tt[8]
+            l5 = tt[11] if b0 else tt[10]
+            l6 = tt[13] if b0 else tt[12]
+            l7 = tt[15] if b0 else tt[14]
+            m0 = l1 if b1 else l0
+            m1 = l3 if b1 else l2
+            m2 = l5 if b1 else l4
+            m3 = l7 if b1 else l6
+            n0 = m1 if b2 else m0
+            n1 = m3 if b2 else m2
+            return n1 if b3 else n0
+        return impl_sel
+    if isinstance(dec, types.BaseTuple) and isinstance(dec[0], types.Array):
+        return lambda c, dec, tt: tt[c]
+    if isinstance(dec, types.UniTuple) and isinstance(dec.dtype, types.Integer):
+        def impl_exmy(c, dec, tt):
+            n_exp = dec[0]
+            n_man = dec[1]
+            bias = dec[2]
+            cc = np.int32(c)
+            mag = cc & np.int32((1 << (n_exp + n_man)) - 1)
+            f = _i2f(np.int32((mag << (23 - n_man)) + ((127 - bias) << 23)))
+            # exponent field 0 is subnormal: true value = 2 * (f - 2**-bias) = f + (f - tt)
+            f = f + (f - tt) if (mag >> n_man) == 0 else f
+            return -f if (cc >> (n_exp + n_man)) & 1 else f
+        return impl_exmy
+    raise TypeError("unsupported decode descriptor")
+
+
+# ------------------------------------------------------------------------------- tile decoders
+@njit(inline="always")
+def _decode_tile(layout, bits, qa, qb, o, tb, T, nb_plane, dec, tt, wbuf, cbuf):
+    """Decode tile ``tb`` of row ``o`` into ``wbuf[:T]`` (phase order, unscaled values)."""
+    if layout == 0:  # crumb2
+        Q = T // 4
+        seg = qa[o, tb * Q:tb * Q + Q]
+        for r in range(4):
+            w = wbuf[r * Q:r * Q + Q]
+            sh = 2 * r
+            for j in range(Q):
+                w[j] = _val((seg[j] >> sh) & 3, dec, tt)
+    elif layout == 1:  # nib4
+        Q = T // 2
+        seg = qa[o, tb * Q:tb * Q + Q]
+        w0 = wbuf[:Q]
+        w1 = wbuf[Q:2 * Q]
+        for j in range(Q):
+            w0[j] = _val(seg[j] & 15, dec, tt)
+        for j in range(Q):
+            w1[j] = _val(seg[j] >> 4, dec, tt)
+    elif layout == 2:  # byte8
+        seg = qa[o, tb * T:tb * T + T]
+        for j in range(T):
+            wbuf[j] = _val(seg[j], dec, tt)
+    elif layout == 4:  # split6: q4 (2 per byte) + q2 (4 per byte)
+        Q = T // 4
+        s2 = qb[o, tb * Q:tb * Q + Q]
+        s4 = qa[o, tb * 2 * Q:tb * 2 * Q + 2 * Q]
+        w = wbuf[:Q]
+        for j in range(Q):
+            w[j] = _val((s4[2 * j] & 15) | ((s2[j] & 3) << 4), dec, tt)
+        w = wbuf[Q:2 * Q]
+        for j in range(Q):
+            w[j] = _val((s4[2 * j] >> 4) | ((s2[j] & 12) << 2), dec, tt)
+        w = wbuf[2 * Q:3 * Q]
+        for j in range(Q):
+            w[j] = _val((s4[2 * j + 1] & 15) | (s2[j] & 48), dec, tt)
+        w = wbuf[3 * Q:4 * Q]
+        for j in range(Q):
+            w[j] = _val((s4[2 * j + 1] >> 4) | ((s2[j] >> 2) & 48), dec, tt)
+    else:  # planes
+        Q = T // 8
+        for r in range(8):
+            for j in range(Q):
+                cbuf[j] = 0
+            for p in range(bits):
+                pl = qa[o, p * nb_plane + tb * Q:p * nb_plane + tb * Q + Q]
+                for j in range(Q):
+                    cbuf[j] |= ((np.int32(pl[j]) >> r) & 1) << p
+            w = wbuf[r * Q:r * Q + Q]
+            for j in range(Q):
+                w[j] = _val(cbuf[j], dec, tt)
+
+
+@njit(inline="always")
+def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
+    """Fused decode + dot for one batch row; ``x`` is the tile's phase-ordered activations."""
+    a = np.float32(0.0)
+    if layout == 0:
+        Q = T // 4
+        seg = qa[o, tb * Q:tb * Q + Q]
+        x0 = x[:Q]
+        x1 = x[Q:2 * Q]
+        x2 = x[2 * Q:3 * Q]
+        x3 = x[3 * Q:4 * Q]
+        for j in range(Q):
+            b = seg[j]
+            a += (_val(b & 3, dec, tt) * x0[j] + _val((b >> 2) & 3, dec, tt) * x1[j]
+                  + _val((b >> 4) & 3, dec, tt) * x2[j] + _val(b >> 6, dec, tt) * x3[j])
+    elif layout == 1:
+        Q = T // 2
+        seg = qa[o, tb * Q:tb * Q + Q]
+        x0 = x[:Q]
+        x1 = x[Q:2 * Q]
+        for j in range(Q):
+            b = seg[j]
+            a += _val(b & 15, dec, tt) * x0[j] + _val(b >> 4, dec, tt) * x1[j]
+    elif layout == 2:
+        seg = qa[o, tb * T:tb * T + T]
+        for j in range(T):
+            a += _val(seg[j], dec, tt) * x[j]
+    else:  # split6
+        Q = T // 4
+        s2 = qb[o, tb * Q:tb * Q + Q]
+        s4 = qa[o, tb * 2 * Q:tb * 2 * Q + 2 * Q]
+        x0 = x[:Q]
+        x1 = x[Q:2 * Q]
+        x2 = x[2 * Q:3 * Q]
+        x3 = x[3 * Q:4 * Q]
+        for j in range(Q):
+            b2 = np.int32(s2[j])
+            lo = np.int32(s4[2 * j])
+            hi = np.int32(s4[2 * j + 1])
+            a += (_val((lo & 15) | ((b2 & 3) << 4), dec, tt) * x0[j]
+                  + _val((lo >> 4) | ((b2 & 12) << 2), dec, tt) * x1[j]
+                  + _val((hi & 15) | (b2 & 48), dec, tt) * x2[j]
+                  + _val((hi >> 4) | ((b2 >> 2) & 48), dec, tt) * x3[j])
+    return a
+
+
+# --------------------------------------------------------------------------------- row kernels
+@njit(inline="always", fastmath=True)
+def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                    T, o0, o1):
+    B = xp.shape[0]
+    ng = scales.shape[1]
+    n_pad = xp.shape[1]
+    tpg = (n_pad // ng) // T
+    nb_plane = n_pad // 8
+    wbuf = np.empty(T, np.float32)
+    cbuf = np.empty(T // 8 + 1, np.int32)
+    acc = np.zeros(B, np.float32)
+    srow = np.empty(ng, np.float32)
+    zrow = np.empty(ng, np.float32)
+    for o in range(o0, o1):
+        tt = _row_table(dec, o if per_row else 0)
+        _load_row(scales, o, srow)
+        _load_row(offsets, o, zrow)
+        for b in range(B):
+            y[b, o] = 0.0
+        for g in range(ng):
+            es = srow[g] * mult
+            ez = srow[g] * add + zrow[g]
+            if B == 1 and layout != 3:
+                a1 = np.float32(0.0)
+                for t in range(tpg):
+                    x0 = (g * tpg + t) * T
+                    a1 += _dot_tile_b1(layout, qa, qb, o, g * tpg + t, T, dec, tt,
+                                       xp[0, x0:x0 + T])
+                y[0, o] += es * a1 + ez * xsum[0, g]
+                continue
+            for b in range(B):
+                acc[b] = 0.0
+            for t in range(tpg):
+                tb = g * tpg + t
+                x0 = tb * T
+                _decode_tile(layout, bits, qa, qb, o, tb, T, nb_plane, dec, tt, wbuf, cbuf)
+                for b in range(B):
+                    xr = xp[b, x0:x0 + T]
+                    a = np.float32(0.0)
+                    for j in range(T):
+                        a += wbuf[j] * xr[j]
+                    acc[b] += a
+            for b in range(B):
+                y[b, o] += es * acc[b] + ez * xsum[b, g]
+
+
+@njit(inline="always", fastmath=True)
+def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T,
+                       unit, o0, o1):
+    n_pad = W.shape[1]
+    ng = scales.shape[1]
+    tpg = (n_pad // ng) // T
+    nb_plane = n_pad // 8
+    Q = T // unit
+    wbuf = np.empty(T, np.float32)
+    cbuf = np.empty(T // 8 + 1, np.int32)
+    srow = np.empty(ng, np.float32)
+    zrow = np.empty(ng, np.float32)
+    for o in range(o0, o1):
+        tt = _row_table(dec, o if per_row else 0)
+        _load_row(scales, o, srow)
+        _load_row(offsets, o, zrow)
+        for g in range(ng):
+            es = srow[g] * mult
+            ez = srow[g] * add + zrow[g]
+            for t in range(tpg):
+                tb = g * tpg + t
+                _decode_tile(layout, bits, qa, qb, o, tb, T, nb_plane, dec, tt, wbuf, cbuf)
+                row = W[o, tb * T:tb * T + T]
+                for r in range(unit):
+                    for j in range(Q):
+                        row[unit * j + r] = wbuf[r * Q + j] * es + ez
+
+
+# One entry point per layout with the layout id as a literal in the source: numba prunes the
+# other layouts' branches before LLVM sees them, which measured 2x faster than a runtime id
+# (a numba.literally() specialization did not get the same pruning). The row functions are
+# separate (non-parallel) functions so their scratch buffers are private to each task.
+
+@njit(fastmath=True, cache=True)
+def _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
+    _gemv_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qgemv_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
+    _dequant_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qdequant_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
+    _gemv_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qgemv_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
+    _dequant_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qdequant_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
+    _gemv_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qgemv_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
+    _dequant_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qdequant_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
+    _gemv_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qgemv_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
+    _dequant_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qdequant_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
+    _gemv_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qgemv_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+
+
+@njit(fastmath=True, cache=True)
+def _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
+    _dequant_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+
+
+@njit(parallel=True, cache=True)
+def _qdequant_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for k in prange(n_tasks):
+        o0 = k * ROWS_PER_TASK
+        _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+
+
+_GEMV = (_qgemv_crumb2, _qgemv_nib4, _qgemv_byte8, _qgemv_planes, _qgemv_split6)
+_DEQUANT = (_qdequant_crumb2, _qdequant_nib4, _qdequant_byte8, _qdequant_planes, _qdequant_split6)
+
+
+def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+    """y (B, out) = W x for phase-ordered xp (B, n_pad) and group sums xsum (B, n_groups)."""
+    _GEMV[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T)
+
+
+def qdequant(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+    """Write the dequantized (out, n_pad) float32 matrix into ``W`` (natural column order)."""
+    _DEQUANT[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit)
+
+
+@njit(cache=True)
+def add_outliers(y, x, rows, cols, vals):
+    """y[b, rows[k]] += vals[k] * x[b, cols[k]] (sparse full-precision part)."""
+    for k in range(rows.shape[0]):
+        o = rows[k]
+        i = cols[k]
+        v = vals[k]
+        for b in range(y.shape[0]):
+            y[b, o] += v * x[b, i]

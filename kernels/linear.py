@@ -1,0 +1,347 @@
+"""QuantLinear: packed low-bit weights with a fast CPU dequant-matmul forward.
+
+Storage (all registered buffers, so ``state_dict()`` goes straight to safetensors):
+
+- codes: ``qweight`` uint8 (or ``q4`` + ``q2`` for 6-bit), see :mod:`kernels.int_pack`;
+- ``table`` float32 (2**bits,) or (out, 2**bits);
+- ``scales`` float16 (out, n_groups) -- or ``scale_exp`` int8 (scale = 2**e, MX) -- or float32
+  when ``meta["scale_dtype"] == "float32"``; ``offsets`` same float dtype (optional);
+- ``outlier_index`` int32 flat ``row * in_features + col`` (sorted), ``outlier_value`` float16;
+- optional ``input_scale`` float32 (in,) (AWQ: ``y = W_hat (x / s)``) and ``bias`` float32 (out,).
+
+The input dimension is padded (zero codes) to ``n_pad`` so that groups and kernel tiles are
+whole bytes; the true shape is kept in ``in_features``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .codebook import Decode, classify_table
+from .int_pack import UNIT, layout_for_bits, pack_codes, unpack_codes
+
+MAX_FAST_BATCH = 8
+MAX_TILE = 256
+
+
+def _plan_padding(in_features: int, group_size: int) -> tuple[int, int, int]:
+    """(group size, n_groups, n_pad, tile) with n_pad the padded input width."""
+    g = min(group_size, in_features)
+    n_groups = math.ceil(in_features / g)
+    if n_groups == 1:
+        tile = min(MAX_TILE, 8 * math.ceil(in_features / 8))
+        return g, 1, tile * math.ceil(in_features / tile), tile
+    if g % 8:
+        return g, n_groups, 8 * math.ceil(n_groups * g / 8), 0  # no fast kernel for this grouping
+    tile = max(t for t in range(8, min(g, MAX_TILE) + 1, 8) if g % t == 0)
+    return g, n_groups, n_groups * g, tile
+
+
+def _to_f16_bits(t: torch.Tensor) -> np.ndarray:
+    return t.contiguous().numpy().view(np.uint16)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is ``table[codes] * scale + offset`` (+ sparse outliers).
+
+    Build it with :func:`pack_linear`; construct directly only from a saved ``config``.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.config = dict(config)
+        c = self.config
+        self.in_features = int(c["in_features"])
+        self.out_features = int(c["out_features"])
+        self.bits = int(c["bits"])
+        self.group_size, self.n_groups, self.n_pad, self.tile = _plan_padding(
+            self.in_features, int(c["group_size"]))
+        self.layout = layout_for_bits(self.bits)
+        self.meta = dict(c.get("meta") or {})
+        o, n, k = self.out_features, self.n_pad, 2 ** self.bits
+        if self.layout == "split6":
+            self.register_buffer("q4", torch.zeros(o, n // 2, dtype=torch.uint8))
+            self.register_buffer("q2", torch.zeros(o, n // 4, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(o, n * self.bits // 8, dtype=torch.uint8))
+        table_rows = int(c.get("table_rows", 0))
+        self.register_buffer("table", torch.zeros((table_rows, k) if table_rows else (k,)))
+        fdt = torch.float32 if c.get("scale_dtype") == "float32" else torch.float16
+        if c.get("scale_format") == "exp2_int8":
+            self.register_buffer("scale_exp", torch.zeros(o, self.n_groups, dtype=torch.int8))
+        else:
+            self.register_buffer("scales", torch.zeros(o, self.n_groups, dtype=fdt))
+        if c.get("has_offsets"):
+            self.register_buffer("offsets", torch.zeros(o, self.n_groups, dtype=fdt))
+        n_out = int(c.get("n_outliers", 0))
+        if n_out:
+            self.register_buffer("outlier_index", torch.zeros(n_out, dtype=torch.int32))
+            self.register_buffer("outlier_value", torch.zeros(n_out, dtype=fdt))
+        if c.get("has_input_scale"):
+            self.register_buffer("input_scale", torch.ones(self.in_features))
+        if c.get("has_bias"):
+            self.register_buffer("bias", torch.zeros(o))
+        else:
+            self.bias = None
+        self._fast = None
+
+    # ------------------------------------------------------------------ stored pieces, decoded
+    def packed_buffers(self) -> dict[str, torch.Tensor]:
+        """The code buffers of this layer's layout."""
+        if self.layout == "split6":
+            return {"q4": self.q4, "q2": self.q2}
+        return {"qweight": self.qweight}
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes, uint8 (out, in)."""
+        packed = {k: v.cpu() for k, v in self.packed_buffers().items()}
+        return unpack_codes(packed, self.bits)[:, :self.in_features].to(self.qweight_device)
+
+    @property
+    def qweight_device(self) -> torch.device:
+        return self.table.device
+
+    def group_scales(self) -> torch.Tensor:
+        """float32 (out, n_groups)."""
+        if hasattr(self, "scale_exp"):
+            return torch.exp2(self.scale_exp.float())
+        return self.scales.float()
+
+    def group_offsets(self) -> torch.Tensor | None:
+        return self.offsets.float() if hasattr(self, "offsets") else None
+
+    def outliers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """None or (indices int64 (nnz, 2) [row, col], values float32 (nnz,))."""
+        if not hasattr(self, "outlier_index"):
+            return None
+        flat = self.outlier_index.long()
+        idx = torch.stack([flat // self.in_features, flat % self.in_features], dim=1)
+        return idx, self.outlier_value.float()
+
+    def packed_bytes(self) -> int:
+        """Bytes of every buffer (codes incl. padding, table, scales, offsets, outliers, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        fmt = self.meta.get("dtype", f"{self.bits}-bit")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={fmt}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+    # ---------------------------------------------------------------------------- dequantize
+    def dequantize(self) -> torch.Tensor:
+        """float32 (out, in) weight, on the module's device (fast CPU kernel when available)."""
+        if self.table.device.type == "cpu" and self.tile:
+            f = self._fast_args()
+            from . import cpu
+
+            W = np.empty((self.out_features, self.n_pad), np.float32)
+            cpu.qdequant(*f["head"], W, self.tile, UNIT[self.layout])
+            W = torch.from_numpy(W)[:, :self.in_features]
+            out = self.outliers()
+            if out is not None:
+                W = W.index_put((out[0][:, 0], out[0][:, 1]), out[1], accumulate=True)
+            return W.contiguous()
+        return self._dequantize_torch()
+
+    def _dequantize_torch(self) -> torch.Tensor:
+        """Device-agnostic dequantization with plain torch ops."""
+        codes = self.codes().long()
+        table = self.table.float()
+        values = table[codes] if table.ndim == 1 else torch.gather(table, 1, codes)
+        col_group = torch.arange(self.in_features, device=codes.device) // self.group_size
+        W = values * self.group_scales()[:, col_group]
+        off = self.group_offsets()
+        if off is not None:
+            W = W + off[:, col_group]
+        out = self.outliers()
+        if out is not None:
+            W = W.index_put((out[0][:, 0], out[0][:, 1]), out[1], accumulate=True)
+        return W
+
+    # ------------------------------------------------------------------------------- forward
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Slow and obviously correct: dequantize to fp32 with reference formulas, then matmul."""
+        from .reference import dequantize_reference, matmul_reference
+
+        W = dequantize_reference(self.codes().cpu(), self.table.cpu(), self.group_scales().cpu(),
+                                 None if self.group_offsets() is None else
+                                 self.group_offsets().cpu(), self.group_size,
+                                 None if self.outliers() is None else
+                                 tuple(t.cpu() for t in self.outliers()))
+        x2 = x.reshape(-1, self.in_features).cpu()
+        y = matmul_reference(x2, W, None if self.bias is None else self.bias.cpu(),
+                             getattr(self, "input_scale", None))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype).to(x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()
+        if hasattr(self, "input_scale"):
+            x2 = x2 / self.input_scale
+        n_tokens = x2.shape[0]
+        if x2.device.type != "cpu" or not self.tile:
+            y = x2 @ self._dequantize_torch().T
+        elif n_tokens <= MAX_FAST_BATCH:
+            y = self._gemv(x2)
+        else:
+            y = x2 @ self.dequantize().T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        from . import cpu
+
+        f = self._fast_args()
+        B = x2.shape[0]
+        U = UNIT[self.layout]
+        T = self.tile
+        xpad = x2.detach()
+        if self.n_pad != self.in_features:
+            xpad = torch.nn.functional.pad(xpad, (0, self.n_pad - self.in_features))
+        # phase order: element U*j + r of each tile goes to r*(T/U) + j
+        xp = xpad.reshape(B, self.n_pad // T, T // U, U).transpose(2, 3).contiguous()
+        xsum = xpad.reshape(B, self.n_groups, -1).sum(-1).contiguous()
+        y = np.empty((B, self.out_features), np.float32)
+        cpu.qgemv(*f["head"], xp.reshape(B, self.n_pad).numpy(), xsum.numpy(), y, T)
+        if f["outliers"] is not None:
+            rows, cols, vals = f["outliers"]
+            cpu.add_outliers(y, x2.detach().contiguous().numpy(), rows, cols, vals)
+        return torch.from_numpy(y)
+
+    def _fast_args(self) -> dict[str, Any]:
+        """Numpy views and the decode rule for the numba kernels (cached until buffers change)."""
+        if self._fast is not None:
+            return self._fast
+        from .cpu import LAYOUT_ID
+
+        dec_rule: Decode = classify_table(self.table.numpy(), self.bits)
+        table = self.table.numpy()
+        per_row = table.ndim == 2 and table.shape[0] > 1
+        t2 = table.reshape(-1, table.shape[-1]).astype(np.float32)
+        if dec_rule.kind == "affine":
+            dec = None
+        elif dec_rule.kind == "exmy":
+            dec = tuple(int(v) for v in dec_rule.exmy)
+        elif dec_rule.kind == "lut16":
+            dec = np.zeros((t2.shape[0], 16), np.float32)
+            dec[:, :t2.shape[1]] = t2
+        else:
+            dec = (np.ascontiguousarray(t2),)
+        packed = self.packed_buffers()
+        qa = (packed["q4"] if self.layout == "split6" else packed["qweight"]).numpy()
+        qb = packed["q2"].numpy() if self.layout == "split6" else np.zeros((1, 1), np.uint8)
+        if hasattr(self, "scale_exp"):
+            scales = self.scale_exp.numpy()
+        elif self.scales.dtype == torch.float16:
+            scales = _to_f16_bits(self.scales)
+        else:
+            scales = self.scales.numpy()
+        offsets = None
+        if hasattr(self, "offsets"):
+            offsets = (_to_f16_bits(self.offsets) if self.offsets.dtype == torch.float16
+                       else self.offsets.numpy())
+        outl = None
+        if hasattr(self, "outlier_index"):
+            flat = self.outlier_index.numpy().astype(np.int64)
+            outl = (flat // self.in_features, flat % self.in_features,
+                    self.outlier_value.float().numpy())
+        self._fast = {
+            "head": (LAYOUT_ID[self.layout], self.bits, qa, qb, dec, per_row, scales, offsets,
+                     np.float32(dec_rule.mult), np.float32(dec_rule.add)),
+            "outliers": outl,
+            "decode": dec_rule,
+        }
+        return self._fast
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fast = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fast = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def pack_linear(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, *,
+                bits: int, table: torch.Tensor, group_size: int, outliers=None, bias=None,
+                meta: dict | None = None) -> QuantLinear:
+    """Pack a quantized weight ``W = table[codes] * scales + offsets`` (+ outliers) into a module.
+
+    Args:
+        codes: integer (out, in), values in [0, 2**bits).
+        scales: float32 (out, ceil(in / group_size)); offsets: same shape or None.
+        bits: code width 1..8; table: float32 (2**bits,) or (out, 2**bits).
+        group_size: columns per scale group (``>= in`` means per output channel).
+        outliers: None or (indices (nnz, 2) [row, col], values float32 (nnz,)), added to W.
+        bias: None or (out,).
+        meta: free-form format description stored with the layer (e.g. ``{"dtype": "nf4"}``).
+            Recognized keys: ``scale_pow2`` (True: scales are exact powers of two, stored as int8
+            exponents, MX), ``scale_dtype`` ("float16" default, or "float32" for bit-exact
+            storage of scales, offsets and outlier values), ``input_scale`` (tensor (in,), AWQ:
+            the layer computes ``W (x / input_scale)``; not kept in meta).
+    Returns:
+        QuantLinear on CPU.
+    """
+    meta = dict(meta or {})
+    input_scale = meta.pop("input_scale", None)
+    codes = torch.as_tensor(codes).cpu()
+    n_out, n_in = codes.shape
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
+        raise ValueError(f"codes must lie in [0, {2 ** bits}) for bits={bits}")
+    table = torch.as_tensor(table, dtype=torch.float32).cpu()
+    if table.shape[-1] != 2 ** bits or table.ndim not in (1, 2) or (
+            table.ndim == 2 and table.shape[0] != n_out):
+        raise ValueError(f"table must be (2**bits,) or (out, 2**bits); got {tuple(table.shape)}")
+    if not torch.isfinite(table).all():
+        used = table[codes.long()] if table.ndim == 1 else torch.gather(table, 1, codes.long())
+        if not torch.isfinite(used).all():
+            raise ValueError("codes point at non-finite table entries")
+        table = torch.nan_to_num(table, nan=0.0, posinf=0.0, neginf=0.0)
+    scales = torch.as_tensor(scales, dtype=torch.float32).cpu().reshape(n_out, -1)
+    pow2 = bool(meta.get("scale_pow2"))
+    scale_dtype = meta.get("scale_dtype", "float16")
+    if scale_dtype not in ("float16", "float32"):
+        raise ValueError("meta['scale_dtype'] must be 'float16' or 'float32'")
+    config = {
+        "in_features": n_in, "out_features": n_out, "bits": bits, "group_size": int(group_size),
+        "table_rows": n_out if table.ndim == 2 else 0,
+        "scale_format": "exp2_int8" if pow2 else scale_dtype, "scale_dtype": scale_dtype,
+        "has_offsets": offsets is not None,
+        "n_outliers": 0 if outliers is None else int(len(outliers[1])),
+        "has_input_scale": input_scale is not None, "has_bias": bias is not None,
+        "meta": meta,
+    }
+    mod = QuantLinear(config)
+    if scales.shape[1] != mod.n_groups:
+        raise ValueError(f"scales must be (out, {mod.n_groups}); got {tuple(scales.shape)}")
+    padded = torch.zeros(n_out, mod.n_pad, dtype=torch.uint8)
+    padded[:, :n_in] = codes.to(torch.uint8)
+    for name, buf in pack_codes(padded, bits).items():
+        getattr(mod, name).copy_(buf)
+    mod.table.copy_(table)
+    if pow2:
+        exp = torch.round(torch.log2(scales))
+        if not torch.equal(torch.exp2(exp), scales) or exp.abs().max() > 127:
+            raise ValueError("meta['scale_pow2'] set but scales are not powers of two in 2**±127")
+        mod.scale_exp.copy_(exp.to(torch.int8))
+    else:
+        mod.scales.copy_(scales)
+    if offsets is not None:
+        mod.offsets.copy_(torch.as_tensor(offsets, dtype=torch.float32).reshape(n_out, -1))
+    if outliers is not None and len(outliers[1]):
+        idx = torch.as_tensor(outliers[0]).long().cpu()
+        flat = idx[:, 0] * n_in + idx[:, 1]
+        if n_out * n_in >= 2 ** 31:
+            raise ValueError("outlier flat index does not fit int32 for this shape")
+        order = torch.argsort(flat)
+        mod.outlier_index.copy_(flat[order].to(torch.int32))
+        mod.outlier_value.copy_(torch.as_tensor(outliers[1], dtype=torch.float32).cpu()[order])
+    if input_scale is not None:
+        mod.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32).reshape(-1))
+    if bias is not None:
+        mod.bias.copy_(torch.as_tensor(bias, dtype=torch.float32).reshape(-1))
+    return mod
