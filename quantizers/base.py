@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -92,22 +91,26 @@ class QuantizedWeight:
         return W
 
     def pack(self, bias: torch.Tensor | None = None):
-        """Pack into a ``kernels.QuantLinear`` (imported lazily; kernels is a separate package)."""
+        """Pack into a ``kernels.QuantLinear`` (imported lazily; kernels is a separate package).
+
+        Meta passed to ``kernels.pack_linear``: ``spec``, ``dtype``; ``scale_pow2`` for MX (E8M0 scales);
+        ``input_scale`` for AWQ; ``scale_dtype="float32"`` when there are offsets, because an offset
+        ``-zero_point * scale`` is not fp16-exact (the bits we count are a ``b``-bit integer zero point,
+        which the packed layer would need to store to be both exact and that small).
+        """
         kernels = importlib.import_module("kernels")
         pack_linear = getattr(kernels, "pack_linear", None)
         if pack_linear is None:
             raise NotImplementedError("kernels.pack_linear is not available yet")
-        kwargs: dict[str, Any] = dict(
-            bits=self.dtype.bits, table=self.table, group_size=self.group_size, outliers=self.outliers,
-            bias=bias, meta={"spec": str(self.spec), "dtype": self.dtype.name},
-        )
+        meta: dict[str, Any] = {"spec": str(self.spec), "dtype": self.dtype.name}
+        if self.dtype.scale_format == "e8m0":
+            meta["scale_pow2"] = True
+        if self.offsets is not None:
+            meta["scale_dtype"] = "float32"
         if self.input_scale is not None:
-            params = inspect.signature(pack_linear).parameters
-            if "input_scale" not in params:
-                raise NotImplementedError("this weight has a per-input-channel scale (AWQ) and "
-                                          "kernels.pack_linear does not accept input_scale yet")
-            kwargs["input_scale"] = self.input_scale
-        return pack_linear(self.codes, self.scales, self.offsets, **kwargs)
+            meta["input_scale"] = self.input_scale
+        return pack_linear(self.codes, self.scales, self.offsets, bits=self.dtype.bits, table=self.table,
+                           group_size=self.group_size, outliers=self.outliers, bias=bias, meta=meta)
 
 
 @dataclass(frozen=True)

@@ -209,3 +209,25 @@ def test_quantease_outlier_budget(layer):
     idx, val = qw.outliers
     assert idx.shape[1] == 2 and idx.dtype == torch.long
     assert val.numel() <= round(0.01 * OUT * IN) and val.numel() > 0
+
+
+PACK_CASES = [f"rtn:{n}" + ("" if q.get_dtype(n).block_size else ":g64") for n in sorted(q.DTYPES)] + [
+    "gptq:int3:g64:asym", "awq:int4:g64", "quantease:int3:g64:it3", "quantease-outlier:int3:g64:it3",
+    "nonuniform:nf4:g64", "rtn:int4",
+]
+
+
+@pytest.mark.slow  # numba compilation of the kernels takes minutes on the shared machine
+@pytest.mark.parametrize("text", PACK_CASES)
+def test_pack_reproduces_the_quantized_layer(layer, text):
+    kernels = pytest.importorskip("kernels")
+    if not hasattr(kernels, "pack_linear"):
+        pytest.skip("kernels.pack_linear not available")
+    W, stats = layer
+    qw = q.get_method(text.split(":")[0]).quantize(W, text, stats)
+    bias = torch.linspace(-1, 1, OUT)
+    ql = qw.pack(bias=bias)
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ql(x), x @ qw.dequantize().t() + bias, rtol=1e-5, atol=1e-5)
+    if qw.input_scale is None:
+        assert torch.equal(ql.dequantize(), qw.dequantize())
