@@ -53,6 +53,42 @@ def _u8_to_f32(typingctx, v):
     return sig, codegen
 
 
+@intrinsic
+def _exmy_to_f32(typingctx, c, n_exp, n_man, bias):
+    """Value of a sign-magnitude ExMy code (subnormals, no Inf/NaN) built from its bits in
+    32-bit lanes: exponent/mantissa moved into float32 position, bias re-based; exponent field 0
+    (subnormal) fixed up as ``2 f - 2**(1-bias)``. This is the FP6-LLM bit-copy trick on CPU."""
+    sig = types.float32(c, n_exp, n_man, bias)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def as_i32(v):
+            w = v.type.width
+            if w == 32:
+                return v
+            return builder.trunc(v, i32) if w > 32 else builder.zext(v, i32)
+
+        cc, ne, nm, bi = (as_i32(a) for a in args)
+        one = ir.Constant(i32, 1)
+        c23 = ir.Constant(i32, 23)
+        em = builder.add(ne, nm)
+        mag = builder.and_(cc, builder.sub(builder.shl(one, em), one))
+        bits = builder.add(builder.shl(mag, builder.sub(c23, nm)),
+                           builder.shl(builder.sub(ir.Constant(i32, 127), bi), c23))
+        f = builder.bitcast(bits, ir.FloatType())
+        two_pow = builder.bitcast(builder.shl(builder.sub(ir.Constant(i32, 128), bi), c23),
+                                  ir.FloatType())
+        sub = builder.fsub(builder.fadd(f, f), two_pow)
+        is_sub = builder.icmp_unsigned("==", builder.lshr(mag, nm), ir.Constant(i32, 0))
+        v = builder.select(is_sub, sub, f)
+        neg = builder.icmp_unsigned("!=", builder.and_(builder.lshr(cc, em), one),
+                                    ir.Constant(i32, 0))
+        return builder.select(neg, builder.fneg(v), v)
+
+    return sig, codegen
+
+
 @njit(inline="always")
 def _f16_bits_to_f32(h):
     """fp16 bit pattern -> float32, branch-free so a row of scales converts as one vector loop
@@ -152,15 +188,7 @@ def _ov_val(c, dec, tt):
         return lambda c, dec, tt: tt[c]
     if isinstance(dec, types.UniTuple) and isinstance(dec.dtype, types.Integer):
         def impl_exmy(c, dec, tt):
-            n_exp = dec[0]
-            n_man = dec[1]
-            bias = dec[2]
-            cc = np.int32(c)
-            mag = cc & np.int32((1 << (n_exp + n_man)) - 1)
-            f = _i2f(np.int32((mag << (23 - n_man)) + ((127 - bias) << 23)))
-            # exponent field 0 is subnormal: true value = 2 * (f - 2**-bias) = f + (f - tt)
-            f = f + (f - tt) if (mag >> n_man) == 0 else f
-            return -f if (cc >> (n_exp + n_man)) & 1 else f
+            return _exmy_to_f32(c, dec[0], dec[1], dec[2])
         return impl_exmy
     raise TypeError("unsupported decode descriptor")
 

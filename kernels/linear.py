@@ -14,7 +14,9 @@ whole bytes; the true shape is kept in ``in_features``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,18 @@ def _plan_padding(in_features: int, group_size: int) -> tuple[int, int, int]:
         return g, n_groups, 8 * math.ceil(n_groups * g / 8), 0  # no fast kernel for this grouping
     tile = max(t for t in range(8, min(g, MAX_TILE) + 1, 8) if g % t == 0)
     return g, n_groups, n_groups * g, tile
+
+
+@contextlib.contextmanager
+def _quiet_numba():
+    """Numba's pedantic IR checks warn on our inlined select expressions at compile time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is not in scope", module="numba")
+        warnings.filterwarnings("ignore", category=UserWarning, module="numba")
+        from numba.core.errors import NumbaIRAssumptionWarning
+
+        warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
+        yield
 
 
 def _to_f16_bits(t: torch.Tensor) -> np.ndarray:
@@ -139,7 +153,8 @@ class QuantLinear(nn.Module):
             from . import cpu
 
             W = np.empty((self.out_features, self.n_pad), np.float32)
-            cpu.qdequant(*f["head"], W, self.tile, UNIT[self.layout])
+            with _quiet_numba():
+                cpu.qdequant(*f["head"], W, self.tile, UNIT[self.layout])
             W = torch.from_numpy(W)[:, :self.in_features]
             out = self.outliers()
             if out is not None:
@@ -206,10 +221,11 @@ class QuantLinear(nn.Module):
         xp = xpad.reshape(B, self.n_pad // T, T // U, U).transpose(2, 3).contiguous()
         xsum = xpad.reshape(B, self.n_groups, -1).sum(-1).contiguous()
         y = np.empty((B, self.out_features), np.float32)
-        cpu.qgemv(*f["head"], xp.reshape(B, self.n_pad).numpy(), xsum.numpy(), y, T)
-        if f["outliers"] is not None:
-            rows, cols, vals = f["outliers"]
-            cpu.add_outliers(y, x2.detach().contiguous().numpy(), rows, cols, vals)
+        with _quiet_numba():
+            cpu.qgemv(*f["head"], xp.reshape(B, self.n_pad).numpy(), xsum.numpy(), y, T)
+            if f["outliers"] is not None:
+                rows, cols, vals = f["outliers"]
+                cpu.add_outliers(y, x2.detach().contiguous().numpy(), rows, cols, vals)
         return torch.from_numpy(y)
 
     def _fast_args(self) -> dict[str, Any]:
