@@ -99,6 +99,7 @@ def gptq_quantize_weight(
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         group_of = group_of[perm]
+    group_of = group_of.tolist()
 
     Hinv = damped_inverse_cholesky(H, damp)
     rounder = rounder_for(dtype, symmetric or unit > 1)

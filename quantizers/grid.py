@@ -55,28 +55,29 @@ class Rounder:
         self.midpoints = mid64.float()  # (..., K-1)
         self._by_dtype = {torch.float32: (grid, self.midpoints), torch.float64: (grid.double(), mid64)}
         self.codes = torch.arange(grid.shape[-1]).expand_as(grid) if codes is None else codes.long()
-        # Fast path for evenly spaced shared grids (int, mxint) with a power-of-two step: elementwise
-        # the nearest integer to t = y / step (ties toward -inf) minus g0 / step: the same index and tie
-        # rule as bucketize; every operation is exact in float32, so it equals the reference.
+        # Fast path for evenly spaced shared grids (int, mxint) with a power-of-two step and codes in
+        # grid order: the nearest integer to t = y / step with ties down, ceil(t - 1/2), minus g0 / step.
+        # Computed in float64, where y / step and t - 1/2 are exact for any float32 y, so it is the same
+        # index and tie rule as the bucketize reference.
         self.uniform: tuple[float, float, int] | None = None
         if grid.dim() == 1 and grid.numel() > 1:
             steps = grid[1:] - grid[:-1]
             step = float(steps[0])
-            if bool((steps == step).all()) and step > 0 and math.log2(step).is_integer():
+            in_order = torch.equal(self.codes, torch.arange(grid.numel()))
+            if bool((steps == step).all()) and step > 0 and math.log2(step).is_integer() and in_order:
                 self.uniform = (float(grid[0]), step, grid.numel() - 1)
 
     def index(self, y: torch.Tensor) -> torch.Tensor:
         """Index of the nearest grid value for each element of ``y`` (long, same shape)."""
         if self.uniform is not None:
             g0, step, last = self.uniform
-            t = y / step if step != 1.0 else y  # exact: step is a power of two
-            a = t.abs()
-            f = torch.floor(a)
-            frac = a - f  # exact for a >= 0
-            # nearest integer, ties toward -inf (bucketize's rule): up for t > 0 only if frac > 1/2,
-            # down for t < 0 if frac >= 1/2
-            k = torch.where(t >= 0, f + (frac > 0.5), -(f + (frac >= 0.5)))
-            return (k - g0 / step).clamp_(0, last).long()
+            t = y.double()
+            if step != 1.0:
+                t = t / step
+            t = (t - 0.5).ceil_()
+            if g0 != 0.0:
+                t -= g0 / step
+            return t.clamp_(0, last).long()
         return self.index_reference(y)
 
     def index_reference(self, y: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,14 @@ class Rounder:
     def __call__(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (codes long, unit values in ``y``'s dtype) of the nearest grid points."""
         idx = self.index(y)
+        if self.uniform is not None:  # codes are grid indices; values g0 + idx * step are exact
+            g0, step, _ = self.uniform
+            unit = idx.to(y.dtype)
+            if step != 1.0:
+                unit = unit * step
+            if g0 != 0.0:
+                unit = unit + g0
+            return idx, unit
         grid = self._by_dtype[y.dtype][0]
         if grid.dim() == 1:
             return self.codes[idx], grid[idx]
