@@ -1,0 +1,78 @@
+"""``second_order``: the second-order estimate of the loss increase of round-to-nearest, per data type.
+
+    dL ~ 1/2 * sum_i F_ii * e_i^2
+
+with ``F`` the Fisher diagonal of the mean-token NLL (``fisher`` probe, token-scaled) and ``e`` the
+RTN error of each weight (ARCHITECTURE.md section 4). The first-order term is dropped: at a trained
+minimum the mean gradient is ~0, and for RTN it averages out over many weights of both signs.
+
+Features: ``<key>`` for every data type at its default group size (``_rtn.default_group``: per
+channel at 6-8 bits, g128 for int3/int4/fp4, g64 for nf3/nf4/int2, MX block 32) and, with
+``all_group_sizes``, also every group size of the ``sqnr`` grid; ``log10_<key>`` too. Keys look like
+``int4_g128``, ``int8_pc``, ``mxfp4`` (see ``probes.feature_key``).
+
+Cost: as ``sqnr``, on a seeded subset of rows (same fraction of every layer; sums scaled by
+``out / rows``); with the same ``max_elements``, ``min_rows`` and seed as ``sqnr`` the RTN errors
+are shared within one ``run_probes`` call.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+
+from probes._rtn import cached_rtn_error, configs, default_group, row_fraction, sampled_rows
+from probes._util import layer_infos, spec_key
+from probes.base import Probe, ProbeContext, ProbeResult, register
+from probes.fisher import ensure_fisher
+
+
+def second_order_estimate(fisher: torch.Tensor, error: torch.Tensor) -> float:
+    """``1/2 * sum(F * e^2)``: the second-order loss increase of a weight error ``e`` (same shapes)."""
+    return 0.5 * float((fisher.double() * error.double().pow(2)).sum())
+
+
+class SecondOrderProbe(Probe):
+    name = "second_order"
+    description = "1/2 sum F_ii e_i^2: Fisher-weighted RTN error, the second-order loss increase per data type"
+    version = "1"
+    defaults = {
+        "dtypes": None,  # None = every registered data type
+        "all_group_sizes": True,  # also every sqnr group size, not only the default one
+        "max_elements": 1_000_000,
+        "min_rows": 1,
+    }
+
+    def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
+        from quantizers import get_dtype
+
+        layers = layer_infos(loaded)
+        diag = ensure_fisher(loaded, calib, seed, context)
+        fraction = row_fraction(layers, settings["max_elements"])
+        cfgs = configs(settings["dtypes"], all_group_sizes=bool(settings["all_group_sizes"]))
+        defaults = {name: spec_key(name, default_group(name), get_dtype(name).block_size) for name, _, _ in cfgs}
+        wanted = list(dict.fromkeys(cfgs + [(n, default_group(n), defaults[n]) for n, _, _ in cfgs]))
+        rows = []
+        for i, li in enumerate(layers):
+            idx = sampled_rows(i, li.module.out_features, fraction, int(settings["min_rows"]), seed)
+            f = diag[li.name][idx].double()
+            scale = li.module.out_features / idx.numel()
+            row = {"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role,
+                   "n_params": li.n_params, "rows_used": int(idx.numel())}
+            for dtype, g, key in wanted:
+                e = cached_rtn_error(context.cache, li, i, idx, dtype, g, seed)
+                row[key] = scale * second_order_estimate(f, e)
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        features: dict[str, float] = {}
+        for _, _, key in wanted:
+            total = float(frame[key].sum())
+            features[key] = total
+            features[f"log10_{key}"] = math.log10(total) if total > 0 else -30.0
+        info = {"row_fraction": fraction, "default_keys": defaults,
+                "fisher": context.cache.get("fisher.settings", {})}
+        return ProbeResult(self.name, features, frame, settings, info=info)
+
+
+register(SecondOrderProbe())

@@ -1,0 +1,69 @@
+"""``sqnr``: signal-to-quantization-noise ratio of round-to-nearest, per layer and data type (no forward pass).
+
+For every data type and group size (per channel, g32, g64, g128; MX types: their fixed block of 32),
+per layer ``SQNR = 10 log10(sum W^2 / sum (Q(W) - W)^2)`` dB, with ``Q`` the quantizers' RTN. Model
+level: the mean over layers weighted by parameter count (``<key>_db``) and the worst layer
+(``<key>_min_db``). Xu et al. 2024 use the RTN weight SQNR as a predictor input.
+
+Cost control: the errors are computed on a seeded random subset of each layer's rows, the same
+fraction of every layer, so that a whole config touches about ``max_elements`` weights (exact for the
+chosen rows; ``max_elements: null`` for every row). See ``probes._rtn``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from probes._rtn import cached_rtn_error, configs, row_fraction, sampled_rows
+from probes._util import layer_infos
+from probes.base import Probe, ProbeContext, ProbeResult, register
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise), capped at 200 dB for an exact representation."""
+    if noise <= 0:
+        return 200.0
+    if signal <= 0:
+        return 0.0
+    return min(200.0, 10.0 * math.log10(signal / noise))
+
+
+class SqnrProbe(Probe):
+    name = "sqnr"
+    description = "SQNR (dB) of round-to-nearest per layer for every data type and group size; parameter-weighted means"
+    version = "1"
+    defaults = {
+        "dtypes": None,  # None = every registered data type
+        "max_elements": 1_000_000,  # weights quantized per config (row sample); None = all
+        "min_rows": 1,
+    }
+
+    def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
+        layers = layer_infos(loaded)
+        fraction = row_fraction(layers, settings["max_elements"])
+        cfgs = configs(settings["dtypes"], all_group_sizes=True)
+        rows = []
+        for i, li in enumerate(layers):
+            idx = sampled_rows(i, li.module.out_features, fraction, int(settings["min_rows"]), seed)
+            W = li.module.weight.detach()[idx].float()
+            signal = float(W.double().pow(2).sum())
+            row = {"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role,
+                   "n_params": li.n_params, "rows_used": int(idx.numel())}
+            for dtype, g, key in cfgs:
+                e = cached_rtn_error(context.cache, li, i, idx, dtype, g, seed)
+                row[f"{key}_db"] = sqnr_db(signal, float(e.double().pow(2).sum()))
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        w = frame["n_params"].to_numpy(dtype=np.float64)
+        features: dict[str, float] = {}
+        for _, _, key in cfgs:
+            features[f"{key}_db"] = float(np.average(frame[f"{key}_db"], weights=w))
+            features[f"{key}_min_db"] = float(frame[f"{key}_db"].min())
+        info = {"row_fraction": fraction, "n_configs": len(cfgs),
+                "configs": [key for _, _, key in cfgs]}
+        return ProbeResult(self.name, features, frame, settings, info=info)
+
+
+register(SqnrProbe())

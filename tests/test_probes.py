@@ -1,0 +1,219 @@
+"""Probes: Hutchinson vs the exact Hessian trace, Fisher/second-order vs exact on a toy, determinism,
+finiteness, clear errors. Tiny random models built from configs; no downloads."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import probes
+from models.adapters import Adapter, Family, get_adapter
+from models.data import Windows
+from models.errors import AdvisorError
+from models.loading import LoadedModel, ModelSource
+from probes._util import double_backward_attention, grad_only, preserved_state, token_nll
+
+PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.")
+# cheap settings for tests: a few dtypes, no extra corpus
+FAST = {
+    "hessian": {"n_probes": 4, "power_iters": 2},
+    "outliers": {"extra_sets": []},
+    "sqnr": {"dtypes": ["int4", "int8", "nf4", "mxfp4", "fp6_e3m2"]},
+    "second_order": {"dtypes": ["int4", "int8", "nf4", "mxfp4", "fp6_e3m2"]},
+    "perturbation": {"sigmas": [0.01, 0.05, 0.2]},
+}
+
+
+def _micro_llama(seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=64)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _loaded(model) -> LoadedModel:
+    return LoadedModel(model, None, get_adapter(model), ModelSource("tiny", "test", "tiny", "0" * 16))
+
+
+def _calib(n: int = 3, seq_len: int = 16, vocab: int = 64, seed: int = 0) -> Windows:
+    ids = torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+    return Windows(ids, {"dataset": "random-tokens", "seed": seed})
+
+
+def _exact_hessian(model, W: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The full Hessian of the mean token NLL w.r.t. ``W``: one batched HVP per basis vector."""
+    with preserved_state(model), double_backward_attention(model):
+        grad_only(model, [W])
+        (g,) = torch.autograd.grad(token_nll(model, ids).mean(), [W], create_graph=True)
+        n = W.numel()
+        (H,) = torch.autograd.grad([g], [W], grad_outputs=[torch.eye(n).view(n, *W.shape)], is_grads_batched=True)
+    return H.reshape(n, n)
+
+
+def test_hutchinson_trace_matches_exact_trace():
+    model = _micro_llama()
+    loaded = _loaded(model)
+    calib = _calib(1, 12)
+    name = "model.layers.0.mlp.down_proj"
+    W = dict(loaded.adapter.linear_layers())[name].weight
+    attn_before = model.config._attn_implementation
+    H = _exact_hessian(model, W, calib.ids)
+    exact = float(H.diagonal().sum())
+    eig = float(torch.linalg.eigvalsh((H + H.T) / 2).abs().max())
+    res = probes.get_probe("hessian").run(loaded, calib, seed=0, settings={
+        "layers": [r"mlp\.down_proj$"], "n_probes": 512, "probe_batch": 512, "power_iters": 20})
+    est, se = res.features["trace"], res.features["trace_se"]
+    assert abs(est - exact) / abs(exact) < 0.05, (est, exact, se)
+    assert abs(est - exact) < 4 * se
+    assert res.per_layer["layer"].tolist() == [name]
+    assert abs(abs(res.features["top_eigenvalue"]) - eig) / eig < 0.05
+    # the model is left as it was
+    assert model.config._attn_implementation == attn_before
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_batched_hvp_equals_one_at_a_time():
+    from probes.hessian import hutchinson
+
+    model = _micro_llama()
+    loaded = _loaded(model)
+    ids = _calib(1, 10).ids
+    params = [li.module.weight for li in probes._util.layer_infos(loaded)][:3]
+    with preserved_state(model), double_backward_attention(model):
+        grad_only(model, params)
+        one, _, _ = hutchinson(lambda: token_nll(model, ids).mean(), params, 6, 0, seed=3, probe_batch=1)
+        many, _, _ = hutchinson(lambda: token_nll(model, ids).mean(), params, 6, 0, seed=3, probe_batch=4)
+    torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-7)
+
+
+class _BigramLM(nn.Module):
+    """logits = W one_hot(token): a softmax-regression language model (Hessian = Fisher at the MLE)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.head = nn.Linear(vocab, vocab, bias=False)
+        self.vocab = vocab
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.head(F.one_hot(input_ids, self.vocab).float()))
+
+
+def test_second_order_matches_loss_increase_on_quadratic_toy():
+    """At the maximum-likelihood bigram weights the gradient vanishes, the empirical Fisher diagonal is
+    the Hessian diagonal, so 1/2 sum F e^2 must match the measured loss increase for small errors."""
+    from probes._rtn import rtn_error
+    from probes.fisher import fisher_diagonal
+    from probes.second_order import second_order_estimate
+
+    V, n_win, L = 16, 64, 129
+    gen = torch.Generator().manual_seed(0)
+    P = torch.softmax(0.5 * torch.randn(V, V, generator=gen), -1)  # true transitions
+    ids = torch.zeros(n_win, L, dtype=torch.long)
+    ids[:, 0] = torch.randint(0, V, (n_win,), generator=gen)
+    for t in range(1, L):
+        ids[:, t] = torch.multinomial(P[ids[:, t - 1]], 1, generator=gen).squeeze(1)
+    counts = torch.zeros(V, V)
+    counts.index_put_((ids[:, 1:].reshape(-1), ids[:, :-1].reshape(-1)), torch.ones(n_win * (L - 1)), accumulate=True)
+    assert (counts > 0).all()
+    model = _BigramLM(V)
+    with torch.no_grad():  # MLE: W[o, i] = log p(o | i)
+        model.head.weight.copy_(torch.log(counts / counts.sum(0, keepdim=True)))
+    W = model.head.weight
+    (Fd,), nll0, (g_mean,) = fisher_diagonal(model, [W], ids)
+    assert g_mean.abs().max() < 1e-5  # at the optimum
+    # Fisher diagonal vs exact Hessian diagonal
+    H = torch.autograd.functional.hessian(
+        lambda w: F.cross_entropy((F.one_hot(ids[:, :-1], V).float() @ w.T).reshape(-1, V), ids[:, 1:].reshape(-1)),
+        W.detach())
+    Hdiag = H.reshape(V * V, V * V).diagonal().view(V, V)
+    assert abs(float(Fd.sum() / Hdiag.sum()) - 1) < 0.1
+    for dtype, g in (("int8", None), ("fp8_e4m3", None), ("int4", None)):
+        e = rtn_error(W, dtype, g)
+        with torch.no_grad():
+            W.add_(e)
+            nll1 = float(token_nll(model, ids).mean())
+            W.sub_(e)
+        measured = nll1 - float(token_nll(model, ids).mean().detach())
+        estimate = second_order_estimate(Fd, e)
+        assert measured > 0
+        assert abs(estimate / measured - 1) < 0.1, (dtype, estimate, measured)
+
+
+def test_second_order_formula_on_exact_quadratic():
+    from probes.second_order import second_order_estimate
+
+    gen = torch.Generator().manual_seed(1)
+    d = torch.rand(50, generator=gen) + 0.1
+    e = torch.randn(50, generator=gen) * 1e-2
+    loss = lambda w: 0.5 * float((d.double() * w.double() ** 2).sum())  # noqa: E731 - minimum at 0, Hessian diag(d)
+    assert math.isclose(second_order_estimate(d, e), loss(e) - loss(torch.zeros(50)), rel_tol=1e-9)
+
+
+def test_all_probes_finite_prefixed_and_deterministic():
+    model = _micro_llama()
+    loaded = _loaded(model)
+    calib = _calib()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = probes.run_probes(loaded, calib, seed=0, settings=FAST)
+    b = probes.run_probes(loaded, calib, seed=0, settings=FAST)
+    c = probes.run_probes(loaded, calib, seed=1, settings={**FAST, "sqnr": {"dtypes": ["int4"]}}, names=["hessian"])
+    assert a.features == b.features
+    assert a.features["hessian.trace"] != c.features["hessian.trace"]
+    for p in PREFIXES:
+        assert any(k.startswith(p) for k in a.features), p
+    assert all(math.isfinite(v) for v in a.features.values())
+    assert not a.provenance["dropped_nonfinite"]
+    for k, v in model.state_dict().items():  # probes leave the weights untouched
+        assert torch.equal(v, before[k]), k
+    d = a.to_dict()
+    assert set(d) == {"features", "per_layer", "provenance", "seconds"}
+    assert probes.FeatureRecord.from_dict(d).features == a.features
+    assert set(d["per_layer"]) == {"hessian", "fisher", "perturbation", "outliers", "sqnr", "second_order"}
+    # second-order estimates order the formats like their errors
+    f = a.features
+    assert f["second_order.int8_pc"] < f["second_order.fp6_e3m2_pc"] < f["second_order.int4_g128"]
+    assert f["sqnr.int8_pc_db"] > f["sqnr.int4_g128_db"] > 10
+
+
+def test_probes_on_every_architecture():
+    from tests.conftest import ARCHS, VOCAB, tiny_model
+
+    for arch in ("opt", "gpt2", "gpt_neox"):
+        assert arch in ARCHS
+        loaded = _loaded(tiny_model(arch))
+        rec = probes.run_probes(loaded, _calib(2, 12, VOCAB), settings=FAST,
+                                names=["hessian", "fisher", "outliers", "second_order"])
+        assert all(math.isfinite(v) for v in rec.features.values()), arch
+        assert set(rec.per_layer["fisher"]["kind"]) == {"attn", "mlp"}
+
+
+def test_bad_input_gives_clear_errors():
+    model = _micro_llama()
+    loaded = _loaded(model)
+    empty = Windows(torch.zeros(0, 16, dtype=torch.long), {})
+    with pytest.raises(AdvisorError, match="calibration set is empty"):
+        probes.run_probes(loaded, empty)
+    with pytest.raises(AdvisorError, match="calibration set is empty"):
+        probes.get_probe("fisher").run(loaded, empty)
+    no_linear = LoadedModel(model, None, Adapter(model, Family("none", ("llama",), "model.layers", ())),
+                            ModelSource("x", "test", "x", "0"))
+    with pytest.raises(AdvisorError, match="no linear layers"):
+        probes.run_probes(no_linear, _calib())
+    with pytest.raises(AdvisorError, match="unknown probe"):
+        probes.run_probes(loaded, _calib(), names=["hesian"])
+    with pytest.raises(AdvisorError, match="unknown setting"):
+        probes.run_probes(loaded, _calib(), names=["fisher"], settings={"fisher": {"n_window": 2}})
+
+
+def test_feature_key_of_specs():
+    assert probes.feature_key("rtn:int4:g128") == "int4_g128"
+    assert probes.feature_key("gptq:int8") == "int8_pc"
+    assert probes.feature_key("rtn:mxfp4") == "mxfp4"
+    assert probes.default_group("int4") == 128 and probes.default_group("mxfp4") is None
+    assert all(p.description for p in probes.PROBES.values())
