@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange, set_parallel_chunksize, types
 from numba.extending import intrinsic, overload
 
 LAYOUT_ID = {"crumb2": 0, "nib4": 1, "byte8": 2, "planes": 3, "split6": 4}
 ROWS_PER_TASK = 16
+# prange hands out CHUNK_TASKS tasks at a time (dynamic scheduling): on a shared machine a
+# static half/half split waits for whichever core is busy with someone else's work.
+CHUNK_TASKS = 4
 
 
 @intrinsic
@@ -382,9 +385,11 @@ def _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp
 @njit(parallel=True, cache=True)
 def _qgemv_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
         _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+    set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
@@ -408,9 +413,11 @@ def _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, 
 @njit(parallel=True, cache=True)
 def _qgemv_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
         _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+    set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
@@ -434,9 +441,11 @@ def _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp,
 @njit(parallel=True, cache=True)
 def _qgemv_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
         _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+    set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
@@ -460,9 +469,11 @@ def _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp
 @njit(parallel=True, cache=True)
 def _qgemv_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
         _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+    set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
@@ -486,9 +497,11 @@ def _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp
 @njit(parallel=True, cache=True)
 def _qgemv_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
         _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+    set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
