@@ -66,7 +66,7 @@ def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "
             seq_len: int = 512, max_windows: int | None = 20, n_calib: int = 16, seed: int = 0,
             device: str = "cpu", store: Store | str | None = None, progress: bool = True) -> Context:
     """Load (if a name), cut windows, measure or reuse the baseline and the probes."""
-    from advisor.probing import probe_features
+    from advisor.probing import probe_features, probe_windows
     from models.data import calibration_windows, eval_windows, load_corpus
     from models.evaluate import perplexity
     from models.loading import load
@@ -86,7 +86,8 @@ def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "
         r = perplexity(loaded.model, ev, progress=progress, desc="baseline")
         store.add_baseline(fp, ev.protocol, r.ppl, r.nll, r.n_tokens, r.seconds)
         base = store.baseline(fp, ev.protocol)
-    features, provenance = probe_features(loaded, cal, store=store, seed=seed)
+    features, provenance = probe_features(loaded, probe_windows(loaded, calib, exclude=ev, seed=seed), store=store,
+                                          seed=seed)
     return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store)
 
 

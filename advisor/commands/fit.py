@@ -1,0 +1,51 @@
+"""`advisor fit`: refit the predictor on measured runs; `--report` gives held-out accuracy."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", nargs="*", default=[], help="runs CSV files (from `advisor sweep --export`)")
+    p.add_argument("--store", default=None, help="also use every run in this measurement store")
+    p.add_argument("--with-shipped", action="store_true", help="add the shipped fitting data")
+    p.add_argument("--out", default=None, help="write the fitted predictor (JSON) here")
+    p.add_argument("--report", action="store_true", help="leave-one-family-out and transfer accuracy")
+    p.add_argument("--confidence", type=float, default=0.9, help="interval coverage for the report")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from advisor.cli import emit_json
+    from advisor.fitting import fit, read_runs, report, runs_table, shipped_runs
+    from advisor.predictor import PredictorError
+
+    frames = [read_runs(p) for p in args.runs]
+    if args.store:
+        from advisor.store import open_store
+
+        frames.append(runs_table(open_store(args.store)))
+    if args.with_shipped or not frames:
+        frames.append(shipped_runs())
+    df = pd.concat(frames, ignore_index=True)
+    if df.empty:
+        raise PredictorError("no runs to fit on")
+    out: dict = {"n_runs": int(len(df)), "n_groups": int(df["group"].nunique())}
+    predictor = fit(df)
+    if args.out:
+        out["saved_to"] = str(predictor.save(args.out))
+    if args.report:
+        out.update(report(df, alpha=1 - args.confidence))
+    if args.json:
+        emit_json(out)
+        return 0
+    print(f"fitted on {out['n_runs']} runs from {out['n_groups']} groups" +
+          (f"; saved to {out['saved_to']}" if args.out else ""))
+    for part in ("lofo", "transfer"):
+        r = out.get(part)
+        if r:
+            print(f"{part}: median |err dL| {r['median_abs_err_dl']:.4f} nats, median rel err {r['median_rel_err_dl']:.1%}, "
+                  f"coverage90 {r.get('coverage90', float('nan')):.1%}, forest {r['forest_median_abs_err_dl']:.4f}, "
+                  f"spearman {r['spearman']:.3f}, {r['n_runs']} runs / {r['n_families']} families")
+    return 0

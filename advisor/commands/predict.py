@@ -1,0 +1,48 @@
+"""`advisor predict`: predicted dL and dPPL (mean and interval) for one spec or every candidate."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    from advisor.commands._common import add_model_args
+
+    add_model_args(p)
+    p.add_argument("--spec", default=None, help="one spec (default: every candidate of the default grid)")
+    p.add_argument("--calib", default="stdlib-code:calib")
+    p.add_argument("--eval", default="stdlib-code:eval")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--predictor", default=None, help="predictor JSON (default: shipped)")
+    p.add_argument("--store", default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from advisor.api import predict_candidates, prepare
+    from advisor.cli import emit_json
+    from quantizers import QuantSpec
+
+    specs = [str(QuantSpec.parse(args.spec))] if args.spec else None
+    predictor = None
+    if args.predictor:
+        from advisor.predictor import Predictor
+
+        predictor = Predictor.load(args.predictor)
+    ctx = prepare(args.model, calib=args.calib, eval=args.eval, seq_len=args.seq_len, max_windows=args.max_windows,
+                  device=args.device, store=args.store)
+    df = predict_candidates(ctx, specs, args.confidence, predictor)
+    rows = [{"spec": r["spec"], "bits_per_weight": r["bits_per_weight"], "bytes": int(r["bytes"]),
+             "dl": {"mean": r["pred_dl"], "lower": r["pred_dl_lower"], "upper": r["pred_dl_upper"]},
+             "dppl": {"mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"]},
+             "mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"]}
+            for _, r in df.iterrows()]
+    if args.json:
+        emit_json(dict(rows[0], baseline_ppl=ctx.baseline_ppl) if args.spec else
+                  {"baseline_ppl": ctx.baseline_ppl, "candidates": rows})
+        return 0
+    print(f"baseline ppl {ctx.baseline_ppl:.4f}")
+    for r in rows:
+        print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]")
+    return 0

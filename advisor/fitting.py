@@ -1,0 +1,133 @@
+"""Fitting data and the fitted predictor: from the store to a table, from the table to a predictor.
+
+The shipped fitting data (``advisor/data/runs.csv``, documented column by column in
+``advisor/data/runs_columns.md``) is the project's own sweep of its model zoo and SmolLM2-135M. The
+default predictor (``advisor/data/predictor.json``) is fitted on it; ``advisor fit`` refits on the
+user's runs, optionally together with the shipped ones.
+
+Held-out groups: a zoo model's group is its family (llama, gpt2, opt); any other model is its own
+group (so SmolLM2-135M, pre-quantized at the source, is a transfer test, never in the zoo fit).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from advisor.features import spec_row
+from advisor.predictor import Predictor, PredictorError, check_runs, error_report, fit_forest, forest_matrix, leave_one_group_out
+
+DATA = Path(__file__).with_name("data")
+SHIPPED_RUNS = DATA / "runs.csv"
+SHIPPED_PREDICTOR = DATA / "predictor.json"
+TRANSFER_MODELS = ("smollm2-135m",)
+
+
+def group_of(model_name: str, family: str | None) -> str:
+    return family if model_name.startswith("zoo:") and family else model_name
+
+
+def runs_table(store) -> pd.DataFrame:
+    """Every ok run in ``store`` joined with its model's probe features, as predictor rows."""
+    runs = store.runs(status="ok")
+    rows = []
+    for (fp, name), part in runs.groupby(["model_fp", "model_name"], sort=False):
+        probe = _latest_probe(store, fp)
+        if probe is None:
+            continue
+        family = part["family"].iloc[0]
+        for _, r in part.iterrows():
+            row = spec_row(probe, r["spec"], int(r["non_embedding_params"]), float(r["baseline_nll"]))
+            row.update(model=name, model_fp=fp, family=family, group=group_of(name, family), dl=float(r["dl"]),
+                       ppl=float(r["ppl"]), baseline_ppl=float(r["baseline_ppl"]),
+                       bits_per_weight=float(r["bits_per_weight"]), n_params=int(r["n_params"]),
+                       non_embedding_params=int(r["non_embedding_params"]), packed=int(r["packed"] or 0),
+                       protocol_hash=r["protocol_hash"], calib_hash=r["calib_hash"], seconds=float(r["seconds"]),
+                       prequantized_source=int(name in TRANSFER_MODELS))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _latest_probe(store, fp: str) -> dict[str, float] | None:
+    row = store._conn.execute("SELECT features FROM probes WHERE model_fp=? ORDER BY created_at DESC LIMIT 1",
+                              (fp,)).fetchone()
+    return json.loads(row["features"]) if row else None
+
+
+def read_runs(path: str | Path) -> pd.DataFrame:
+    """A runs CSV with predictor columns; refused (with row numbers) if columns are missing or NaN."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictorError(f"runs file {path} not found; make one with `advisor sweep --export RUNS.csv`")
+    df = pd.read_csv(path)
+    if "group" not in df.columns:
+        if "model" not in df.columns:
+            raise PredictorError(f"runs file {path} has neither a 'group' nor a 'model' column")
+        df["group"] = [group_of(m, f) for m, f in zip(df["model"], df.get("family", [None] * len(df)))]
+    check_runs(df)
+    unknown_specs = []
+    from quantizers import QuantSpec
+
+    for i, s in enumerate(df.get("spec", [])):
+        try:
+            QuantSpec.parse(str(s))
+        except ValueError:
+            unknown_specs.append(i)
+    if unknown_specs:
+        raise PredictorError(f"runs file {path}: unknown or invalid spec in rows {unknown_specs[:20]}")
+    return df
+
+
+def shipped_runs() -> pd.DataFrame:
+    if not SHIPPED_RUNS.exists():
+        raise PredictorError("this installation has no shipped fitting data (advisor/data/runs.csv); "
+                             "run `advisor sweep` and `advisor fit --runs RUNS.csv --out PRED.json`")
+    return read_runs(SHIPPED_RUNS)
+
+
+def fit(df: pd.DataFrame, exclude_transfer: bool = True) -> Predictor:
+    """Fit and conformally calibrate on ``df`` (transfer models left out unless asked)."""
+    train = df[df["prequantized_source"].fillna(0).astype(int) == 0] if exclude_transfer and "prequantized_source" in df else df
+    if len(train) < 10:
+        raise PredictorError(f"only {len(train)} runs to fit on; need at least 10")
+    return Predictor().fit(train).calibrate(train, train["group"].to_numpy())
+
+
+def load_default_predictor() -> Predictor:
+    """The shipped predictor (JSON), or one refit from the shipped runs when no JSON is shipped."""
+    if SHIPPED_PREDICTOR.exists():
+        return Predictor.load(SHIPPED_PREDICTOR)
+    return fit(shipped_runs())
+
+
+def report(df: pd.DataFrame, alpha: float = 0.1) -> dict[str, Any]:
+    """Leave-one-family-out on the zoo runs; transfer to the held-out real model(s)."""
+    is_transfer = df["prequantized_source"].fillna(0).astype(int) == 1 if "prequantized_source" in df else \
+        pd.Series(False, index=df.index)
+    zoo = df[~is_transfer]
+    out: dict[str, Any] = {"lofo": leave_one_group_out(zoo, "group", alpha)}
+    if is_transfer.any():
+        pred = fit(zoo)
+        test = df[is_transfer]
+        mean, lo, up = pred.predict_interval(test, alpha)
+        t = error_report(test["dl"].to_numpy(), mean, lo, up, test["baseline_ppl"].to_numpy())
+        forest = fit_forest(zoo).predict(forest_matrix(test))
+        t["forest_median_abs_err_dl"] = float(np.median(np.abs(forest - test["dl"].to_numpy())))
+        t["n_families"] = int(test["group"].nunique())
+        t["models"] = sorted(test["model"].unique().tolist())
+        out["transfer"] = t
+    else:
+        out["transfer"] = None
+    final = fit(df, exclude_transfer=False)
+    out["coefficients"] = dict(zip(_names(), final.coef_.tolist()))
+    out["conformal"] = final.conformal_
+    return out
+
+
+def _names() -> list[str]:
+    from advisor.predictor import design_names
+
+    return design_names()
