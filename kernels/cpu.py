@@ -21,7 +21,6 @@ buffer and reuse it for every batch row.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, set_parallel_chunksize, types
 from numba.extending import intrinsic, overload
 
@@ -38,7 +37,7 @@ def _i2f(typingctx, v):
     sig = types.float32(types.int32)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
 
     return sig, codegen
 
@@ -50,8 +49,8 @@ def _u8_to_f32(typingctx, v):
     sig = types.float32(v)
 
     def codegen(context, builder, signature, args):
-        t = builder.trunc(args[0], ir.IntType(8))
-        return builder.uitofp(t, ir.FloatType())
+        t = builder.trunc(args[0], context.get_value_type(types.uint8))
+        return builder.uitofp(t, context.get_value_type(types.float32))
 
     return sig, codegen
 
@@ -64,7 +63,11 @@ def _exmy_to_f32(typingctx, c, n_exp, n_man, bias):
     sig = types.float32(c, n_exp, n_man, bias)
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
+        i32 = context.get_value_type(types.int32)
+        f32 = context.get_value_type(types.float32)
+
+        def const(k):
+            return context.get_constant(types.int32, k)
 
         def as_i32(v):
             w = v.type.width
@@ -73,20 +76,20 @@ def _exmy_to_f32(typingctx, c, n_exp, n_man, bias):
             return builder.trunc(v, i32) if w > 32 else builder.zext(v, i32)
 
         cc, ne, nm, bi = (as_i32(a) for a in args)
-        one = ir.Constant(i32, 1)
-        c23 = ir.Constant(i32, 23)
+        one = const(1)
+        c23 = const(23)
         em = builder.add(ne, nm)
         mag = builder.and_(cc, builder.sub(builder.shl(one, em), one))
         bits = builder.add(builder.shl(mag, builder.sub(c23, nm)),
-                           builder.shl(builder.sub(ir.Constant(i32, 127), bi), c23))
-        f = builder.bitcast(bits, ir.FloatType())
-        two_pow = builder.bitcast(builder.shl(builder.sub(ir.Constant(i32, 128), bi), c23),
-                                  ir.FloatType())
+                           builder.shl(builder.sub(const(127), bi), c23))
+        f = builder.bitcast(bits, f32)
+        two_pow = builder.bitcast(builder.shl(builder.sub(const(128), bi), c23),
+                                  f32)
         sub = builder.fsub(builder.fadd(f, f), two_pow)
-        is_sub = builder.icmp_unsigned("==", builder.lshr(mag, nm), ir.Constant(i32, 0))
+        is_sub = builder.icmp_unsigned("==", builder.lshr(mag, nm), const(0))
         v = builder.select(is_sub, sub, f)
         neg = builder.icmp_unsigned("!=", builder.and_(builder.lshr(cc, em), one),
-                                    ir.Constant(i32, 0))
+                                    const(0))
         return builder.select(neg, builder.fneg(v), v)
 
     return sig, codegen
