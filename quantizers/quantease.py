@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .base import LayerStats, Method, QuantizedWeight, register, weight_from_grid
+from .cd_kernel import cd_block
 from .dtypes import DataType, get_dtype
 from .gptq import gptq_quantize_weight
 from .grid import GridParams, Rounder, compute_grid_params, expand_groups, round_to_grid
@@ -63,42 +64,69 @@ class CDState:
         self.zp_t = None if zp is None else zp.t().contiguous()
         self.S = S.contiguous()
         self.diag = torch.diagonal(self.S).clone()
-        self.diag_list = self.diag.tolist()
-        self.positive = [d > 0 for d in self.diag_list]
+        self.positive = (self.diag > 0).tolist()
+        self._np: dict = {}
         self.rounder: Rounder = params.rounder
 
     def round(self, j: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and grid values of the nearest grid points to ``u`` (out,) in column ``j``."""
         return round_to_grid(u, self.rounder, self.scale_t[j], None if self.zp_t is None else self.zp_t[j])
 
+    def _kernel_args(self, dtype: torch.dtype):
+        if dtype not in self._np:
+            r = self.rounder
+            uniform = r.uniform is not None
+            g0, step, last = r.uniform if uniform else (0.0, 1.0, r.grid.numel() - 1)
+            grid, mid = r._by_dtype[dtype]
+            has_zp = self.zp_t is not None
+            self._np[dtype] = dict(
+                S=self.S.numpy(), diag=self.diag.numpy(), scale=self.scale_t.numpy(),
+                zp=(self.zp_t if has_zp else self.scale_t[:1, :1]).numpy(), has_zp=has_zp,
+                uniform=uniform, g0=float(g0), step=float(step), last=int(last), grid=grid.numpy(),
+                mid=mid.numpy(), grid_codes=r.codes.contiguous().numpy(),
+            )
+        return self._np[dtype]
+
     def cd_pass(self, What_t: torch.Tensor, G_t: torch.Tensor, codes_t: torch.Tensor, rounding: bool,
-                block: int = CD_BLOCK) -> None:
+                block: int = CD_BLOCK, compiled: bool = True) -> None:
         """One sweep over all columns, in place.
 
         Args:
             What_t: ``(in, out)`` current ``W_hat^T``. G_t: ``(in, out)`` ``((T - W_hat) S)^T`` for the
                 current iterate (``T`` = the target, ``W`` or ``W - outliers``); consumed.
             codes_t: ``(in, out)`` long, written on rounding passes.
+            compiled: use the numba block kernel (``cd_kernel.cd_block``); ``False`` runs the torch
+                reference below, which does the same arithmetic column by column.
         """
         S = self.S
-        positive = self.positive
         cols = S.shape[0]
+        kargs = self._kernel_args(What_t.dtype) if compiled else None
         for b0 in range(0, cols, block):
             b1 = min(b0 + block, cols)
             delta = torch.empty(b1 - b0, What_t.shape[1], dtype=What_t.dtype)
-            for j in range(b0, b1):
-                w_old = What_t[j]
-                u = w_old + G_t[j] / self.diag_list[j] if positive[j] else w_old
-                if rounding or not positive[j]:
-                    c, u = self.round(j, u)
-                    codes_t[j] = c
-                d = u - w_old
-                What_t[j] = u
-                delta[j - b0] = d
-                if j + 1 < b1:
-                    G_t[j + 1:b1].addr_(S[j, j + 1:b1], d, alpha=-1.0)
+            if compiled:
+                cd_block(What_t.numpy(), G_t.numpy(), codes_t.numpy(), kargs["S"], kargs["diag"], b0, b1,
+                         kargs["scale"], kargs["zp"], kargs["has_zp"], rounding, kargs["uniform"], kargs["g0"],
+                         kargs["step"], kargs["last"], kargs["grid"], kargs["mid"], kargs["grid_codes"],
+                         delta.numpy())
+            else:
+                self._block_reference(What_t, G_t, codes_t, rounding, b0, b1, delta)
             if b1 < cols:
                 G_t[b1:] -= S[b1:, b0:b1] @ delta
+
+    def _block_reference(self, What_t, G_t, codes_t, rounding, b0, b1, delta) -> None:
+        S, positive = self.S, self.positive
+        for j in range(b0, b1):
+            w_old = What_t[j]
+            u = w_old + G_t[j] / self.diag[j] if positive[j] else w_old
+            if rounding or not positive[j]:
+                c, u = self.round(j, u)
+                codes_t[j] = c
+            d = u - w_old
+            What_t[j] = u
+            delta[j - b0] = d
+            if j + 1 < b1:
+                G_t[j + 1:b1] -= S[j, j + 1:b1, None] * d[None, :]
 
 
 def quantease_quantize_weight(

@@ -157,3 +157,26 @@ def test_outliers_help_at_three_bits():
     base = q.get_method("quantease").quantize(W, "quantease:int3:g128:it10", stats).dequantize()
     outl = q.get_method("quantease-outlier").quantize(W, "quantease-outlier:int3:g128:it10", stats).dequantize()
     assert q.layer_error(W, outl, stats.H) < 0.8 * q.layer_error(W, base, stats.H)
+
+
+@pytest.mark.parametrize("dtype,group,sym", [("int3", 128, True), ("int4", 64, False), ("nf4", None, True),
+                                             ("fp8_e4m3", 32, True), ("mxfp6_e3m2", None, True)])
+def test_compiled_cd_block_equals_torch_reference(dtype, group, sym):
+    """The numba block kernel and the torch column loop do the same float32 arithmetic."""
+    from quantizers.quantease import CDState
+
+    W, stats, _ = synthetic_layer(32, 200, seed=8)
+    dt = q.get_dtype(dtype)
+    params = compute_grid_params(W, dt, group, sym)
+    results = []
+    for compiled in (True, False):
+        state = CDState(params, stats.H, None, 32)
+        What_t = W.t().contiguous().clone()
+        codes_t = torch.zeros(200, 32, dtype=torch.long)
+        P_t = state.S @ W.t()
+        for it in range(4):
+            G_t = P_t - state.S @ What_t
+            state.cd_pass(What_t, G_t, codes_t, is_rounding_pass(it, 4), compiled=compiled)
+        results.append((What_t, codes_t))
+    assert torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-9)
