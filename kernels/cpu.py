@@ -240,7 +240,18 @@ def _decode_tile(layout, bits, qa, qb, o, tb, T, nb_plane, dec, tt, wbuf, cbuf):
         w = wbuf[3 * Q:4 * Q]
         for j in range(Q):
             w[j] = _val((s4[2 * j + 1] >> 4) | ((s2[j] >> 2) & 48), dec, tt)
-    else:  # planes
+    elif bits == 3:  # planes, 3-bit: codes straight from the three plane bytes
+        Q = T // 8
+        nb = nb_plane
+        p0 = qa[o, tb * Q:tb * Q + Q]
+        p1 = qa[o, nb + tb * Q:nb + tb * Q + Q]
+        p2 = qa[o, 2 * nb + tb * Q:2 * nb + tb * Q + Q]
+        for r in range(8):
+            w = wbuf[r * Q:r * Q + Q]
+            for j in range(Q):
+                w[j] = _val(((p0[j] >> r) & 1) | (((p1[j] >> r) & 1) << 1)
+                            | (((p2[j] >> r) & 1) << 2), dec, tt)
+    else:  # planes, any width
         Q = T // 8
         for r in range(8):
             for j in range(Q):
@@ -281,6 +292,28 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
         seg = qa[o, tb * T:tb * T + T]
         for j in range(T):
             a += _val(seg[j], dec, tt) * x[j]
+    elif layout == 3:  # 3-bit planes (callers use this only when bits == 3)
+        Q = T // 8
+        nb = qa.shape[1] // 3
+        p0 = qa[o, tb * Q:tb * Q + Q]
+        p1 = qa[o, nb + tb * Q:nb + tb * Q + Q]
+        p2 = qa[o, 2 * nb + tb * Q:2 * nb + tb * Q + Q]
+        for j in range(Q):  # all 8 phases in one pass: 24 bits in, 8 codes out
+            c = (np.int32(p0[j]) | (np.int32(p1[j]) << 8)) | (np.int32(p2[j]) << 16)
+            a += (_val((c & 1) | ((c >> 7) & 2) | ((c >> 14) & 4), dec, tt) * x[j]
+                  + _val(((c >> 1) & 1) | ((c >> 8) & 2) | ((c >> 15) & 4), dec, tt) * x[Q + j]
+                  + _val(((c >> 2) & 1) | ((c >> 9) & 2) | ((c >> 16) & 4), dec, tt)
+                  * x[2 * Q + j]
+                  + _val(((c >> 3) & 1) | ((c >> 10) & 2) | ((c >> 17) & 4), dec, tt)
+                  * x[3 * Q + j]
+                  + _val(((c >> 4) & 1) | ((c >> 11) & 2) | ((c >> 18) & 4), dec, tt)
+                  * x[4 * Q + j]
+                  + _val(((c >> 5) & 1) | ((c >> 12) & 2) | ((c >> 19) & 4), dec, tt)
+                  * x[5 * Q + j]
+                  + _val(((c >> 6) & 1) | ((c >> 13) & 2) | ((c >> 20) & 4), dec, tt)
+                  * x[6 * Q + j]
+                  + _val(((c >> 7) & 1) | ((c >> 14) & 2) | ((c >> 21) & 4), dec, tt)
+                  * x[7 * Q + j])
     else:  # split6
         Q = T // 4
         s2 = qb[o, tb * Q:tb * Q + Q]
@@ -323,7 +356,7 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, a
         for g in range(ng):
             es = srow[g] * mult
             ez = srow[g] * add + zrow[g]
-            if B == 1 and layout != 3:
+            if B == 1 and (layout != 3 or bits == 3):
                 a1 = np.float32(0.0)
                 for t in range(tpg):
                     x0 = (g * tpg + t) * T
@@ -337,12 +370,34 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, a
                 tb = g * tpg + t
                 x0 = tb * T
                 _decode_tile(layout, bits, qa, qb, o, tb, T, nb_plane, dec, tt, wbuf, cbuf)
-                for b in range(B):
+                b = 0
+                while b + 4 <= B:  # four tokens per pass share each decoded weight load
+                    xr0 = xp[b, x0:x0 + T]
+                    xr1 = xp[b + 1, x0:x0 + T]
+                    xr2 = xp[b + 2, x0:x0 + T]
+                    xr3 = xp[b + 3, x0:x0 + T]
+                    a0 = np.float32(0.0)
+                    a1 = np.float32(0.0)
+                    a2 = np.float32(0.0)
+                    a3 = np.float32(0.0)
+                    for j in range(T):
+                        w = wbuf[j]
+                        a0 += w * xr0[j]
+                        a1 += w * xr1[j]
+                        a2 += w * xr2[j]
+                        a3 += w * xr3[j]
+                    acc[b] += a0
+                    acc[b + 1] += a1
+                    acc[b + 2] += a2
+                    acc[b + 3] += a3
+                    b += 4
+                while b < B:
                     xr = xp[b, x0:x0 + T]
                     a = np.float32(0.0)
                     for j in range(T):
                         a += wbuf[j] * xr[j]
                     acc[b] += a
+                    b += 1
             for b in range(B):
                 y[b, o] += es * acc[b] + ez * xsum[b, g]
 

@@ -48,7 +48,8 @@ NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 
                     0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0])
 FAST = {
     "int4_g128": dict(bits=4, table=torch.arange(16.0), group=128, offsets=True),
-    "int4_odd_group_tail": dict(bits=4, table=torch.arange(16.0) - 8, group=128, inn=300),
+    "int4_odd_group_tail": dict(bits=4, table=torch.arange(16.0) - 8, group=128, inn=300,
+                                offsets=True),
     "fp6_e3m2_per_channel": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9),
     "fp6_odd_width": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9,
                           inn=77, out=5),
