@@ -93,3 +93,18 @@ def test_pack_linear_validates():
     with pytest.raises(ValueError):
         kernels.pack_linear(torch.zeros(2, 8), torch.full((2, 1), 3.0), None, bits=4,
                             table=torch.arange(16.0), group_size=8, meta={"scale_pow2": True})
+
+
+def test_smollm2_135m_int4_g128_within_3_percent_of_theory():
+    # SmolLM2-135M linear shapes (hidden 576, 3 KV heads of 64, MLP 1536, 30 blocks), int4 g128
+    # asymmetric: theory = 4 bits + (fp16 scale + fp16 offset) / 128 per weight
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+              (576, 1536)]
+    packed = theory = 0
+    for out, inn in shapes:
+        mod = kernels.pack_linear(torch.zeros(out, inn, dtype=torch.long), torch.ones(out, inn // 128),
+                                  torch.zeros(out, inn // 128), bits=4,
+                                  table=torch.arange(16.0), group_size=128)
+        packed += 30 * mod.packed_bytes()
+        theory += 30 * out * inn * (4 + 32 / 128) / 8
+    assert abs(packed / theory - 1) < 0.03
