@@ -1,0 +1,88 @@
+"""The whole recommend flow on a tiny real model: predict, execute packed, verify, record, report."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from advisor.api import Budget, plan, recommend
+from advisor.store import Store
+from models.errors import AdvisorError
+from tests.conftest import PTB
+from tests.test_predictor import synthetic_runs
+
+pytestmark = pytest.mark.skipif(not PTB.exists(), reason="needs ../shared")
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from advisor.predictor import Predictor
+
+    df = synthetic_runs(n_models=9)
+    return Predictor().fit(df).calibrate(df, df["family"].to_numpy())
+
+
+@pytest.fixture(scope="module")
+def common(tmp_path_factory, tiny_folder):
+    store = Store(tmp_path_factory.mktemp("store") / "m.sqlite")
+    return dict(calib=f"file:{PTB}", eval=f"file:{PTB}", seq_len=32, max_windows=4, n_calib=2, store=store,
+                progress=False)
+
+
+def test_budget_conversions():
+    b = Budget.from_args(10.0, max_ppl_delta=0.5)
+    assert b.max_dl == pytest.approx(math.log(10.5 / 10.0)) and b.dppl(10.0) == pytest.approx(0.5)
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(AdvisorError, match="positive"):
+            Budget.from_args(10.0, max_ppl_delta=bad)
+    with pytest.raises(AdvisorError, match="exactly one budget"):
+        Budget.from_args(10.0)
+
+
+def test_plan_marks_cheapest_passing_and_memory_inverse(tiny_folder, common, predictor):
+    df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=predictor, **common)
+    assert df["passes"].all() and df["chosen"].sum() == 1
+    assert df.loc[df["chosen"], "bytes"].item() == df["bytes"].min()
+    budget = int(df["bytes"].median())
+    inv = plan(str(tiny_folder), max_bytes=budget, predictor=predictor, **common)
+    chosen = inv[inv["chosen"]].iloc[0]
+    assert chosen["bytes"] <= budget
+    assert chosen["pred_dl"] == inv[inv["fits"]]["pred_dl"].min()
+
+
+def test_recommend_verifies_and_never_claims_a_miss(tiny_folder, common, predictor, tmp_path):
+    rec = recommend(str(tiny_folder), max_ppl_delta=1e6, predictor=predictor, max_attempts=2,
+                    out=tmp_path / "report", methods=["rtn"], **common)
+    assert rec.exit_code == 0 and rec.verified and rec.spec is not None
+    assert rec.measured_ppl_delta <= rec.max_ppl_delta
+    assert (tmp_path / "report" / "model" / "model.safetensors").exists()
+    runs = common["store"].runs()
+    assert (runs["source"] == "recommend").sum() >= 1 and runs["packed"].max() == 1
+    # an impossible budget for the prediction: exit 2, best achievable named
+    rec2 = recommend(str(tiny_folder), max_ppl_delta=1e-12, predictor=predictor, **common)
+    assert rec2.exit_code == 2 and rec2.spec is None and "best achievable" in rec2.message
+    d = rec2.to_dict()
+    json.dumps(d, default=str)
+    assert {"spec", "verified", "baseline_ppl", "measured_ppl_delta", "predicted", "attempts", "candidates"} <= set(d)
+
+
+def test_every_attempt_missing_exits_3(tiny_folder, common, predictor):
+    """Force optimism: a predictor that says every candidate is perfect; a tiny budget then misses."""
+    import numpy as np
+
+    optimistic = type(predictor).from_dict(predictor.to_dict())
+    optimistic.coef_ = np.zeros_like(optimistic.coef_)
+    optimistic.coef_[0] = math.log(1e-15)
+    optimistic.cov_ = np.zeros_like(optimistic.cov_)
+    optimistic.resid_std_ = 1e-6
+    rec = recommend(str(tiny_folder), max_ppl_delta=1e-7, predictor=optimistic, max_attempts=2,
+                    dtypes=["int2"], **common)
+    assert rec.attempts, "an optimistic prediction must lead to attempts"
+    budget_dl = math.log1p(rec.max_ppl_delta / rec.baseline_ppl)
+    for a in rec.attempts:  # an attempt passes exactly when its measurement meets the budget
+        assert a.passed == (a.measured_dl <= budget_dl)
+    if any(a.passed for a in rec.attempts):  # a random tiny model can get better by chance
+        assert rec.exit_code == 0 and rec.verified and rec.measured_ppl_delta <= rec.max_ppl_delta
+    else:
+        assert rec.exit_code == 3 and not rec.verified and rec.spec is None and len(rec.attempts) == 2
