@@ -336,11 +336,11 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
 # --------------------------------------------------------------------------------- row kernels
 @njit(inline="always", fastmath=True)
 def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                    T, o0, o1):
+                    T, tpg, o0, o1):
     B = xp.shape[0]
     ng = scales.shape[1]
     n_pad = xp.shape[1]
-    tpg = (n_pad // ng) // T
+    n_tiles = n_pad // T
     nb_plane = n_pad // 8
     wbuf = np.empty(T, np.float32)
     cbuf = np.empty(T // 8 + 1, np.int32)
@@ -358,7 +358,7 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, a
             ez = srow[g] * add + zrow[g]
             if B == 1 and (layout != 3 or bits == 3):
                 a1 = np.float32(0.0)
-                for t in range(tpg):
+                for t in range(min(tpg, n_tiles - g * tpg)):
                     x0 = (g * tpg + t) * T
                     a1 += _dot_tile_b1(layout, qa, qb, o, g * tpg + t, T, dec, tt,
                                        xp[0, x0:x0 + T])
@@ -366,7 +366,7 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, a
                 continue
             for b in range(B):
                 acc[b] = 0.0
-            for t in range(tpg):
+            for t in range(min(tpg, n_tiles - g * tpg)):
                 tb = g * tpg + t
                 x0 = tb * T
                 _decode_tile(layout, bits, qa, qb, o, tb, T, nb_plane, dec, tt, wbuf, cbuf)
@@ -404,10 +404,10 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, a
 
 @njit(inline="always", fastmath=True)
 def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T,
-                       unit, o0, o1):
+                       tpg, unit, o0, o1):
     n_pad = W.shape[1]
     ng = scales.shape[1]
-    tpg = (n_pad // ng) // T
+    n_tiles = n_pad // T
     nb_plane = n_pad // 8
     Q = T // unit
     wbuf = np.empty(T, np.float32)
@@ -421,7 +421,7 @@ def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult
         for g in range(ng):
             es = srow[g] * mult
             ez = srow[g] * add + zrow[g]
-            for t in range(tpg):
+            for t in range(min(tpg, n_tiles - g * tpg)):
                 tb = g * tpg + t
                 _decode_tile(layout, bits, qa, qb, o, tb, T, nb_plane, dec, tt, wbuf, cbuf)
                 row = W[o, tb * T:tb * T + T]
@@ -436,157 +436,187 @@ def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult
 # separate (non-parallel) functions so their scratch buffers are private to each task.
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
-    _gemv_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+def _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                     o0, o1):
+    _gemv_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                    o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qgemv_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+def _qgemv_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
     set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
-def _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
-    _dequant_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+def _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1):
+    _dequant_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qdequant_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+def _qdequant_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
     n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+        _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
-    _gemv_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+def _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                     o0, o1):
+    _gemv_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                    o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qgemv_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+def _qgemv_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
     set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
-def _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
-    _dequant_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+def _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1):
+    _dequant_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qdequant_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+def _qdequant_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
     n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+        _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
-    _gemv_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+def _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                     o0, o1):
+    _gemv_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                    o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qgemv_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+def _qgemv_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
     set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
-def _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
-    _dequant_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+def _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1):
+    _dequant_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qdequant_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+def _qdequant_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
     n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+        _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
-    _gemv_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+def _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                     o0, o1):
+    _gemv_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                    o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qgemv_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+def _qgemv_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
     set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
-def _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
-    _dequant_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+def _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1):
+    _dequant_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qdequant_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+def _qdequant_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
     n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+        _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1):
-    _gemv_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, o1)
+def _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                     o0, o1):
+    _gemv_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                    o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qgemv_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+def _qgemv_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     old = set_parallel_chunksize(CHUNK_TASKS)
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
     set_parallel_chunksize(old)
 
 
 @njit(fastmath=True, cache=True)
-def _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1):
-    _dequant_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, o1)
+def _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1):
+    _dequant_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+                       o0, o1)
 
 
 @njit(parallel=True, cache=True)
-def _qdequant_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+def _qdequant_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
     n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for k in prange(n_tasks):
         o0 = k * ROWS_PER_TASK
-        _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+        _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
+            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
 
 
 _GEMV = (_qgemv_crumb2, _qgemv_nib4, _qgemv_byte8, _qgemv_planes, _qgemv_split6)
 _DEQUANT = (_qdequant_crumb2, _qdequant_nib4, _qdequant_byte8, _qdequant_planes, _qdequant_split6)
 
 
-def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T):
+def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
     """y (B, out) = W x for phase-ordered xp (B, n_pad) and group sums xsum (B, n_groups)."""
-    _GEMV[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T)
+    _GEMV[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg)
 
 
-def qdequant(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit):
+def qdequant(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
     """Write the dequantized (out, n_pad) float32 matrix into ``W`` (natural column order)."""
-    _DEQUANT[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, unit)
+    _DEQUANT[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit)
 
 
 @njit(cache=True)

@@ -30,17 +30,33 @@ MAX_FAST_BATCH = 8
 MAX_TILE = 256
 
 
-def _plan_padding(in_features: int, group_size: int) -> tuple[int, int, int]:
-    """(group size, n_groups, n_pad, tile) with n_pad the padded input width."""
+def _largest_tile(n: int, limit: int = MAX_TILE) -> int:
+    """Largest multiple of 8 that divides n and is <= limit (0 if none)."""
+    return max((t for t in range(8, min(n, limit) + 1, 8) if n % t == 0), default=0)
+
+
+def _plan_padding(in_features: int, group_size: int) -> tuple[int, int, int, int]:
+    """(group size, n_groups, n_pad, tile): codes are stored for n_pad >= in columns.
+
+    Kernel tiles of ``tile`` columns never straddle a group (tile | group size), and the tile is
+    chosen to divide the (8-rounded) width when it can, so a 576-wide layer with groups of 128
+    is stored with tiles of 64 and no padding (a partial last group costs nothing extra).
+    Returns tile 0 when no fast kernel applies (group size not a multiple of 8).
+    """
     g = min(group_size, in_features)
     n_groups = math.ceil(in_features / g)
+    width8 = 8 * math.ceil(in_features / 8)
     if n_groups == 1:
-        tile = min(MAX_TILE, 8 * math.ceil(in_features / 8))
-        return g, 1, tile * math.ceil(in_features / tile), tile
-    if g % 8:
-        return g, n_groups, 8 * math.ceil(n_groups * g / 8), 0  # no fast kernel for this grouping
-    tile = max(t for t in range(8, min(g, MAX_TILE) + 1, 8) if g % t == 0)
-    return g, n_groups, n_groups * g, tile
+        tile = _largest_tile(width8)
+        if tile < 64:
+            tile = min(128, width8)
+    elif g % 8:
+        return g, n_groups, width8, 0
+    else:
+        tile = _largest_tile(math.gcd(g, width8))
+        if tile < 32:
+            tile = _largest_tile(g)
+    return g, n_groups, tile * math.ceil(in_features / tile), tile
 
 
 @contextlib.contextmanager
@@ -74,6 +90,8 @@ class QuantLinear(nn.Module):
         self.bits = int(c["bits"])
         self.group_size, self.n_groups, self.n_pad, self.tile = _plan_padding(
             self.in_features, int(c["group_size"]))
+        self.tiles_per_group = (self.n_pad if self.n_groups == 1 else self.group_size) // max(
+            self.tile, 1)
         self.layout = layout_for_bits(self.bits)
         self.meta = dict(c.get("meta") or {})
         o, n, k = self.out_features, self.n_pad, 2 ** self.bits
@@ -154,7 +172,8 @@ class QuantLinear(nn.Module):
 
             W = np.empty((self.out_features, self.n_pad), np.float32)
             with _quiet_numba():
-                cpu.qdequant(*f["head"], W, self.tile, UNIT[self.layout])
+                cpu.qdequant(*f["head"], W, self.tile, self.tiles_per_group,
+                             UNIT[self.layout])
             W = torch.from_numpy(W)[:, :self.in_features]
             out = self.outliers()
             if out is not None:
@@ -219,10 +238,13 @@ class QuantLinear(nn.Module):
             xpad = torch.nn.functional.pad(xpad, (0, self.n_pad - self.in_features))
         # phase order: element U*j + r of each tile goes to r*(T/U) + j
         xp = xpad.reshape(B, self.n_pad // T, T // U, U).transpose(2, 3).contiguous()
-        xsum = xpad.reshape(B, self.n_groups, -1).sum(-1).contiguous()
+        width = max(self.n_groups * self.group_size, self.n_pad)
+        grouped = torch.nn.functional.pad(xpad, (0, width - self.n_pad))
+        xsum = grouped.reshape(B, self.n_groups, -1).sum(-1).contiguous()
         y = np.empty((B, self.out_features), np.float32)
         with _quiet_numba():
-            cpu.qgemv(*f["head"], xp.reshape(B, self.n_pad).numpy(), xsum.numpy(), y, T)
+            cpu.qgemv(*f["head"], xp.reshape(B, self.n_pad).numpy(), xsum.numpy(), y, T,
+                      self.tiles_per_group)
             if f["outliers"] is not None:
                 rows, cols, vals = f["outliers"]
                 cpu.add_outliers(y, x2.detach().contiguous().numpy(), rows, cols, vals)

@@ -50,6 +50,8 @@ FAST = {
     "int4_g128": dict(bits=4, table=torch.arange(16.0), group=128, offsets=True),
     "int4_odd_group_tail": dict(bits=4, table=torch.arange(16.0) - 8, group=128, inn=300,
                                 offsets=True),
+    "int4_partial_last_group": dict(bits=4, table=torch.arange(16.0), group=128, inn=576,
+                                    offsets=True),
     "fp6_e3m2_per_channel": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9),
     "fp6_odd_width": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9,
                           inn=77, out=5),
