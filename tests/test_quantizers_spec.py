@@ -10,7 +10,7 @@ from quantizers import QuantSpec
 
 EXAMPLES = [
     "rtn:int4", "gptq:int4:g128", "gptq:int3:g128:asym", "quantease-outlier:int3:g128", "rtn:mxfp4",
-    "gptq:int4:g128:act", "gptq:int3:g64:asym:act:damp0.05", "quantease:int3:g128:it10:gptq:act",
+    "gptq:int4:g128:act", "gptq:int3:g64:asym:act:damp0.05", "quantease:int3:g128:it10:winit:act",
     "quantease-outlier:int3:o0.02:it5", "awq:int4:g128:gptq", "nonuniform:nf4:g64:it10", "rtn:fp6_e3m2",
     "rtn:fp8_e4m3:g32", "awq:mxint4", "rtn:int8:asym",
 ]
