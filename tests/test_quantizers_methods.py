@@ -231,3 +231,13 @@ def test_pack_reproduces_the_quantized_layer(layer, text):
     torch.testing.assert_close(ql(x), x @ qw.dequantize().t() + bias, rtol=1e-5, atol=1e-5)
     if qw.input_scale is None:
         assert torch.equal(ql.dequantize(), qw.dequantize())
+
+
+def test_awq_with_gptq_option(layer):
+    W, stats = layer
+    plain = q.get_method("awq").quantize(W, "awq:int3:g64", stats)
+    with_gptq = q.get_method("awq").quantize(W, "awq:int3:g64:gptq", stats)
+    assert torch.equal(plain.input_scale, with_gptq.input_scale)
+    err = q.layer_error(W, with_gptq.dequantize(), stats.H)
+    assert err <= q.layer_error(W, plain.dequantize(), stats.H)
+    assert err <= _rtn_error(layer, q.QuantSpec.parse("rtn:int3:g64"))
