@@ -86,11 +86,11 @@ def _exmy_to_f32(typingctx, c, n_exp, n_man, bias):
         two_pow = builder.bitcast(builder.shl(builder.sub(const(128), bi), c23),
                                   f32)
         sub = builder.fsub(builder.fadd(f, f), two_pow)
-        is_sub = builder.icmp_unsigned("==", builder.lshr(mag, nm), const(0))
-        v = builder.select(is_sub, sub, f)
-        neg = builder.icmp_unsigned("!=", builder.and_(builder.lshr(cc, em), one),
-                                    const(0))
-        return builder.select(neg, builder.fneg(v), v)
+        is_sub = builder.icmp_unsigned("<", mag, builder.shl(one, nm))
+        v = builder.bitcast(builder.select(is_sub, sub, f), i32)
+        # sign: move the code's sign bit to bit 31 and OR it in (cheaper than a compare+select)
+        sign = builder.and_(builder.shl(cc, builder.sub(const(31), em)), const(-2 ** 31))
+        return builder.bitcast(builder.or_(v, sign), f32)
 
     return sig, codegen
 
