@@ -112,6 +112,11 @@ def _load_row(arr, o, out):
     raise NotImplementedError
 
 
+def _load_offsets(arr, o, srow, out):
+    """out[:] = offsets of row o: float arrays as values, uint8 as zero points (-z * scale)."""
+    raise NotImplementedError
+
+
 def _row_table(dec, row):
     raise NotImplementedError
 
@@ -145,6 +150,17 @@ def _ov_load_row(arr, o, out):
         for g in range(out.shape[0]):
             out[g] = row[g]
     return impl_f32
+
+
+@overload(_load_offsets)
+def _ov_load_offsets(arr, o, srow, out):
+    if isinstance(arr, types.Array) and arr.dtype == types.uint8:
+        def impl_zero_point(arr, o, srow, out):
+            row = arr[o]
+            for g in range(out.shape[0]):
+                out[g] = -np.float32(row[g]) * srow[g]
+        return impl_zero_point
+    return lambda arr, o, srow, out: _load_row(arr, o, out)
 
 
 @overload(_row_table)
@@ -350,7 +366,7 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, a
     for o in range(o0, o1):
         tt = _row_table(dec, o if per_row else 0)
         _load_row(scales, o, srow)
-        _load_row(offsets, o, zrow)
+        _load_offsets(offsets, o, srow, zrow)
         for b in range(B):
             y[b, o] = 0.0
         for g in range(ng):
@@ -417,7 +433,7 @@ def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult
     for o in range(o0, o1):
         tt = _row_table(dec, o if per_row else 0)
         _load_row(scales, o, srow)
-        _load_row(offsets, o, zrow)
+        _load_offsets(offsets, o, srow, zrow)
         for g in range(ng):
             es = srow[g] * mult
             ez = srow[g] * add + zrow[g]

@@ -5,7 +5,9 @@ Storage (all registered buffers, so ``state_dict()`` goes straight to safetensor
 - codes: ``qweight`` uint8 (or ``q4`` + ``q2`` for 6-bit), see :mod:`kernels.int_pack`;
 - ``table`` float32 (2**bits,) or (out, 2**bits);
 - ``scales`` float16 (out, n_groups) -- or ``scale_exp`` int8 (scale = 2**e, MX) -- or float32
-  when ``meta["scale_dtype"] == "float32"``; ``offsets`` same float dtype (optional);
+  when ``meta["scale_dtype"] == "float32"`` and fp16 is not exact; offsets (optional) as ``zeros``
+  uint8 when they are exactly ``-zero * scale`` with an integer zero (asymmetric ints), else
+  ``offsets`` in the scale's float dtype; ``table`` is stored fp16 when that is exact;
 - ``outlier_index`` int32 flat ``row * in_features + col`` (sorted), ``outlier_value`` float16;
 - optional ``input_scale`` float32 (in,) (AWQ: ``y = W_hat (x / s)``) and ``bias`` float32 (out,).
 
@@ -101,13 +103,17 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("qweight", torch.zeros(o, n * self.bits // 8, dtype=torch.uint8))
         table_rows = int(c.get("table_rows", 0))
-        self.register_buffer("table", torch.zeros((table_rows, k) if table_rows else (k,)))
+        tdt = torch.float16 if c.get("table_dtype") == "float16" else torch.float32
+        self.register_buffer("table", torch.zeros((table_rows, k) if table_rows else (k,),
+                                                  dtype=tdt))
         fdt = torch.float32 if c.get("scale_dtype") == "float32" else torch.float16
         if c.get("scale_format") == "exp2_int8":
             self.register_buffer("scale_exp", torch.zeros(o, self.n_groups, dtype=torch.int8))
         else:
             self.register_buffer("scales", torch.zeros(o, self.n_groups, dtype=fdt))
-        if c.get("has_offsets"):
+        if c.get("offset_format") == "zero_point_u8":  # offsets = -zero * scale, zero integer
+            self.register_buffer("zeros", torch.zeros(o, self.n_groups, dtype=torch.uint8))
+        elif c.get("has_offsets"):
             self.register_buffer("offsets", torch.zeros(o, self.n_groups, dtype=fdt))
         n_out = int(c.get("n_outliers", 0))
         if n_out:
@@ -144,6 +150,9 @@ class QuantLinear(nn.Module):
         return self.scales.float()
 
     def group_offsets(self) -> torch.Tensor | None:
+        """float32 (out, n_groups) or None."""
+        if hasattr(self, "zeros"):
+            return -self.zeros.float() * self.group_scales()
         return self.offsets.float() if hasattr(self, "offsets") else None
 
     def outliers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -256,8 +265,8 @@ class QuantLinear(nn.Module):
             return self._fast
         from .cpu import LAYOUT_ID
 
-        dec_rule: Decode = classify_table(self.table.numpy(), self.bits)
-        table = self.table.numpy()
+        table = self.table.float().numpy()
+        dec_rule: Decode = classify_table(table, self.bits)
         per_row = table.ndim == 2 and table.shape[0] > 1
         t2 = table.reshape(-1, table.shape[-1]).astype(np.float32)
         if dec_rule.kind == "affine":
@@ -279,7 +288,9 @@ class QuantLinear(nn.Module):
         else:
             scales = self.scales.numpy()
         offsets = None
-        if hasattr(self, "offsets"):
+        if hasattr(self, "zeros"):
+            offsets = self.zeros.numpy()
+        elif hasattr(self, "offsets"):
             offsets = (_to_f16_bits(self.offsets) if self.offsets.dtype == torch.float16
                        else self.offsets.numpy())
         outl = None
@@ -304,6 +315,19 @@ class QuantLinear(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
 
+def _fp16_exact(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.half().float(), t))
+
+
+def _zero_points(offsets: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """uint8 zero points z with ``offsets == -z * scales`` exactly in fp32, else None."""
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    z = torch.round(-offsets / safe)
+    if z.min() < 0 or z.max() > 255 or not torch.equal(-z * scales, offsets):
+        return None
+    return z.to(torch.uint8)
+
+
 def pack_linear(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, *,
                 bits: int, table: torch.Tensor, group_size: int, outliers=None, bias=None,
                 meta: dict | None = None) -> QuantLinear:
@@ -318,8 +342,9 @@ def pack_linear(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
         bias: None or (out,).
         meta: free-form format description stored with the layer (e.g. ``{"dtype": "nf4"}``).
             Recognized keys: ``scale_pow2`` (True: scales are exact powers of two, stored as int8
-            exponents, MX), ``scale_dtype`` ("float16" default, or "float32" for bit-exact
-            storage of scales, offsets and outlier values), ``input_scale`` (tensor (in,), AWQ:
+            exponents, MX), ``scale_dtype`` ("float16" default, or "float32": lossless storage
+            of scales, offsets and outlier values -- still fp16 where fp16 is exact),
+            ``input_scale`` (tensor (in,), AWQ:
             the layer computes ``W (x / input_scale)``; not kept in meta).
     Returns:
         QuantLinear on CPU.
@@ -344,9 +369,18 @@ def pack_linear(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
     scale_dtype = meta.get("scale_dtype", "float16")
     if scale_dtype not in ("float16", "float32"):
         raise ValueError("meta['scale_dtype'] must be 'float16' or 'float32'")
+    if offsets is not None:
+        offsets = torch.as_tensor(offsets, dtype=torch.float32).cpu().reshape(n_out, -1)
+    if scale_dtype == "float32" and _fp16_exact(scales) and (
+            offsets is None or _zero_points(offsets, scales) is not None):
+        scale_dtype = "float16"  # "float32" asks for lossless storage; fp16 is lossless here
+    zeros = None if offsets is None or pow2 else _zero_points(
+        offsets, scales.half().float() if scale_dtype == "float16" else scales)
     config = {
         "in_features": n_in, "out_features": n_out, "bits": bits, "group_size": int(group_size),
         "table_rows": n_out if table.ndim == 2 else 0,
+        "table_dtype": "float16" if _fp16_exact(table) else "float32",
+        "offset_format": "zero_point_u8" if zeros is not None else scale_dtype,
         "scale_format": "exp2_int8" if pow2 else scale_dtype, "scale_dtype": scale_dtype,
         "has_offsets": offsets is not None,
         "n_outliers": 0 if outliers is None else int(len(outliers[1])),
@@ -368,8 +402,10 @@ def pack_linear(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
         mod.scale_exp.copy_(exp.to(torch.int8))
     else:
         mod.scales.copy_(scales)
-    if offsets is not None:
-        mod.offsets.copy_(torch.as_tensor(offsets, dtype=torch.float32).reshape(n_out, -1))
+    if zeros is not None:
+        mod.zeros.copy_(zeros)
+    elif offsets is not None:
+        mod.offsets.copy_(offsets)
     if outliers is not None and len(outliers[1]):
         idx = torch.as_tensor(outliers[0]).long().cpu()
         flat = idx[:, 0] * n_in + idx[:, 1]

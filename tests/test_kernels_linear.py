@@ -20,12 +20,15 @@ def _rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _layer(bits, table, group, out=24, inn=320, offsets=False, seed=0, **kw):
+def _layer(bits, table, group, out=24, inn=320, offsets=False, seed=0, zero_points=False, **kw):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2 ** bits, (out, inn), generator=g)
     ng = -(-inn // min(group, inn))
     scales = torch.rand(out, ng, generator=g) * 0.1 + 0.01
     offs = torch.randn(out, ng, generator=g) * 0.1 if offsets else None
+    if zero_points:  # asymmetric ints as the quantizers make them: offset = -zero * scale
+        scales = scales.half().float()
+        offs = -torch.randint(0, 2 ** bits + 1, (out, ng), generator=g).float() * scales
     return kernels.pack_linear(codes, scales, offs, bits=bits, table=table, group_size=group, **kw)
 
 
@@ -49,17 +52,17 @@ NF4 = torch.tensor([-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 
 FAST = {
     "int4_g128": dict(bits=4, table=torch.arange(16.0), group=128, offsets=True),
     "int4_odd_group_tail": dict(bits=4, table=torch.arange(16.0) - 8, group=128, inn=300,
-                                offsets=True),
+                                zero_points=True),
     "int4_partial_last_group": dict(bits=4, table=torch.arange(16.0), group=128, inn=576,
-                                    offsets=True),
+                                    zero_points=True),
     "fp6_e3m2_per_channel": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9),
     "fp6_odd_width": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9,
                           inn=77, out=5),
     "nf4_g64": dict(bits=4, table=NF4, group=64),
 }
 SLOW = {
-    "int2_g128": dict(bits=2, table=torch.arange(4.0), group=128, offsets=True),
-    "int3_g128": dict(bits=3, table=torch.arange(8.0), group=128, offsets=True),
+    "int2_g128": dict(bits=2, table=torch.arange(4.0), group=128, zero_points=True),
+    "int3_g128": dict(bits=3, table=torch.arange(8.0), group=128, zero_points=True),
     "int8_g128": dict(bits=8, table=torch.arange(256.0) - 128, group=128),
     "fp8_e4m3": dict(bits=8, table=torch.tensor(exmy_grid(4, 3)).float(), group=10 ** 9),
     "fp4_e2m1_g128": dict(bits=4, table=torch.tensor(exmy_grid(2, 1)).float(), group=128),

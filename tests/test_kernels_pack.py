@@ -65,8 +65,26 @@ def test_packed_bytes_match_bits_per_weight_formula(bits, group, offsets, pow2):
                               outliers=(idx, torch.randn(nnz)), meta={"scale_pow2": pow2})
     scale_bits = 8 if pow2 else 16
     bits_per_weight = bits + (scale_bits + (16 if offsets else 0)) / group
-    expected = out * inn * bits_per_weight / 8 + nnz * (4 + 2) + 4 * 2 ** bits
+    expected = out * inn * bits_per_weight / 8 + nnz * (4 + 2) + 2 * 2 ** bits  # fp16 table
     assert mod.packed_bytes() == expected
+
+
+def test_integer_zero_points_stored_as_uint8_and_exact():
+    g = torch.Generator().manual_seed(0)
+    out, inn, group = 8, 256, 128
+    scales = torch.rand(out, 2, generator=g) * 0.01  # not fp16-exact: stored fp32 on request
+    zero = torch.randint(0, 16, (out, 2), generator=g).float()
+    mod = kernels.pack_linear(torch.randint(0, 16, (out, inn), generator=g), scales,
+                              -zero * scales, bits=4, table=torch.arange(16.0),
+                              group_size=group, meta={"scale_dtype": "float32"})
+    assert mod.zeros.dtype == torch.uint8 and torch.equal(mod.zeros.float(), zero)
+    assert mod.scales.dtype == torch.float32
+    assert torch.equal(mod.group_offsets(), -zero * scales)
+    fp16 = kernels.pack_linear(torch.zeros(out, inn), scales.half().float(),
+                               -zero * scales.half().float(), bits=4, table=torch.arange(16.0),
+                               group_size=group, meta={"scale_dtype": "float32"})
+    assert fp16.scales.dtype == torch.float16  # lossless, so the smaller storage
+    assert fp16.packed_bytes() == out * inn // 2 + out * 2 * (2 + 1) + 2 * 16
 
 
 def test_classify_tables():
