@@ -7,7 +7,8 @@ Part 1, synthetic: two seeded layers shaped like SmolLM2-135M projections (576x5
 correlated inputs and outlier channels (``quantizers.synthetic``).
 Part 2, real (``--model``): chosen linear layers of a real model with ``H`` from full-precision
 calibration activations (``--calib`` corpus, ``--n-windows`` x ``--seq-len`` tokens); reports whether
-``quantease <= gptq <= rtn`` holds per layer.
+``quantease <= gptq <= rtn`` holds per layer (``quantease`` = the registered default, started from
+GPTQ; ``quantease:winit`` = the paper's start from W).
 
     .venv/bin/python benchmarks/quantizers_layer_error.py                       # synthetic only
     .venv/bin/python benchmarks/quantizers_layer_error.py --model smollm2-135m \\
@@ -28,7 +29,7 @@ import torch
 import quantizers as q
 from quantizers.synthetic import synthetic_layer
 
-METHODS = ("rtn", "gptq", "awq", "quantease", "quantease-outlier", "nonuniform")
+METHODS = ("rtn", "gptq", "awq", "quantease", "quantease:winit", "quantease-outlier", "nonuniform")
 BITS = ("int3", "int4")
 
 
@@ -36,10 +37,11 @@ def run_methods(W, stats, methods, bits_list, group=128):
     base = q.layer_error(W, torch.zeros_like(W), stats.H)
     rows = []
     for bits in bits_list:
-        for m in methods:
-            spec = q.QuantSpec(m, bits, group)
+        for m in methods:  # "name" or "name:options", e.g. "quantease:winit"
+            name, _, opts = m.partition(":")
+            spec = q.QuantSpec.parse(f"{name}:{bits}:g{group}" + (f":{opts}" if opts else ""))
             t = time.perf_counter()
-            qw = q.get_method(m).quantize(W, spec, stats)
+            qw = q.get_method(spec.method).quantize(W, spec, stats)
             dt = time.perf_counter() - t
             rows.append({"spec": str(spec), "method": m, "dtype": bits,
                          "rel_error": q.layer_error(W, qw.dequantize(), stats.H) / base,
@@ -102,7 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--blocks", default="0,15,29")
     ap.add_argument("--layers", default="self_attn.q_proj,self_attn.o_proj,mlp.up_proj,mlp.down_proj")
-    ap.add_argument("--real-methods", default="rtn,gptq,awq,quantease,quantease-outlier,nonuniform")
+    ap.add_argument("--real-methods", default="rtn,gptq,awq,quantease,quantease:winit,quantease-outlier,nonuniform",
+                    help="comma-separated methods, each optionally with spec options (quantease:winit)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantizers_layer_error.json"))

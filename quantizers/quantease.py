@@ -12,7 +12,8 @@ Cholesky. ``P = W S`` is formed once; ``G = (W - W_hat) S = P - W_hat S`` is ref
 (one GEMM) and kept current inside the pass: columns are visited in lazy blocks of 128; a change ``d``
 of column ``j`` updates ``G`` for the rest of its block at once (rank-1) and for the columns after the
 block with one GEMM when the block ends (same arithmetic as the reference's per-column row-vector
-products, batched).
+products, batched). The in-block column loop runs in a numba kernel (``cd_kernel.cd_block``); the torch
+loop ``CDState._block_reference`` is its reference, tested equal.
 
 Faithful to the reference ``method/quantease.py`` / ``method/gptq_quantease.py``:
 - start from the GPTQ solution and keep GPTQ's grid (the reference's ``gptq_quantease``; the registered
@@ -21,7 +22,8 @@ Faithful to the reference ``method/quantease.py`` / ``method/gptq_quantease.py``
   Why GPTQ initialisation is the default: on SmolLM2-135M's attention output projections (inputs are
   mixtures of few shared GQA value heads, Hessian condition numbers 1e5..1e7) CD from ``W`` stops in
   coordinate-wise minima 3-36 % *worse* than GPTQ, while CD from GPTQ was better than GPTQ on every
-  layer measured and better than CD from ``W`` on 16 of 18 (benchmarks/quantizers_layer_error.py);
+  layer measured and about as good as or better than CD from ``W`` elsewhere
+  (benchmarks/quantizers_layer_error.py, rows ``quantease`` vs ``quantease:winit``);
 - 30 passes by default; on passes with ``it % 3 == 1`` (only while ``it <= 25``, never the last pass)
   columns take the unrounded ``beta`` (relaxation step); every other pass rounds;
 - columns with ``S_jj = 0`` are just rounded; optional act-order visits columns by decreasing ``S_jj``.
