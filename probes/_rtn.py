@@ -78,10 +78,40 @@ def rtn_error(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tens
     return get_method("rtn").quantize(W, spec, LayerStats()).dequantize() - W
 
 
-def cached_rtn_error(cache: dict, li: LayerInfo, layer_index: int, rows: torch.Tensor, dtype: str,
-                     group_size: int | None, seed: int) -> torch.Tensor:
-    """``rtn_error`` of the sampled rows of one layer, memoized in ``cache`` for the probes of one run."""
-    key = ("rtn_error", li.name, dtype, group_size, int(rows.numel()), seed)
+def layer_rows(layers: list[LayerInfo], max_elements: int | None, min_rows: int, seed: int) -> list[torch.Tensor]:
+    """The sampled row indices of every layer (same fraction of each; see module docstring)."""
+    fraction = row_fraction(layers, max_elements)
+    return [sampled_rows(i, li.module.out_features, fraction, min_rows, seed) for i, li in enumerate(layers)]
+
+
+def sampled_rtn_errors(layers: list[LayerInfo], rows: list[torch.Tensor], dtype: str,
+                       group_size: int | None) -> list[torch.Tensor]:
+    """RTN errors of the sampled rows of every layer, (rows_l, in_l) each.
+
+    Rows of all layers with the same input width are stacked and quantized in one call (one call per
+    width instead of one per layer: the cost is per call on small matrices); since every format
+    scales within a row, the result equals ``rtn_error`` layer by layer (tested).
+    """
+    by_width: dict[int, list[int]] = {}
+    for i, li in enumerate(layers):
+        by_width.setdefault(li.module.in_features, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    for idx in by_width.values():
+        W = torch.cat([layers[i].module.weight.detach()[rows[i]].float().cpu() for i in idx])
+        E = rtn_error(W, dtype, group_size)
+        for i, part in zip(idx, torch.split(E, [int(rows[i].numel()) for i in idx])):
+            out[i] = part
+    return out  # type: ignore[return-value]
+
+
+def cached_rtn_errors(cache: dict, layers: list[LayerInfo], max_elements: int | None, min_rows: int, seed: int,
+                      dtype: str, group_size: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(rows, errors) per layer, memoized in ``cache`` for the probes of one run (``sqnr``, ``second_order``)."""
+    rows_key = ("rtn_rows", max_elements, min_rows, seed)
+    if rows_key not in cache:
+        cache[rows_key] = layer_rows(layers, max_elements, min_rows, seed)
+    rows = cache[rows_key]
+    key = ("rtn_errors", max_elements, min_rows, seed, dtype, group_size)
     if key not in cache:
-        cache[key] = rtn_error(li.module.weight.detach()[rows], dtype, group_size)
-    return cache[key]
+        cache[key] = sampled_rtn_errors(layers, rows, dtype, group_size)
+    return rows, cache[key]

@@ -17,18 +17,22 @@ The full diagonal stays in the run's ``ProbeContext`` (``cache["fisher.diag"]``)
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from probes._util import device_of, first_windows, grad_only, layer_infos, preserved_state, token_nll
 from probes.base import Probe, ProbeContext, ProbeResult, get_probe, register
 
 
-def fisher_diagonal(model, params: list[torch.Tensor], ids: torch.Tensor, labels: str = "empirical",
-                    seed: int = 0) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
-    """The token-scaled Fisher diagonal ``F = n_pred * mean_w g_w^2`` (module docstring) and the mean gradient.
+def fisher_diagonal_reference(model, params: list[torch.Tensor], ids: torch.Tensor, labels: str = "empirical",
+                              seed: int = 0) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
+    """The token-scaled Fisher diagonal ``F = n_pred * mean_w g_w^2`` (module docstring) and the mean gradient,
+    one backward pass per window (the slow, obviously correct reference of ``fisher_diagonal``).
 
     Args:
         model: returns ``.logits`` (batch, seq_len, vocab) for ``model(input_ids=..., use_cache=False)``.
@@ -64,6 +68,75 @@ def fisher_diagonal(model, params: list[torch.Tensor], ids: torch.Tensor, labels
     return sq, total_nll / ids.shape[0], mean
 
 
+def _sample_targets(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Next tokens drawn from softmax(logits) (1, T, vocab) -> (1, T) long, with a CPU generator."""
+    probs = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]).float(), -1).cpu()
+    return torch.multinomial(probs, 1, generator=gen).view(1, -1).to(logits.device)
+
+
+def fisher_diagonal(model, layers: list[nn.Linear], ids: torch.Tensor, labels: str = "empirical", seed: int = 0,
+                    batch_size: int = 8) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
+    """``fisher_diagonal_reference`` for the weights of ``layers`` with one backward pass per batch of windows.
+
+    Per-window weight gradients of a linear layer ``y = x W^T`` are ``G_w = sum_t delta_wt x_wt^T`` with
+    ``delta = dLoss/dy``: windows in a batch do not interact, so the gradient of the batch's summed loss
+    w.r.t. window w's outputs is that window's own. The backward pass only computes ``delta`` for
+    every layer output (no weight gradients); one ``bmm`` per layer gives all ``G_w``.
+
+    Args:
+        layers: linear modules whose weights require grad (so their outputs are in the graph); each is
+            called once per forward pass.
+        batch_size: windows per forward/backward pass (memory: activations and (batch, out, in) per layer).
+    Returns:
+        (F per weight, mean empirical NLL over windows, mean_w G_w per weight)
+    """
+    if labels not in ("empirical", "sampled"):
+        raise ValueError(f"fisher labels must be 'empirical' or 'sampled', got {labels!r}")
+    gen = torch.Generator().manual_seed(seed)
+    n_windows, n_pred = ids.shape[0], ids.shape[1] - 1
+    sq = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
+    mean = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
+    total_nll = 0.0
+    for start in range(0, n_windows, max(1, int(batch_size))):
+        batch = ids[start : start + batch_size]
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def keep(module, args, out, i):
+            if i in seen:
+                raise RuntimeError(f"linear layer {i} ran twice in one forward pass; use fisher_diagonal_reference")
+            seen[i] = (args[0].detach(), out)
+
+        handles = [m.register_forward_hook(functools.partial(keep, i=i)) for i, m in enumerate(layers)]
+        try:
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, T-1, vocab)
+        finally:
+            for h in handles:
+                h.remove()
+        flat = logits.reshape(-1, logits.shape[-1])
+        real = batch[:, 1:]
+        if labels == "sampled":  # window by window: the same draws as the reference
+            targets = torch.cat([_sample_targets(logits[w : w + 1], gen) for w in range(batch.shape[0])])
+        else:
+            targets = real
+        nll = F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(batch.shape[0], -1).mean(1)
+        outputs = [seen[i][1] for i in range(len(layers))]
+        deltas = torch.autograd.grad(nll.sum(), outputs)
+        with torch.no_grad():
+            for i, d in enumerate(deltas):
+                x = seen[i][0]
+                G = torch.bmm(d.reshape(d.shape[0], -1, d.shape[-1]).transpose(1, 2).float(),
+                              x.reshape(x.shape[0], -1, x.shape[-1]).float())  # (b, out, in)
+                sq[i].add_(G.pow(2).sum(0))
+                mean[i].add_(G.sum(0), alpha=1.0 / n_windows)
+            if labels == "sampled":
+                nll = F.cross_entropy(flat, real.reshape(-1), reduction="none").view(batch.shape[0], -1).mean(1)
+            total_nll += float(nll.sum())
+        del seen, outputs, deltas, logits
+    for s in sq:
+        s.mul_(n_pred / n_windows)
+    return sq, total_nll / n_windows, mean
+
+
 class FisherProbe(Probe):
     name = "fisher"
     description = "empirical Fisher diagonal (token-scaled mean squared window gradients) per weight; layer/model summaries"
@@ -71,6 +144,7 @@ class FisherProbe(Probe):
     defaults = {
         "n_windows": None,  # None = every calibration window
         "labels": "empirical",  # or "sampled" (true Fisher by Monte Carlo labels)
+        "batch_size": 8,  # windows per forward/backward pass
     }
 
     def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
@@ -81,7 +155,8 @@ class FisherProbe(Probe):
         params = [li.module.weight for li in layers]
         with preserved_state(model), torch.enable_grad():
             grad_only(model, params)
-            sq, nll, mean = fisher_diagonal(model, params, ids, settings["labels"], seed)
+            sq, nll, mean = fisher_diagonal(model, [li.module for li in layers], ids, settings["labels"], seed,
+                                            int(settings["batch_size"]))
         diag = {li.name: f for li, f in zip(layers, sq)}
         context.cache["fisher.diag"] = diag
         context.cache["fisher.settings"] = dict(settings)

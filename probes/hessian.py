@@ -6,9 +6,9 @@ implementation that supports double backward for the duration (see ``_util.doubl
 
 - Trace by Hutchinson's estimator: ``tr(H) = E[v^T H v]`` for Rademacher ``v``; per layer from the
   layer's slice of the same probe vectors, with the standard error over probes.
-- Top eigenvalue (largest in magnitude) by power iteration on the whole linear-weight vector, from a
-  seeded Gaussian start; the last Rayleigh quotient is reported (a few iterations: a lower bound on
-  |lambda_max| in expectation, good to the order of magnitude).
+- Top eigenvalue (largest in magnitude) by power iteration on the whole linear-weight vector, started
+  from ``H v`` of the last Rademacher probe (so ``power_iters`` HVPs make ``power_iters + 1`` power
+  steps); the last Rayleigh quotient is reported (a few iterations: good to the order of magnitude).
 - Cheap proxy per layer: ``tr(X^T X) / n_tokens`` = mean squared norm of the layer's input, the trace
   of the layer-wise reconstruction Hessian (GPTQ's H) per token, from the same forward pass.
 """
@@ -57,6 +57,7 @@ def hutchinson(loss_fn, params: list[torch.Tensor], n_probes: int, power_iters: 
         return torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=done < n_calls,
                                    is_grads_batched=batched)
 
+    last: list[torch.Tensor] = []
     for start in range(0, n_probes, probe_batch):
         b = min(probe_batch, n_probes - start)
         draws = [[_rademacher(p.shape, gen) for p in params] for _ in range(b)]  # probe-major order
@@ -64,16 +65,18 @@ def hutchinson(loss_fn, params: list[torch.Tensor], n_probes: int, power_iters: 
             vs = [v.to(p.device) for v, p in zip(draws[0], params)]
             hvs = hvp(vs)
             samples[start] = torch.tensor([float((v * hv).sum()) for v, hv in zip(vs, hvs)], dtype=torch.float64)
+            last = list(hvs)
         else:
             vs = [torch.stack([d[j] for d in draws]).to(p.device) for j, p in enumerate(params)]
             hvs = hvp(vs, batched=True)
             for j, (v, hv) in enumerate(zip(vs, hvs)):
                 samples[start : start + b, j] = (v * hv).flatten(1).double().sum(1).cpu()
+            last = [hv[-1] for hv in hvs]
     top = float("nan")
     if power_iters > 0:
-        vs = [torch.randn(p.shape, generator=gen).to(p.device) for p in params]
-        norm = math.sqrt(sum(float(v.pow(2).sum()) for v in vs))
-        vs = [v / norm for v in vs]
+        # start from H v of the last Rademacher probe: its first power step comes for free
+        norm = math.sqrt(sum(float(v.pow(2).sum()) for v in last))
+        vs = [v / norm for v in last] if norm > 0 else [torch.randn(p.shape, generator=gen).to(p.device) for p in params]
         for _ in range(power_iters):
             hvs = hvp(vs)
             top = sum(float((v * hv).sum()) for v, hv in zip(vs, hvs))
@@ -90,8 +93,9 @@ class HessianProbe(Probe):
     version = "1"
     defaults = {
         "n_windows": 1,  # calibration windows in the loss (the first ones)
-        "n_probes": 4,  # Rademacher vectors
-        "power_iters": 3,
+        "seq_len": 64,  # tokens of each window used (None = whole window): an HVP costs ~10 forward passes
+        "n_probes": 2,  # Rademacher vectors (>= 2 for a standard error)
+        "power_iters": 2,
         "layers": None,  # regexes restricting the linear layers (None = all)
         "probe_batch": 1,  # probe vectors per vectorized HVP call (memory x this); >1 for small models
     }
@@ -102,7 +106,10 @@ class HessianProbe(Probe):
             raise ValueError(f"hessian n_probes must be at least 2 (for a standard error), got {n_probes}")
         layers = select_layers(layer_infos(loaded), settings["layers"])
         model = loaded.model
-        ids = first_windows(calib, settings["n_windows"]).to(device_of(model))
+        ids = first_windows(calib, settings["n_windows"])
+        if settings["seq_len"] is not None:
+            ids = ids[:, : max(2, int(settings["seq_len"]))]
+        ids = ids.to(device_of(model))
         params = [li.module.weight for li in layers]
         xtx = {li.name: 0.0 for li in layers}
         n_rows = {li.name: 0 for li in layers}

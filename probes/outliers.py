@@ -65,7 +65,7 @@ class OutliersProbe(Probe):
     description = "weight kurtosis and max/RMS; activation max/median and outlier channels on 2+ calibration sets, their spread"
     version = "1"
     defaults = {
-        "n_windows": 2,  # windows per calibration set
+        "n_windows": 1,  # windows per calibration set
         "channel_factor": 8.0,
         "shuffled": True,
         "extra_sets": ["stdlib-code:train"],

@@ -69,10 +69,10 @@ class PerturbationProbe(Probe):
     description = "radial loss curves: dNLL under relative Gaussian weight noise (all / attn / mlp), knee, slope"
     version = "1"
     defaults = {
-        "sigmas": [0.0025, 0.006, 0.015, 0.035, 0.085, 0.2],  # relative to each output channel's RMS
+        "sigmas": [0.0025, 0.0075, 0.022, 0.066, 0.2],  # relative to each output channel's RMS (x3 steps)
         "targets": list(TARGETS),
         "n_directions": 1,
-        "n_windows": 2,
+        "n_windows": 1,
         "knee_dnll": 0.01,  # nats; dNLL that marks the end of the flat region
     }
 

@@ -22,7 +22,7 @@ import math
 import pandas as pd
 import torch
 
-from probes._rtn import cached_rtn_error, configs, default_group, row_fraction, sampled_rows
+from probes._rtn import cached_rtn_errors, configs, default_group, row_fraction
 from probes._util import layer_infos, spec_key
 from probes.base import Probe, ProbeContext, ProbeResult, register
 from probes.fisher import ensure_fisher
@@ -49,28 +49,25 @@ class SecondOrderProbe(Probe):
 
         layers = layer_infos(loaded)
         diag = ensure_fisher(loaded, calib, seed, context)
-        fraction = row_fraction(layers, settings["max_elements"])
         cfgs = configs(settings["dtypes"], all_group_sizes=bool(settings["all_group_sizes"]))
         defaults = {name: spec_key(name, default_group(name), get_dtype(name).block_size) for name, _, _ in cfgs}
         wanted = list(dict.fromkeys(cfgs + [(n, default_group(n), defaults[n]) for n, _, _ in cfgs]))
-        rows = []
-        for i, li in enumerate(layers):
-            idx = sampled_rows(i, li.module.out_features, fraction, int(settings["min_rows"]), seed)
-            f = diag[li.name][idx].double()
-            scale = li.module.out_features / idx.numel()
-            row = {"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role,
-                   "n_params": li.n_params, "rows_used": int(idx.numel())}
-            for dtype, g, key in wanted:
-                e = cached_rtn_error(context.cache, li, i, idx, dtype, g, seed)
-                row[key] = scale * second_order_estimate(f, e)
-            rows.append(row)
+        args = (settings["max_elements"], int(settings["min_rows"]), seed)
+        rows = [{"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role, "n_params": li.n_params}
+                for li in layers]
+        for dtype, g, key in wanted:
+            idx, errors = cached_rtn_errors(context.cache, layers, *args, dtype, g)
+            for row, li, r, e in zip(rows, layers, idx, errors):
+                scale = li.module.out_features / r.numel()
+                row[key] = scale * second_order_estimate(diag[li.name][r].cpu(), e)
+                row["rows_used"] = int(r.numel())
         frame = pd.DataFrame(rows)
         features: dict[str, float] = {}
         for _, _, key in wanted:
             total = float(frame[key].sum())
             features[key] = total
             features[f"log10_{key}"] = math.log10(total) if total > 0 else -30.0
-        info = {"row_fraction": fraction, "default_keys": defaults,
+        info = {"row_fraction": row_fraction(layers, settings["max_elements"]), "default_keys": defaults,
                 "fisher": context.cache.get("fisher.settings", {})}
         return ProbeResult(self.name, features, frame, settings, info=info)
 

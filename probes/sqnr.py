@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from probes._rtn import cached_rtn_error, configs, row_fraction, sampled_rows
+from probes._rtn import cached_rtn_errors, configs, layer_rows, row_fraction
 from probes._util import layer_infos
 from probes.base import Probe, ProbeContext, ProbeResult, register
 
@@ -42,26 +42,24 @@ class SqnrProbe(Probe):
 
     def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
         layers = layer_infos(loaded)
-        fraction = row_fraction(layers, settings["max_elements"])
         cfgs = configs(settings["dtypes"], all_group_sizes=True)
-        rows = []
-        for i, li in enumerate(layers):
-            idx = sampled_rows(i, li.module.out_features, fraction, int(settings["min_rows"]), seed)
-            W = li.module.weight.detach()[idx].float()
-            signal = float(W.double().pow(2).sum())
-            row = {"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role,
-                   "n_params": li.n_params, "rows_used": int(idx.numel())}
-            for dtype, g, key in cfgs:
-                e = cached_rtn_error(context.cache, li, i, idx, dtype, g, seed)
-                row[f"{key}_db"] = sqnr_db(signal, float(e.double().pow(2).sum()))
-            rows.append(row)
-        frame = pd.DataFrame(rows)
+        args = (settings["max_elements"], int(settings["min_rows"]), seed)
+        rows = layer_rows(layers, *args)
+        signal = [float(li.module.weight.detach()[r].double().pow(2).sum()) for li, r in zip(layers, rows)]
+        table = {f"{key}_db": [] for _, _, key in cfgs}
+        for dtype, g, key in cfgs:
+            _, errors = cached_rtn_errors(context.cache, layers, *args, dtype, g)
+            table[f"{key}_db"] = [sqnr_db(s, float(e.double().pow(2).sum())) for s, e in zip(signal, errors)]
+        frame = pd.DataFrame({"layer": [li.name for li in layers], "block": [li.block for li in layers],
+                              "kind": [li.kind for li in layers], "role": [li.role for li in layers],
+                              "n_params": [li.n_params for li in layers], "rows_used": [int(r.numel()) for r in rows],
+                              **table})
         w = frame["n_params"].to_numpy(dtype=np.float64)
         features: dict[str, float] = {}
         for _, _, key in cfgs:
             features[f"{key}_db"] = float(np.average(frame[f"{key}_db"], weights=w))
             features[f"{key}_min_db"] = float(frame[f"{key}_db"].min())
-        info = {"row_fraction": fraction, "n_configs": len(cfgs),
+        info = {"row_fraction": row_fraction(layers, settings["max_elements"]), "n_configs": len(cfgs),
                 "configs": [key for _, _, key in cfgs]}
         return ProbeResult(self.name, features, frame, settings, info=info)
 

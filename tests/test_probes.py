@@ -28,6 +28,15 @@ FAST = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are all per-op overhead; on a shared 2-core machine one thread avoids OpenMP waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _micro_llama(seed: int = 0):
     import transformers as tf
 
@@ -92,6 +101,24 @@ def test_batched_hvp_equals_one_at_a_time():
     torch.testing.assert_close(one, many, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("labels", ["empirical", "sampled"])
+def test_batched_fisher_equals_per_window_reference(labels):
+    from probes.fisher import fisher_diagonal, fisher_diagonal_reference
+    from probes._util import layer_infos
+
+    model = _micro_llama()
+    loaded = _loaded(model)
+    ids = _calib(5, 12).ids
+    layers = [li.module for li in layer_infos(loaded)]
+    with preserved_state(model):
+        grad_only(model, [m.weight for m in layers])
+        ref = fisher_diagonal_reference(model, [m.weight for m in layers], ids, labels, seed=2)
+        fast = fisher_diagonal(model, layers, ids, labels, seed=2, batch_size=2)
+    for a, b in zip(ref[0] + ref[2], fast[0] + fast[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    assert math.isclose(ref[1], fast[1], rel_tol=1e-5)
+
+
 class _BigramLM(nn.Module):
     """logits = W one_hot(token): a softmax-regression language model (Hessian = Fisher at the MLE)."""
 
@@ -108,7 +135,7 @@ def test_second_order_matches_loss_increase_on_quadratic_toy():
     """At the maximum-likelihood bigram weights the gradient vanishes, the empirical Fisher diagonal is
     the Hessian diagonal, so 1/2 sum F e^2 must match the measured loss increase for small errors."""
     from probes._rtn import rtn_error
-    from probes.fisher import fisher_diagonal
+    from probes.fisher import fisher_diagonal_reference
     from probes.second_order import second_order_estimate
 
     V, n_win, L = 16, 64, 129
@@ -125,7 +152,7 @@ def test_second_order_matches_loss_increase_on_quadratic_toy():
     with torch.no_grad():  # MLE: W[o, i] = log p(o | i)
         model.head.weight.copy_(torch.log(counts / counts.sum(0, keepdim=True)))
     W = model.head.weight
-    (Fd,), nll0, (g_mean,) = fisher_diagonal(model, [W], ids)
+    (Fd,), nll0, (g_mean,) = fisher_diagonal_reference(model, [W], ids)
     assert g_mean.abs().max() < 1e-5  # at the optimum
     # Fisher diagonal vs exact Hessian diagonal
     H = torch.autograd.functional.hessian(
@@ -187,7 +214,7 @@ def test_probes_on_every_architecture():
     for arch in ("opt", "gpt2", "gpt_neox"):
         assert arch in ARCHS
         loaded = _loaded(tiny_model(arch))
-        rec = probes.run_probes(loaded, _calib(2, 12, VOCAB), settings=FAST,
+        rec = probes.run_probes(loaded, _calib(2, 12, VOCAB), settings={**FAST, "second_order": {"dtypes": ["int4"]}},
                                 names=["hessian", "fisher", "outliers", "second_order"])
         assert all(math.isfinite(v) for v in rec.features.values()), arch
         assert set(rec.per_layer["fisher"]["kind"]) == {"attn", "mlp"}
@@ -217,3 +244,16 @@ def test_feature_key_of_specs():
     assert probes.feature_key("rtn:mxfp4") == "mxfp4"
     assert probes.default_group("int4") == 128 and probes.default_group("mxfp4") is None
     assert all(p.description for p in probes.PROBES.values())
+
+
+def test_stacked_rtn_errors_equal_layer_by_layer():
+    from probes._rtn import layer_rows, rtn_error, sampled_rtn_errors
+    from probes._util import layer_infos
+
+    layers = layer_infos(_loaded(_micro_llama()))
+    rows = layer_rows(layers, max_elements=300, min_rows=2, seed=0)
+    assert all(2 <= r.numel() < li.module.out_features for r, li in zip(rows, layers))
+    for dtype, g in (("int4", 8), ("nf4", None), ("mxfp4", None)):
+        stacked = sampled_rtn_errors(layers, rows, dtype, g)
+        for li, r, e in zip(layers, rows, stacked):
+            torch.testing.assert_close(e, rtn_error(li.module.weight.detach()[r], dtype, g), rtol=0, atol=0)

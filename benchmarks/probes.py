@@ -1,0 +1,201 @@
+"""Benchmark of the probes: does ``second_order`` rank data types like the measured RTN loss, and what do
+all probes cost relative to one baseline perplexity evaluation?
+
+For each model (``zoo:default``, every trained zoo model, SmolLM2-135M):
+1. probes: ``run_probes`` with default settings on the default calibration windows
+   (``stdlib-code:calib``, 8 x 128 tokens, seed 0);
+2. RTN over every data type at its default group size (``probes.default_group``): fake-quantize all
+   linear layers, measure the mean-NLL increase dNLL on a fixed evaluation subset (``stdlib-code:eval``,
+   disjoint from calibration), restore the weights;
+3. Spearman rank correlation over data types of ``second_order.<key>`` with the measured dNLL
+   (``spearman_second_order_rtn``; target >= 0.9), and for comparison of -SQNR.
+
+Cost (SmolLM2-135M only): wall time of all probes with defaults over the time of its baseline
+perplexity evaluation on the default protocol (WikiText-2 test, seq_len 512, 20 windows), measured in
+the same process right before and right after the probes (mean of the two, to average out load from
+other processes on a shared machine): ``probe_over_eval_seconds`` (target <= 1).
+
+    python benchmarks/probes.py [--json] [--models zoo:default smollm2-135m]
+Writes benchmarks/results/probes.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WIKITEXT = Path("/work/shared/data/text/wikitext-2-raw-v1/wiki.test.raw")
+SMOLLM = "smollm2-135m"
+log = logging.getLogger("benchmarks.probes")
+
+
+def default_models() -> list[str]:
+    names = ["zoo:default"]
+    try:
+        from models.zoo import zoo_names
+        from models.zoo.build import is_present, model_dir
+
+        names += [f"zoo:{n}" for n in zoo_names() if is_present(model_dir(n))]
+    except ImportError:
+        pass
+    return names + [SMOLLM]
+
+
+def rtn_dnll(loaded, eval_ids, dtypes: list[str]) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Baseline NLL and, per data type, the NLL increase of RTN at its default group size (all linear layers)."""
+    import torch
+
+    from probes import default_group
+    from probes._rtn import rtn_error
+    from probes._util import layer_infos, mean_nll
+
+    layers = layer_infos(loaded)
+    base = mean_nll(loaded.model, eval_ids, batch_size=1)
+    out, secs = {}, {}
+    originals = {li.name: li.module.weight.detach().clone() for li in layers}
+    try:
+        for d in dtypes:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for li in layers:
+                    li.module.weight.add_(rtn_error(originals[li.name], d, default_group(d)))
+            out[d] = mean_nll(loaded.model, eval_ids, batch_size=1) - base
+            with torch.no_grad():
+                for li in layers:
+                    li.module.weight.copy_(originals[li.name])
+            secs[d] = time.perf_counter() - t0
+            log.info("  %-12s dNLL %.5f (%.1fs)", d, out[d], secs[d])
+    finally:
+        with torch.no_grad():
+            for li in layers:
+                li.module.weight.copy_(originals[li.name])
+    return base, out, secs
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    import pandas as pd
+
+    return float(pd.Series(x).corr(pd.Series(y), method="spearman"))
+
+
+def bench_model(name: str, args) -> dict:
+    from models.data import calibration_windows, eval_windows, load_corpus
+    from models.evaluate import perplexity
+    from models.loading import load
+    import probes
+    from probes import feature_key, run_probes
+    from probes._rtn import dtype_names
+
+    t0 = time.perf_counter()
+    loaded = load(name)
+    load_seconds = time.perf_counter() - t0
+    ctx = loaded.adapter.max_context or 10**9
+    calib = calibration_windows(loaded.tokenizer, load_corpus(probes.DEFAULT_CALIB), probes.DEFAULT_N_CALIB,
+                                probes.DEFAULT_CALIB_SEQ_LEN, seed=0, max_context=ctx)
+    result: dict = {"model": loaded.source.to_dict(), "load_seconds": load_seconds,
+                    "n_linear_params": sum(li.weight.numel() for _, li in loaded.adapter.linear_layers())}
+    timing = name == SMOLLM and WIKITEXT.is_file() and not args.no_timing
+    if timing:
+        ew = eval_windows(loaded.tokenizer, load_corpus(f"wikitext2:{WIKITEXT}"), 512, 20, max_context=ctx)
+        e1 = perplexity(loaded.model, ew, progress=False)
+    t1 = time.perf_counter()
+    record = run_probes(loaded, calib, seed=0)
+    probe_seconds = time.perf_counter() - t1
+    if timing:
+        e2 = perplexity(loaded.model, ew, progress=False)
+        eval_seconds = (e1.seconds + e2.seconds) / 2
+        result.update(eval_seconds=[e1.seconds, e2.seconds], baseline_ppl=e1.ppl, probe_seconds=probe_seconds,
+                      probe_over_eval_seconds=probe_seconds / eval_seconds)
+    result["probe_seconds"] = probe_seconds
+    result["probe_seconds_by_probe"] = {k: v["seconds"] for k, v in record.provenance["probes"].items()}
+    log.info("%s: probes %.1fs %s", name, probe_seconds,
+             {k: round(v, 1) for k, v in result["probe_seconds_by_probe"].items()})
+
+    seq = min(args.dl_seq_len, ctx)
+    dl_ids = eval_windows(loaded.tokenizer, load_corpus("stdlib-code:eval"), seq, args.dl_windows, max_context=ctx).ids
+    dtypes = dtype_names()
+    base, dnll, rtn_secs = rtn_dnll(loaded, dl_ids, dtypes)
+    keys = {d: feature_key(f"rtn:{d}" + (f":g{probes.default_group(d)}" if probes.default_group(d) else "")) for d in dtypes}
+    f = record.features
+    so = [f[f"second_order.{keys[d]}"] for d in dtypes]
+    sq = [-f[f"sqnr.{keys[d]}_db"] for d in dtypes]
+    meas = [dnll[d] for d in dtypes]
+    result.update(
+        eval_subset={"corpus": "stdlib-code:eval", "seq_len": seq, "n_windows": int(dl_ids.shape[0])},
+        base_nll=base,
+        spearman_second_order_rtn=spearman(so, meas),
+        spearman_neg_sqnr_rtn=spearman(sq, meas),
+        rtn_seconds=sum(rtn_secs.values()),
+        per_dtype={d: {"key": keys[d], "dnll": dnll[d], "second_order": f[f"second_order.{keys[d]}"],
+                       "sqnr_db": f[f"sqnr.{keys[d]}_db"],
+                       "ratio": f[f"second_order.{keys[d]}"] / dnll[d] if dnll[d] > 0 else None} for d in dtypes},
+        perturbation={k.split(".", 1)[1]: v for k, v in f.items()
+                      if k.startswith("perturbation.all_") and ("knee" in k or "slope" in k or "quad" in k)},
+        hessian={k.split(".", 1)[1]: f[k] for k in ("hessian.trace", "hessian.trace_rel_se", "hessian.top_eigenvalue")},
+    )
+    # calibration of the absolute scale on formats where the quadratic regime should hold (dNLL < 0.05)
+    small = [v["second_order"] / v["dnll"] for v in result["per_dtype"].values() if v["dnll"] and 0.001 < v["dnll"] < 0.05]
+    result["median_ratio_small_dnll"] = sorted(small)[len(small) // 2] if small else None
+    del loaded
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="*", default=None, help="models (default: zoo:default, trained zoo models, smollm2-135m)")
+    p.add_argument("--dl-windows", type=int, default=8, help="evaluation windows for the RTN dNLL (default 8)")
+    p.add_argument("--dl-seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--no-timing", action="store_true", help="skip the SmolLM2 probe/eval timing")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/probes.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    from models.errors import AdvisorError
+
+    models = args.models or default_models()
+    per_model, skipped = {}, {}
+    for name in models:
+        log.info("== %s", name)
+        try:
+            per_model[name] = bench_model(name, args)
+        except AdvisorError as e:
+            log.warning("skipping %s: %s", name, e)
+            skipped[name] = str(e)
+    ratio = next((r["probe_over_eval_seconds"] for r in per_model.values() if "probe_over_eval_seconds" in r), None)
+    out = {
+        "spearman_second_order_rtn": {m: r["spearman_second_order_rtn"] for m, r in per_model.items()},
+        "spearman_neg_sqnr_rtn": {m: r["spearman_neg_sqnr_rtn"] for m, r in per_model.items()},
+        "probe_over_eval_seconds": ratio,
+        "targets": {"spearman_second_order_rtn": ">= 0.9", "probe_over_eval_seconds": "<= 1"},
+        "command": "python benchmarks/probes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "skipped": skipped,
+        "models": per_model,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        for m, r in per_model.items():
+            extra = f", probes/eval {r['probe_over_eval_seconds']:.2f}" if "probe_over_eval_seconds" in r else ""
+            print(f"{m:28s} spearman(second_order, RTN dNLL) {r['spearman_second_order_rtn']:.3f}  "
+                  f"spearman(-SQNR) {r['spearman_neg_sqnr_rtn']:.3f}  probes {r['probe_seconds']:.1f}s{extra}")
+        for m, e in skipped.items():
+            print(f"{m:28s} skipped: {e}")
+    return 0 if all(math.isfinite(v) for v in out["spearman_second_order_rtn"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
