@@ -20,8 +20,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     t.add_argument("--size", help="xs, s, m or l (with --family or alone: every family)")
     t.add_argument("--all", action="store_true", help="every zoo model")
     t.add_argument("--force", action="store_true", help="retrain models that are already present")
-    t.add_argument("--jobs", type=int, default=1,
-                   help="models trained at once, each in its own single-threaded process (default 1)")
+    t.add_argument("--jobs", type=int, default=None,
+                   help="models trained at once, each in its own single-threaded process (default: the number "
+                   "of CPU cores, at most 4; results do not depend on it)")
     t.add_argument("--threads", type=int, default=None,
                    help="override the recipe's thread count (1): faster alone, but not bitwise reproducible")
     t.add_argument("--write-manifest", action="store_true",
@@ -111,11 +112,15 @@ def run(args: argparse.Namespace) -> int:
     names, explicit = _selected(args)
     recipes = [recipe_for(n) for n in names]
     recorded = manifest_models()
+    if args.jobs is None:
+        import os
+
+        args.jobs = max(1, min(4, os.cpu_count() or 1, len(recipes)))
     if args.jobs < 1:
         from models.errors import AdvisorError
 
         raise AdvisorError(f"--jobs must be positive, got {args.jobs}")
-    progress = sys.stderr.isatty() or args.jobs == 1
+    progress = True  # tqdm on stderr; refreshed every 30 s when stderr is a log file
 
     def report(entry: dict[str, Any]) -> None:
         if args.json:

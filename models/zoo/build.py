@@ -101,7 +101,7 @@ def _worker(recipe: Recipe, force: bool, progress: bool, position: int, threads:
 def build(recipes: Iterable[Recipe], force: bool = False, jobs: int = 1, progress: bool = True,
           threads: int | None = None, write_manifest: bool = False, manifest_path: Path = MANIFEST_PATH,
           on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Build several models (largest first when parallel, to balance the processes).
+    """Build several models, in order, or ``jobs`` at a time in separate processes.
 
     Args:
         write_manifest: record every trained model in the package manifest (and refresh the embedded
@@ -131,6 +131,8 @@ def build(recipes: Iterable[Recipe], force: bool = False, jobs: int = 1, progres
         return results
     import multiprocessing as mp
 
+    # even slots take the longest job left, odd slots the shortest: small models are usable early
+    # while the long ones still finish close to the optimal makespan
     todo = sorted(recipes, key=lambda r: -r.estimated_seconds())
     free_slots = list(range(jobs))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -138,7 +140,8 @@ def build(recipes: Iterable[Recipe], force: bool = False, jobs: int = 1, progres
         while todo or running:
             while todo and free_slots:
                 slot = free_slots.pop(0)
-                running[pool.submit(_worker, todo.pop(0), force, progress, slot, threads)] = slot
+                recipe = todo.pop(0) if slot % 2 == 0 else todo.pop()
+                running[pool.submit(_worker, recipe, force, progress, slot, threads)] = slot
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
                 free_slots.append(running.pop(fut))

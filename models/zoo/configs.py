@@ -9,13 +9,15 @@ Families (what differs between them is what quantization cares about: norms, act
 - ``llama``: RMSNorm, SwiGLU MLP (gate/up/down, hidden ~8/3 d), rotary positions, no biases.
 - ``gpt2``: LayerNorm, GELU (tanh) MLP 4d, learned positions, biases, fused qkv (Conv1D).
 - ``opt``: LayerNorm (pre-norm), ReLU MLP 4d, learned positions (offset 2), biases.
-All tie the input embedding and the output head, use head dimension 32, no dropout, context 512.
+All use head dimension 32, untied input embedding and output head, no dropout, context 512.
 
-Token budgets were planned from throughput measured on the 2-core build machine (single thread,
-bf16 autocast, seq 512): about 10k tok/s (xs), 5k (s), 3k (m), 2k (l). Every size sees the same
-number of tokens so that, within a family, perplexity falls with size; the ``-short`` checkpoints
-see a quarter of it (own cosine schedule, not a snapshot), so pre-trained loss varies independently
-of size.
+Token budgets were planned from throughput measured on the 2-core build machine (single thread, bf16
+autocast, 512-token windows, uncontended): about 8.5k tok/s (xs), 4.7k (s), 2.6k (m), 1.7k (l). The
+whole zoo is ~6300 CPU-seconds, about 55 minutes with two single-threaded processes. Batch size 1
+(one 512-token window per step): at ~1M-token budgets more, smaller steps learn much faster (llama-xs
+at 300k tokens: 312 ppl with 600 steps of 1 window, 469 with 150 steps of 4). The ``-short``
+checkpoints have their own, shorter cosine schedule (not a snapshot of the long run), so pre-trained
+loss varies independently of size.
 """
 from __future__ import annotations
 
@@ -37,12 +39,19 @@ SIZES: dict[str, tuple[int, int]] = {
     "m": (192, 4),  # ~1.8M
     "l": (256, 6),  # ~4.7M
 }
-# peak learning rate per size: small models take a larger step; short schedules keep the same peak
-LEARNING_RATES = {"xs": 3e-3, "s": 3e-3, "m": 2.5e-3, "l": 2e-3}
-LONG_TOKENS = 1_228_800  # 2400 steps of 1 x 512 tokens
-SHORT_FRACTION = 4  # the -short checkpoint trains on LONG_TOKENS / 4
+# Peak learning rate ~ 1/width (3e-3 at d=64): measured on 300k-token runs at batch 1, llama-s was best
+# at 1.5e-3 (241 ppl; 249 at 1e-3, 298 at 3e-3), llama-xs at 3e-3 (312; 322 at 2e-3, 425 at 5e-3), and
+# llama-l improved from 349 (2e-3) to 283 (7.5e-4).
+LEARNING_RATES = {size: 3e-3 * 64 / d for size, (d, _) in SIZES.items()}
+# Optimizer steps of one 512-token window. Larger models get more tokens (as in compute-optimal
+# families): at these tiny budgets a deeper model starts slower, and equal tokens would not make
+# perplexity fall with size. The -short checkpoint trains a quarter of the steps, but at least 600
+# (below that the smallest models do not beat the unigram baseline by 2x).
+LONG_STEPS = {"xs": 1200, "s": 1800, "m": 2400, "l": 3000}
+MIN_SHORT_STEPS = 600
 VARIANTS = ("long", "short")
-MEASURED_TOKENS_PER_SECOND = {"xs": 10_000, "s": 5_000, "m": 3_000, "l": 2_000}  # for time estimates
+# single-thread training throughput on the build machine (uncontended), for time estimates only
+MEASURED_TOKENS_PER_SECOND = {"xs": 8_500, "s": 4_700, "m": 2_600, "l": 1_700}
 
 
 @dataclass(frozen=True)
@@ -126,9 +135,9 @@ def make_recipe(family: str, size: str, variant: str = "long", **overrides: Any)
     if variant not in VARIANTS:
         raise AdvisorError(unknown_key_message("zoo variant", variant, VARIANTS))
     d, n_layers = SIZES[size]
-    steps = LONG_TOKENS // CONTEXT
+    steps = LONG_STEPS[size]
     if variant == "short":
-        steps //= SHORT_FRACTION
+        steps = max(MIN_SHORT_STEPS, steps // 4)
     name = f"{family}-{size}" + ("-short" if variant == "short" else "")
     base = Recipe(name=name, family=family, size=size, variant=variant, d_model=d, n_layers=n_layers,
                   n_heads=d // HEAD_DIM, d_ff=d_ff_for(family, d), steps=steps, lr=LEARNING_RATES[size],

@@ -135,3 +135,19 @@ def protocol_block(eval_text_sha256: str, train_text_sha256: str, tokenizer_sha2
                      "tokenizers": tokenizers.__version__, "platform": sys.platform, "machine": platform.machine()},
         "default_model": "llama-xs",
     }
+
+
+def markdown_table(manifest: dict[str, Any] | None = None) -> str:
+    """The manifest as the docs' markdown table (docs/zoo.md)."""
+    manifest = load_manifest() if manifest is None else manifest
+    lines = ["| model | family | params total / non-embedding | train tokens | train time | eval ppl | unigram ppl "
+             "| ppl / unigram | command |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in manifest.get("models", []):
+        lines.append(f"| `zoo:{m['name']}` | {m['family']} | {m['params'] / 1e6:.3f}M / {m['non_embedding_params'] / 1e6:.3f}M "
+                     f"| {m['train_tokens'] / 1e6:.2f}M | {m['train_seconds']:.0f} s | {m['eval_ppl']:.2f} "
+                     f"| {m['unigram_ppl']:.1f} | {m['eval_ppl'] / m['unigram_ppl']:.3f} | `{m['command']}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,7 @@ def train(recipe: Recipe, tokenizer=None, progress: bool = True, position: int =
         losses: list[float] = []
         t0 = time.perf_counter()
         bar = tqdm(total=recipe.steps, desc=recipe.name, unit="step", disable=not progress, position=position,
-                   leave=position == 0, mininterval=1.0, dynamic_ncols=True)
+                   leave=position == 0, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
         smooth = None
         for step, offsets in enumerate(offsets_of_step):
             batch = ids[offsets[:, None] + window[None, :]]  # (batch, seq_len)
