@@ -13,20 +13,22 @@ calibration set:
 Sets: ``calib`` (the first ``n_windows`` given windows), ``shuffled`` (the same tokens in a seeded
 random order: meaningless text, like the random-token calibration sets of Paglieri et al. 2024) and
 any corpus spec in ``extra_sets`` (default ``stdlib-code:train``: code held apart from the default
-calibration part; only a prefix of ``extra_chars`` characters is tokenized, to stay cheap). The
+calibration part; only ``extra_chars`` characters are read and tokenized, to stay cheap). The
 spread across sets (per layer: log10 of max/min over sets of ``act_max_over_median``) measures how
 much a model's outliers depend on the calibration data.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import re
 
 import numpy as np
 import pandas as pd
 import torch
 
-from models.data import Corpus, calibration_windows, load_corpus
+from models.data import Corpus, calibration_windows, load_corpus, stdlib_files
 from models.errors import AdvisorError
 from probes._util import LayerInfo, device_of, first_windows, input_hooks, layer_infos, preserved_state
 from probes.base import Probe, ProbeContext, ProbeResult, register
@@ -56,6 +58,36 @@ def activation_stats(x: torch.Tensor, channel_factor: float) -> dict[str, float]
     return {"act_max_over_median": mx / med if med > 0 else (0.0 if mx == 0 else 1e6), "act_outlier_share": share}
 
 
+def _corpus_prefix(spec: str, n_chars: int, seed: int) -> Corpus:
+    """About ``n_chars`` characters of a corpus. For ``stdlib-code[:PART]`` only that many characters of
+    files are read (in a seeded order: reading the whole part takes seconds); other corpora are
+    loaded and cut."""
+    name, _, part = spec.partition(":")
+    if name != "stdlib-code":
+        corpus = load_corpus(spec)
+        text = corpus.text[:n_chars]
+        return Corpus(corpus.name, text, dict(corpus.protocol, truncated_chars=len(text)))
+    files = stdlib_files(part or "eval")
+    random.Random(seed).shuffle(files)
+    chunks, total, used = [], 0, 0
+    for path in files:
+        if total >= n_chars:
+            break
+        try:
+            chunk = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        chunks.append(chunk)
+        total += len(chunk) + 2
+        used += 1
+    if not chunks:
+        raise AdvisorError(f"calibration set {spec!r} has no readable files")
+    text = "\n\n".join(chunks)[:n_chars]
+    proto = {"dataset": "stdlib-code", "split": part or "eval", "format": "seeded-file-sample", "n_files": used,
+             "seed": seed, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_chars": len(text)}
+    return Corpus(spec, text, proto)
+
+
 def _set_name(spec: str) -> str:
     return re.sub(r"[^0-9a-zA-Z]+", "_", spec).strip("_")
 
@@ -83,9 +115,7 @@ class OutliersProbe(Probe):
             if loaded.tokenizer is None:
                 log.info("no tokenizer: skipping calibration set %s", spec)
                 continue
-            corpus = load_corpus(spec)
-            text = corpus.text[: int(settings["extra_chars"])]
-            corpus = Corpus(corpus.name, text, dict(corpus.protocol, truncated_chars=len(text)))
+            corpus = _corpus_prefix(spec, int(settings["extra_chars"]), seed)
             try:
                 w = calibration_windows(loaded.tokenizer, corpus, ids.shape[0], ids.shape[1], seed=seed,
                                         max_context=loaded.adapter.max_context)

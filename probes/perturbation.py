@@ -73,6 +73,7 @@ class PerturbationProbe(Probe):
         "targets": list(TARGETS),
         "n_directions": 1,
         "n_windows": 1,
+        "seq_len": 64,  # tokens of each window used (None = whole window)
         "knee_dnll": 0.01,  # nats; dNLL that marks the end of the flat region
     }
 
@@ -86,7 +87,10 @@ class PerturbationProbe(Probe):
         for t in targets:
             if t not in TARGETS:
                 raise ValueError(f"unknown perturbation target {t!r}; known: {', '.join(TARGETS)}")
-        ids = first_windows(calib, settings["n_windows"]).to(device_of(model))
+        ids = first_windows(calib, settings["n_windows"])
+        if settings["seq_len"] is not None:
+            ids = ids[:, : max(2, int(settings["seq_len"]))]
+        ids = ids.to(device_of(model))
         rows = []
         with preserved_state(model), torch.no_grad():
             base = mean_nll(model, ids)

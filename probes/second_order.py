@@ -40,7 +40,7 @@ class SecondOrderProbe(Probe):
     defaults = {
         "dtypes": None,  # None = every registered data type
         "all_group_sizes": True,  # also every sqnr group size, not only the default one
-        "max_elements": 1_000_000,
+        "max_elements": 500_000,
         "min_rows": 1,
     }
 

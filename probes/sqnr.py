@@ -36,7 +36,7 @@ class SqnrProbe(Probe):
     version = "1"
     defaults = {
         "dtypes": None,  # None = every registered data type
-        "max_elements": 1_000_000,  # weights quantized per config (row sample); None = all
+        "max_elements": 500_000,  # weights quantized per config (row sample); None = all
         "min_rows": 1,
     }
 
