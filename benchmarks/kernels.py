@@ -104,8 +104,8 @@ def run(quick: bool = False, formats=None, log=print, single_thread: bool = Fals
     if single_thread:
         import numba
 
+        numba.set_num_threads(1)  # first: launching numba's OpenMP layer resets OMP threads
         torch.set_num_threads(1)
-        numba.set_num_threads(1)
         clock = time.process_time
     torch.manual_seed(0)
     info = {

@@ -63,14 +63,21 @@ def _plan_padding(in_features: int, group_size: int) -> tuple[int, int, int, int
 
 @contextlib.contextmanager
 def _quiet_numba():
-    """Numba's pedantic IR checks warn on our inlined select expressions at compile time."""
+    """Numba's pedantic IR checks warn on our inlined select expressions at compile time; and
+    launching numba's OpenMP threading layer resets the OpenMP thread count torch shares, so the
+    caller's ``torch.set_num_threads`` is restored afterwards."""
+    n_torch_threads = torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is not in scope", module="numba")
         warnings.filterwarnings("ignore", category=UserWarning, module="numba")
         from numba.core.errors import NumbaIRAssumptionWarning
 
         warnings.simplefilter("ignore", NumbaIRAssumptionWarning)
-        yield
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != n_torch_threads:
+                torch.set_num_threads(n_torch_threads)
 
 
 def _to_f16_bits(t: torch.Tensor) -> np.ndarray:

@@ -135,3 +135,14 @@ def test_fast_path_never_materializes_fp32_for_decode(monkeypatch):
     monkeypatch.setattr(mod, "dequantize", boom)
     monkeypatch.setattr(mod, "_dequantize_torch", boom)
     mod(torch.randn(8, mod.in_features))
+
+
+def test_forward_keeps_the_callers_torch_thread_count():
+    mod = _build(FAST["int4_g128"])
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        mod(torch.randn(1, mod.in_features))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
