@@ -204,6 +204,11 @@ def load(
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    from models.memory import check_fits, model_numel
+
+    local = target if kind != "hub" else str(_hub_folder(target))
+    bytes_per_param = torch.finfo(dtype).bits // 8
+    check_fits(model_numel(kind, local), bytes_per_param, f"loading {name!r} as {dtype}".replace("torch.", ""))
     try:
         if kind == "gguf":
             path = Path(target)
@@ -211,7 +216,7 @@ def load(
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, **kwargs)
         else:
-            folder = _hub_folder(target) if kind == "hub" else Path(target)
+            folder = Path(local)
             files = _weight_files(folder)
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=None, **kwargs)

@@ -79,3 +79,22 @@ def test_smollm2_gguf_resolves_and_is_flagged_prequantized():
     kind, target, notes = resolve("smollm2-135m")
     assert kind == "gguf" and target.endswith(".gguf")
     assert "4-bit grid" in notes[0]
+
+
+def test_memory_check_refuses_with_the_estimate(tiny_folder):
+    from models.memory import check_fits, model_numel
+
+    numel = model_numel("folder", tiny_folder)
+    assert numel == sum(p.numel() for p in load(str(tiny_folder)).model.parameters())
+    assert check_fits(numel, 4, "x", available=10**12) > numel * 4
+    with pytest.raises(AdvisorError, match=r"needs about .* GiB .* only .* GiB is available"):
+        check_fits(7_000_000_000, 4, "loading 'mistral-7b' as float32", available=8 * 2**30)
+
+
+def test_truncated_safetensors_header_is_reported(tmp_path):
+    from models.memory import safetensors_numel
+
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(AdvisorError, match="not a valid safetensors file"):
+        safetensors_numel(bad)

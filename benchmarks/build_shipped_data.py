@@ -1,0 +1,61 @@
+"""Build the predictor's shipped fitting data: sweep, table, fit, report.
+
+    python benchmarks/build_shipped_data.py [--models zoo:all smollm2-135m] [--specs default] [--jobs 2]
+
+1. `advisor sweep` over the models and specs (resumable; the store is ADVISOR_HOME/measurements.sqlite
+   unless --store is given), with probes;
+2. `advisor.fitting.runs_table` -> advisor/data/runs.csv (columns: advisor/data/runs_columns.md);
+3. fit + conformal calibration -> advisor/data/predictor.json;
+4. the leave-one-family-out and transfer report -> benchmarks/results/predictor.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["zoo:all", "smollm2-135m"])
+    p.add_argument("--specs", nargs="+", default=["default"])
+    p.add_argument("--store", default=None)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--skip-sweep", action="store_true", help="only rebuild the table and fit from the store")
+    args = p.parse_args(argv)
+
+    from advisor.commands.sweep import expand_models, expand_specs
+    from advisor.fitting import SHIPPED_PREDICTOR, SHIPPED_RUNS, fit, report, runs_table
+    from advisor.probing import store_probes
+    from advisor.store import open_store
+    from advisor.sweep import Protocol, run_sweep
+    from models.saving import atomic_write_text
+
+    store = open_store(args.store)
+    t0 = time.perf_counter()
+    if not args.skip_sweep:
+        summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, Protocol(), jobs=args.jobs,
+                            on_model=store_probes)
+        print(json.dumps(summary.to_dict(), indent=1), file=sys.stderr)
+    df = runs_table(store)
+    atomic_write_text(SHIPPED_RUNS, df.to_csv(index=False))
+    predictor = fit(df)
+    predictor.save(SHIPPED_PREDICTOR)
+    rep = report(df)
+    rep["seconds"] = time.perf_counter() - t0
+    rep["n_runs"] = int(len(df))
+    rep["models"] = sorted(df["model"].unique().tolist())
+    out = ROOT / "benchmarks" / "results" / "predictor.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(rep, indent=1, default=str))
+    print(json.dumps(rep, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
