@@ -56,6 +56,31 @@ def _u8_to_f32(typingctx, v):
 
 
 @intrinsic
+def _stitch6(typingctx, q4, q2, r):
+    """6-bit code of phase ``r`` (0..3) from its 4-bit segment byte and 2-bit segment byte,
+    ``((q4 >> 4 (r & 1)) & 15) | (((q2 >> 2 r) & 3) << 4)``, in 32-bit lanes (numba would widen
+    the byte math to int64 and halve the vector width)."""
+    sig = types.int32(q4, q2, r)
+
+    def codegen(context, builder, signature, args):
+        i32 = context.get_value_type(types.int32)
+
+        def as_i32(v):
+            w = v.type.width
+            if w == 32:
+                return v
+            return builder.trunc(v, i32) if w > 32 else builder.zext(v, i32)
+
+        a, b, rr = (as_i32(v) for v in args)
+        c = lambda k: context.get_constant(types.int32, k)  # noqa: E731
+        lo = builder.and_(builder.lshr(a, builder.shl(builder.and_(rr, c(1)), c(2))), c(15))
+        hi = builder.and_(builder.lshr(b, builder.shl(rr, c(1))), c(3))
+        return builder.or_(lo, builder.shl(hi, c(4)))
+
+    return sig, codegen
+
+
+@intrinsic
 def _exmy_to_f32(typingctx, c, n_exp, n_man, bias):
     """Value of a sign-magnitude ExMy code (subnormals, no Inf/NaN) built from its bits in
     32-bit lanes: exponent/mantissa moved into float32 position, bias re-based; exponent field 0
@@ -339,13 +364,13 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
         x2 = x[2 * Q:3 * Q]
         x3 = x[3 * Q:4 * Q]
         for j in range(Q):
-            b2 = np.int32(s2[j])
-            lo = np.int32(s4[2 * j])
-            hi = np.int32(s4[2 * j + 1])
-            a += (_val((lo & 15) | ((b2 & 3) << 4), dec, tt) * x0[j]
-                  + _val((lo >> 4) | ((b2 & 12) << 2), dec, tt) * x1[j]
-                  + _val((hi & 15) | (b2 & 48), dec, tt) * x2[j]
-                  + _val((hi >> 4) | ((b2 >> 2) & 48), dec, tt) * x3[j])
+            b2 = s2[j]
+            lo = s4[2 * j]
+            hi = s4[2 * j + 1]
+            a += (_val(_stitch6(lo, b2, 0), dec, tt) * x0[j]
+                  + _val(_stitch6(lo, b2, 1), dec, tt) * x1[j]
+                  + _val(_stitch6(hi, b2, 2), dec, tt) * x2[j]
+                  + _val(_stitch6(hi, b2, 3), dec, tt) * x3[j])
     return a
 
 
