@@ -208,7 +208,9 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     if not (0.5 <= confidence < 1):
         raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
     if out is not None:
-        _check_writable(Path(out))
+        from models.saving import check_output_dir
+
+        check_output_dir(Path(out) / "model")
     ctx = prepare(model, progress=progress, **prepare_kwargs)
     budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
     df = predict_candidates(ctx, default_specs(methods, dtypes), confidence, predictor)
@@ -249,16 +251,6 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
                           exit_code=3, message=f"every attempt ({len(attempts)}) missed {budget.description}; "
                                                "raise --max-attempts or the budget",
                           seconds=time.perf_counter() - t0, **common)
-
-
-def _check_writable(out: Path) -> None:
-    import os
-
-    parent = out if out.exists() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise AdvisorError(f"output folder {out} is not writable; choose another --out")
 
 
 def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool):

@@ -44,6 +44,24 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Fail early (before hours of work) if ``out_dir`` cannot be created and written.
+
+    Creates the folder's parent and a probe file in it, then removes the probe.
+    Raises:
+        AdvisorError: not writable (permissions, read-only filesystem, a file in the way).
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AdvisorError(f"output folder {out_dir} is not writable ({e.strerror or e}); choose another --out") from e
+    return out_dir
+
+
 def save_quantized_model(loaded, result, record: dict[str, Any], out_dir: str | Path) -> Path:
     """Write ``out_dir`` = model.safetensors + config.json + tokenizer + quantization.json, atomically.
 

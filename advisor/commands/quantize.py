@@ -28,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     spec = QuantSpec.parse(args.spec)  # fail fast, before loading anything
+    if args.out:
+        from models.saving import check_output_dir
+
+        check_output_dir(args.out)
     loaded = load_model(args)
     windows = eval_windows_for(loaded, args)
     calib = calib_windows_for(loaded, args, exclude=windows)

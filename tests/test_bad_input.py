@@ -1,0 +1,69 @@
+"""Bad input over the CLI: each case exits non-zero with one clear `error:` line, never a traceback."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from advisor.cli import main
+from tests.conftest import PTB
+
+pytestmark = pytest.mark.skipif(not PTB.exists(), reason="needs ../shared")
+
+
+def run_cli(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _q(folder, *extra):
+    return ["quantize", "--model", str(folder), "--calib", f"file:{PTB}", "--eval", f"file:{PTB}", "--seq-len", "32",
+            "--max-windows", "2", "--n-calib", "2", *extra]
+
+
+CASES = {
+    "misspelled method": (lambda f, t: _q(f, "--spec", "gtpq:int4:g16"), "unknown method 'gtpq'"),
+    "unknown dtype": (lambda f, t: _q(f, "--spec", "rtn:int5:g16"), "int5"),
+    "malformed spec": (lambda f, t: _q(f, "--spec", "rtn"), "spec"),
+    "group not dividing": (lambda f, t: _q(f, "--spec", "rtn:mxfp4:g64"), "mxfp4"),
+    "truncated gguf": (lambda f, t: ["eval", "--model", str(t / "broken.gguf")], "could not load model"),
+    "zero budget": (lambda f, t: ["recommend", "--model", str(f), "--max-ppl-delta", "0", "--calib", f"file:{PTB}",
+                                  "--eval", f"file:{PTB}", "--seq-len", "32", "--max-windows", "2",
+                                  "--store", str(t / "s.sqlite")], "positive"),
+    "nan budget": (lambda f, t: ["recommend", "--model", str(f), "--max-ppl-delta", "nan", "--calib", f"file:{PTB}",
+                                 "--eval", f"file:{PTB}", "--seq-len", "32", "--store", str(t / "s.sqlite")], "positive"),
+    "ratio below one": (lambda f, t: ["recommend", "--model", str(f), "--max-ppl-ratio", "0.9", "--calib", f"file:{PTB}",
+                                      "--eval", f"file:{PTB}", "--seq-len", "32", "--store", str(t / "s.sqlite")],
+                        "above 1"),
+    "corrupted store": (lambda f, t: ["sweep", "--models", str(f), "--specs", "rtn:int4:g16", "--store",
+                                      str(t / "corrupt.sqlite"), "--no-probes"], "corrupted"),
+    "unknown sweep spec": (lambda f, t: ["sweep", "--models", str(f), "--specs", "rtn:int4:g16", "bogus:int4",
+                                         "--store", str(t / "s2.sqlite"), "--no-probes"], "unknown method 'bogus'"),
+    "read-only output": (lambda f, t: _q(f, "--spec", "rtn:int4:g16", "--out", str(t / "ro" / "model")),
+                         "not writable"),
+    "a file in the way of the output": (lambda f, t: _q(f, "--spec", "rtn:int4:g16", "--out",
+                                                        str(t / "afile" / "model")), "not writable"),
+    "missing runs file": (lambda f, t: ["fit", "--runs", str(t / "nope.csv")], "not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(capsys, tiny_folder, tmp_path, case):
+    build, message = CASES[case]
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "corrupt.sqlite").write_bytes(b"garbage, not sqlite" * 64)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        code, out, err = run_cli(capsys, build(tiny_folder, tmp_path))
+    finally:
+        os.chmod(ro, 0o700)
+    if case == "read-only output" and os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    assert code != 0, out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err
+    assert message in last, last
