@@ -56,6 +56,35 @@ def _u8_to_f32(typingctx, v):
 
 
 @intrinsic
+def _bit(typingctx, c, k):
+    """``(c >> k) & 1 != 0`` computed in 32-bit lanes (for the 16-value select tree)."""
+    sig = types.boolean(c, k)
+
+    def codegen(context, builder, signature, args):
+        i32 = context.get_value_type(types.int32)
+        v, kk = (builder.trunc(a, i32) if a.type.width > 32 else
+                 (builder.zext(a, i32) if a.type.width < 32 else a) for a in args)
+        masked = builder.and_(v, builder.shl(context.get_constant(types.int32, 1), kk))
+        return builder.icmp_unsigned("!=", masked, context.get_constant(types.int32, 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def _field(typingctx, v, shift, mask):
+    """``(v >> shift) & mask`` in 32-bit lanes, typed int32 (numba widens byte math to int64)."""
+    sig = types.int32(v, shift, mask)
+
+    def codegen(context, builder, signature, args):
+        i32 = context.get_value_type(types.int32)
+        a, sh, mk = (builder.trunc(x, i32) if x.type.width > 32 else
+                     (builder.zext(x, i32) if x.type.width < 32 else x) for x in args)
+        return builder.and_(builder.lshr(a, sh), mk)
+
+    return sig, codegen
+
+
+@intrinsic
 def _stitch6(typingctx, q4, q2, r):
     """6-bit code of phase ``r`` (0..3) from its 4-bit segment byte and 2-bit segment byte,
     ``((q4 >> 4 (r & 1)) & 15) | (((q2 >> 2 r) & 3) << 4)``, in 32-bit lanes (numba would widen
@@ -211,10 +240,10 @@ def _ov_val(c, dec, tt):
         return lambda c, dec, tt: _u8_to_f32(c)
     if isinstance(dec, types.Array):
         def impl_sel(c, dec, tt):
-            b0 = (c & 1) != 0
-            b1 = (c & 2) != 0
-            b2 = (c & 4) != 0
-            b3 = (c & 8) != 0
+            b0 = _bit(c, 0)
+            b1 = _bit(c, 1)
+            b2 = _bit(c, 2)
+            b3 = _bit(c, 3)
             l0 = tt[1] if b0 else tt[0]
             l1 = tt[3] if b0 else tt[2]
             l2 = tt[5] if b0 else tt[4]
@@ -328,7 +357,8 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
         x1 = x[Q:2 * Q]
         for j in range(Q):
             b = seg[j]
-            a += _val(b & 15, dec, tt) * x0[j] + _val(b >> 4, dec, tt) * x1[j]
+            a += (_val(_field(b, 0, 15), dec, tt) * x0[j]
+                  + _val(_field(b, 4, 15), dec, tt) * x1[j])
     elif layout == 2:
         seg = qa[o, tb * T:tb * T + T]
         for j in range(T):
