@@ -102,3 +102,21 @@ def test_other_families_train_save_and_load(family, home, tmp_path):
     assert any(name.endswith("bias") for name, _ in loaded.model.named_parameters())
     groups = loaded.adapter.linear_groups(loaded.adapter.blocks()[0])
     assert len(groups) == 4
+
+
+def test_build_records_results_and_resumes(home, tmp_path):
+    from models.zoo.build import build, model_dir
+    from models.zoo.manifest import load_manifest, manifest_models
+
+    manifest_path = tmp_path / "manifest.json"
+    recipe = tiny(steps=20)
+    [first] = build([recipe], write_manifest=True, manifest_path=manifest_path, progress=False)
+    assert first["status"] == "trained" and first["path"] == str(model_dir(recipe.name))
+    entry = manifest_models(load_manifest(manifest_path))[recipe.name]
+    assert entry["eval_ppl"] < 4096 and entry["unigram_ppl"] < 4096 and entry["train_tokens"] == 20 * 4 * 64
+    assert load_manifest(manifest_path)["eval"]["n_windows"] == 40
+    [again] = build([recipe], manifest_path=manifest_path, progress=False)  # resumable: present, not retrained
+    assert again["status"] == "present" and again["weights_sha256"] == entry["weights_sha256"]
+    [forced] = build([recipe], force=True, manifest_path=manifest_path, progress=False)
+    assert forced["status"] == "trained" and forced["weights_sha256"] == entry["weights_sha256"]
+    assert forced["eval_ppl"] == entry["eval_ppl"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from models.zoo.configs import Recipe
-from models.zoo.manifest import MANIFEST_PATH, record
+from models.zoo.manifest import MANIFEST_PATH, load_manifest, manifest_models, record
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,11 @@ def build(recipes: Iterable[Recipe], force: bool = False, jobs: int = 1, progres
 
     def finish(entry: dict[str, Any]) -> None:
         protocol = entry.pop("_protocol", None)
-        if write_manifest and entry["status"] == "trained":
+        # a present model is recorded too if the manifest lacks it (a build killed between saving and
+        # recording) or holds other weights
+        recorded = manifest_models(load_manifest(manifest_path)).get(entry["name"], {})
+        if write_manifest and (entry["status"] == "trained"
+                               or recorded.get("weights_sha256") != entry.get("weights_sha256")):
             clean = {k: v for k, v in entry.items() if k not in ("status", "path")}
             record(clean, protocol, path=manifest_path, order=order)
             if entry["name"] == DEFAULT_SOURCE:

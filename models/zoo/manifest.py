@@ -93,15 +93,16 @@ def manifest_models(manifest: dict[str, Any] | None = None) -> dict[str, dict[st
     return {m["name"]: m for m in manifest.get("models", [])}
 
 
-def record(entry: dict[str, Any], protocol: dict[str, Any], path: Path = MANIFEST_PATH,
+def record(entry: dict[str, Any], protocol: dict[str, Any] | None, path: Path = MANIFEST_PATH,
            order: list[str] | None = None) -> dict[str, Any]:
-    """Insert or replace one model's entry and the shared protocol fields; keep ``order`` (recipe order)."""
+    """Insert or replace one model's entry and (if given) the shared protocol fields; keep ``order``."""
     manifest = load_manifest(path)
-    if manifest.get("eval", {}).get("text_sha256") not in (None, protocol["eval"]["text_sha256"]):
+    if manifest.get("eval", {}).get("text_sha256") not in (None, entry["eval_text_sha256"]):
         raise AdvisorError("the evaluation text differs from the one the manifest was measured on (another Python "
                            f"version? manifest: {manifest.get('python')}, running: {python_version()}); "
                            "rebuild the whole zoo with --force rather than mixing")
-    manifest.update(protocol)
+    if protocol:
+        manifest.update(protocol)
     models = manifest_models(manifest)
     models[entry["name"]] = entry
     names = list(models)
