@@ -8,7 +8,10 @@ For each model (``zoo:default``, every trained zoo model, SmolLM2-135M):
    linear layers, measure the mean-NLL increase dNLL on a fixed evaluation subset (``stdlib-code:eval``,
    disjoint from calibration), restore the weights;
 3. Spearman rank correlation over data types of ``second_order.<key>`` with the measured dNLL
-   (``spearman_second_order_rtn``; target >= 0.9), and for comparison of -SQNR.
+   (``spearman_second_order_rtn``; target >= 0.9), and for comparison of -SQNR. Small models (the zoo)
+   are measured on many tokens and also symmetrically, ``(L(W+e) + L(W-e))/2 - L(W)``, which removes
+   the first-order term that a finite evaluation set adds with a random sign
+   (``spearman_second_order_rtn_symmetric``).
 
 Cost (SmolLM2-135M only): wall time of all probes with defaults over the time of its baseline
 perplexity evaluation on the default protocol (WikiText-2 test, seq_len 512, 20 windows), measured in
@@ -48,8 +51,14 @@ def default_models() -> list[str]:
     return names + [SMOLLM]
 
 
-def rtn_dnll(loaded, eval_ids, dtypes: list[str]) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Baseline NLL and, per data type, the NLL increase of RTN at its default group size (all linear layers)."""
+def rtn_dnll(loaded, eval_ids, dtypes: list[str], symmetric: bool = False, batch_size: int = 1):
+    """Baseline NLL and, per data type, the NLL increase of RTN at its default group size (all linear layers).
+
+    With ``symmetric`` also ``(L(W + e) + L(W - e)) / 2 - L(W)``: the even (curvature) part of the
+    increase, free of the first-order term ``g . e`` whose sign is random on a finite evaluation set.
+    Returns:
+        (base NLL, {dtype: dNLL}, {dtype: symmetric dNLL} (empty unless ``symmetric``), {dtype: seconds})
+    """
     import torch
 
     from probes import default_group
@@ -57,26 +66,30 @@ def rtn_dnll(loaded, eval_ids, dtypes: list[str]) -> tuple[float, dict[str, floa
     from probes._util import layer_infos, mean_nll
 
     layers = layer_infos(loaded)
-    base = mean_nll(loaded.model, eval_ids, batch_size=1)
-    out, secs = {}, {}
+    base = mean_nll(loaded.model, eval_ids, batch_size=batch_size)
+    out, sym, secs = {}, {}, {}
     originals = {li.name: li.module.weight.detach().clone() for li in layers}
+
+    def loss_with(errors, sign):
+        with torch.no_grad():
+            for li in layers:
+                li.module.weight.copy_(originals[li.name]).add_(errors[li.name], alpha=sign)
+        return mean_nll(loaded.model, eval_ids, batch_size=batch_size) - base
+
     try:
         for d in dtypes:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                for li in layers:
-                    li.module.weight.add_(rtn_error(originals[li.name], d, default_group(d)))
-            out[d] = mean_nll(loaded.model, eval_ids, batch_size=1) - base
-            with torch.no_grad():
-                for li in layers:
-                    li.module.weight.copy_(originals[li.name])
+            errors = {li.name: rtn_error(originals[li.name], d, default_group(d)) for li in layers}
+            out[d] = loss_with(errors, 1.0)
+            if symmetric:
+                sym[d] = (out[d] + loss_with(errors, -1.0)) / 2
             secs[d] = time.perf_counter() - t0
-            log.info("  %-12s dNLL %.5f (%.1fs)", d, out[d], secs[d])
+            log.info("  %-12s dNLL %.5f%s (%.1fs)", d, out[d], f" sym {sym[d]:.5f}" if symmetric else "", secs[d])
     finally:
         with torch.no_grad():
             for li in layers:
                 li.module.weight.copy_(originals[li.name])
-    return base, out, secs
+    return base, out, sym, secs
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -118,13 +131,18 @@ def bench_model(name: str, args) -> dict:
     log.info("%s: probes %.1fs %s", name, probe_seconds,
              {k: round(v, 1) for k, v in result["probe_seconds_by_probe"].items()})
 
-    seq = min(args.dl_seq_len, ctx)
-    dl_ids = eval_windows(loaded.tokenizer, load_corpus("stdlib-code:eval"), seq, args.dl_windows, max_context=ctx).ids
+    # Small models: many tokens (the dNLL of near-lossless formats is ~1e-4 and the first-order noise on
+    # N tokens is ~sqrt(2 dNLL / N)) and the symmetric measurement; large ones: a few 512-token windows.
+    small = result["n_linear_params"] < args.small_params
+    seq = min(256 if small else 512, ctx)
+    n_dl = args.dl_windows_small if small else args.dl_windows
+    dl_ids = eval_windows(loaded.tokenizer, load_corpus("stdlib-code:eval"), seq, n_dl, max_context=ctx).ids
     dtypes = dtype_names()
-    base, dnll, rtn_secs = rtn_dnll(loaded, dl_ids, dtypes)
+    base, dnll, sym, rtn_secs = rtn_dnll(loaded, dl_ids, dtypes, symmetric=small, batch_size=16 if small else 1)
     keys = {d: feature_key(f"rtn:{d}" + (f":g{probes.default_group(d)}" if probes.default_group(d) else "")) for d in dtypes}
     f = record.features
     so = [f[f"second_order.{keys[d]}"] for d in dtypes]
+    so1 = [f[f"second_order.{keys[d]}"] + f[f"second_order.first_order_{keys[d]}"] for d in dtypes]
     sq = [-f[f"sqnr.{keys[d]}_db"] for d in dtypes]
     meas = [dnll[d] for d in dtypes]
     result.update(
@@ -132,8 +150,12 @@ def bench_model(name: str, args) -> dict:
         base_nll=base,
         spearman_second_order_rtn=spearman(so, meas),
         spearman_neg_sqnr_rtn=spearman(sq, meas),
+        spearman_first_plus_second_order_rtn=spearman(so1, meas),
+        spearman_second_order_rtn_symmetric=spearman(so, [sym[d] for d in dtypes]) if sym else None,
         rtn_seconds=sum(rtn_secs.values()),
-        per_dtype={d: {"key": keys[d], "dnll": dnll[d], "second_order": f[f"second_order.{keys[d]}"],
+        per_dtype={d: {"key": keys[d], "dnll": dnll[d], "dnll_symmetric": sym.get(d),
+                       "second_order": f[f"second_order.{keys[d]}"],
+                       "first_order": f[f"second_order.first_order_{keys[d]}"],
                        "sqnr_db": f[f"sqnr.{keys[d]}_db"],
                        "ratio": f[f"second_order.{keys[d]}"] / dnll[d] if dnll[d] > 0 else None} for d in dtypes},
         perturbation={k.split(".", 1)[1]: v for k, v in f.items()
@@ -150,14 +172,24 @@ def bench_model(name: str, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=None, help="models (default: zoo:default, trained zoo models, smollm2-135m)")
-    p.add_argument("--dl-windows", type=int, default=8, help="evaluation windows for the RTN dNLL (default 8)")
-    p.add_argument("--dl-seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--dl-windows", type=int, default=8,
+                   help="512-token evaluation windows for the RTN dNLL of large models (default 8)")
+    p.add_argument("--dl-windows-small", type=int, default=512,
+                   help="256-token evaluation windows for small models (default 512)")
+    p.add_argument("--small-params", type=float, default=20e6,
+                   help="models with fewer linear-layer parameters count as small (default 2e7)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine more threads make small ops wait)")
     p.add_argument("--no-timing", action="store_true", help="skip the SmolLM2 probe/eval timing")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/probes.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import os
+
+    import torch
+
+    torch.set_num_threads(args.threads)
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -177,9 +209,14 @@ def main(argv=None) -> int:
     out = {
         "spearman_second_order_rtn": {m: r["spearman_second_order_rtn"] for m, r in per_model.items()},
         "spearman_neg_sqnr_rtn": {m: r["spearman_neg_sqnr_rtn"] for m, r in per_model.items()},
+        "spearman_first_plus_second_order_rtn": {m: r["spearman_first_plus_second_order_rtn"] for m, r in per_model.items()},
+        "spearman_second_order_rtn_symmetric": {m: r["spearman_second_order_rtn_symmetric"]
+                                                for m, r in per_model.items() if r["spearman_second_order_rtn_symmetric"] is not None},
+        "threads": args.threads,
         "probe_over_eval_seconds": ratio,
         "targets": {"spearman_second_order_rtn": ">= 0.9", "probe_over_eval_seconds": "<= 1"},
         "command": "python benchmarks/probes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
         "skipped": skipped,
         "models": per_model,
     }
@@ -190,8 +227,11 @@ def main(argv=None) -> int:
     else:
         for m, r in per_model.items():
             extra = f", probes/eval {r['probe_over_eval_seconds']:.2f}" if "probe_over_eval_seconds" in r else ""
-            print(f"{m:28s} spearman(second_order, RTN dNLL) {r['spearman_second_order_rtn']:.3f}  "
-                  f"spearman(-SQNR) {r['spearman_neg_sqnr_rtn']:.3f}  probes {r['probe_seconds']:.1f}s{extra}")
+            sym = r["spearman_second_order_rtn_symmetric"]
+            print(f"{m:24s} spearman(second_order, RTN dNLL) {r['spearman_second_order_rtn']:.3f}"
+                  + (f" (symmetric dNLL {sym:.3f})" if sym is not None else "")
+                  + f"  +first order {r['spearman_first_plus_second_order_rtn']:.3f}"
+                  f"  -SQNR {r['spearman_neg_sqnr_rtn']:.3f}  probes {r['probe_seconds']:.1f}s{extra}")
         for m, e in skipped.items():
             print(f"{m:28s} skipped: {e}")
     return 0 if all(math.isfinite(v) for v in out["spearman_second_order_rtn"].values()) else 1

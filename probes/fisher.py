@@ -159,6 +159,7 @@ class FisherProbe(Probe):
                                             int(settings["batch_size"]))
         diag = {li.name: f for li, f in zip(layers, sq)}
         context.cache["fisher.diag"] = diag
+        context.cache["fisher.mean_grad"] = {li.name: m for li, m in zip(layers, mean)}
         context.cache["fisher.settings"] = dict(settings)
         rows = []
         for li, m in zip(layers, mean):
@@ -197,11 +198,12 @@ def _ratio(kinds: pd.DataFrame, a: str, b: str) -> float:
     return float(pa / pb) if pb > 0 else 0.0
 
 
-def ensure_fisher(loaded, calib, seed: int, context: ProbeContext) -> dict[str, torch.Tensor]:
-    """The run's Fisher diagonal, computing it (with the run's ``fisher`` settings) when absent."""
+def ensure_fisher(loaded, calib, seed: int, context: ProbeContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The run's Fisher diagonal and mean gradient (layer name -> (out, in)), computing them with the run's
+    ``fisher`` settings when absent."""
     if "fisher.diag" not in context.cache:
         get_probe("fisher").run(loaded, calib, seed=seed, settings=context.settings.get("fisher"), context=context)
-    return context.cache["fisher.diag"]
+    return context.cache["fisher.diag"], context.cache["fisher.mean_grad"]
 
 
 register(FisherProbe())

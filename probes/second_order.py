@@ -6,6 +6,10 @@ with ``F`` the Fisher diagonal of the mean-token NLL (``fisher`` probe, token-sc
 RTN error of each weight (ARCHITECTURE.md section 4). The first-order term is dropped: at a trained
 minimum the mean gradient is ~0, and for RTN it averages out over many weights of both signs.
 
+Also ``first_order_<key>`` = ``g . e`` with ``g`` the mean gradient of the calibration loss (from the
+same ``fisher`` pass): zero in expectation at a trained minimum, but systematic for under-trained
+models or formats that shrink weights (it is measured, noisily, from few calibration tokens).
+
 Features: ``<key>`` for every data type at its default group size (``_rtn.default_group``: per
 channel at 6-8 bits, g128 for int3/int4/fp4, g64 for nf3/nf4/int2, MX block 32) and, with
 ``all_group_sizes``, also every group size of the ``sqnr`` grid; ``log10_<key>`` too. Keys look like
@@ -48,7 +52,7 @@ class SecondOrderProbe(Probe):
         from quantizers import get_dtype
 
         layers = layer_infos(loaded)
-        diag = ensure_fisher(loaded, calib, seed, context)
+        diag, grad = ensure_fisher(loaded, calib, seed, context)
         cfgs = configs(settings["dtypes"], all_group_sizes=bool(settings["all_group_sizes"]))
         defaults = {name: spec_key(name, default_group(name), get_dtype(name).block_size) for name, _, _ in cfgs}
         wanted = list(dict.fromkeys(cfgs + [(n, default_group(n), defaults[n]) for n, _, _ in cfgs]))
@@ -60,6 +64,7 @@ class SecondOrderProbe(Probe):
             for row, li, r, e in zip(rows, layers, idx, errors):
                 scale = li.module.out_features / r.numel()
                 row[key] = scale * second_order_estimate(diag[li.name][r].cpu(), e)
+                row[f"first_order_{key}"] = scale * float((grad[li.name][r].cpu().double() * e.double()).sum())
                 row["rows_used"] = int(r.numel())
         frame = pd.DataFrame(rows)
         features: dict[str, float] = {}
@@ -67,6 +72,7 @@ class SecondOrderProbe(Probe):
             total = float(frame[key].sum())
             features[key] = total
             features[f"log10_{key}"] = math.log10(total) if total > 0 else -30.0
+            features[f"first_order_{key}"] = float(frame[f"first_order_{key}"].sum())
         info = {"row_fraction": row_fraction(layers, settings["max_elements"]), "default_keys": defaults,
                 "fisher": context.cache.get("fisher.settings", {})}
         return ProbeResult(self.name, features, frame, settings, info=info)
