@@ -1,0 +1,110 @@
+"""`advisor probe` over a saved tiny model: the JSON contract, the cache, clear errors."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from advisor.cli import main
+
+FAST = ["--set", 'sqnr.dtypes=["int4", "mxfp4"]', "--set", 'second_order.dtypes=["int4", "int8"]',
+        "--set", "hessian.power_iters=1", "--set", "perturbation.sigmas=[0.01, 0.1]",
+        "--set", "outliers.extra_chars=5000", "--n-calib", "2", "--calib-seq-len", "16"]
+PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    """A small calibration text (the default stdlib-code:calib takes seconds to tokenize per run)."""
+    from models.data import stdlib_text
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(stdlib_text("calib")[:20000])
+    return f"file:{path}"
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_probe_json_contract_and_cache(capsys, tiny_folder, calib_file):
+    FAST = [*globals()["FAST"], "--calib", calib_file]
+    code, out, err = run_cli(capsys, "probe", "--model", str(tiny_folder), "--json", *FAST)
+    assert code == 0, err
+    d = json.loads(out)
+    assert {"features", "per_layer", "provenance", "seconds"} <= set(d)
+    assert d["cached"] is False
+    feats = d["features"]
+    for p in PREFIXES:
+        assert any(k.startswith(p) for k in feats), p
+    assert all(isinstance(v, float) and math.isfinite(v) for v in feats.values())
+    prov = d["provenance"]
+    assert prov["calibration"]["n_windows"] == 2 and prov["calibration"]["seq_len"] == 16
+    assert prov["model"]["fingerprint"] and prov["seed"] == 0
+    assert set(prov["probes"]) == {p[:-1] for p in PREFIXES}
+    assert prov["probes"]["sqnr"]["settings"]["dtypes"] == ["int4", "mxfp4"]
+    assert d["per_layer"]["fisher"] and "layer" in d["per_layer"]["fisher"][0]
+
+    code, out2, _ = run_cli(capsys, "probe", "--model", str(tiny_folder), "--json", *FAST)
+    again = json.loads(out2)
+    assert code == 0 and again["cached"] is True and again["features"] == feats
+
+    code, out3, _ = run_cli(capsys, "probe", "--model", str(tiny_folder), "--json", "--no-cache", *FAST)
+    fresh = json.loads(out3)
+    assert fresh["cached"] is False and fresh["features"] == feats  # deterministic
+
+    # a different seed is a different cache entry
+    code, out4, _ = run_cli(capsys, "probe", "--model", str(tiny_folder), "--json", "--seed", "1",
+                            "--probes", "hessian", *FAST)
+    other = json.loads(out4)
+    assert other["cached"] is False and set(k.split(".")[0] for k in other["features"]) == {"hessian"}
+
+
+def test_probe_text_output(capsys, tiny_folder, calib_file):
+    code, out, _ = run_cli(capsys, "probe", "--model", str(tiny_folder), "--probes", "sqnr", *FAST, "--calib", calib_file)
+    assert code == 0 and "sqnr.int4_pc_db" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--probes", "hesian"], "unknown probe 'hesian'"),
+    (["--set", "fisher.n_window=2"], "unknown setting of probe 'fisher'"),
+    (["--set", "fisher"], "expected PROBE.KEY=VALUE"),
+    (["--calib", "nosuchcorpus"], "unknown dataset"),
+])
+def test_probe_errors_are_clear(capsys, tiny_folder, argv, message):
+    code, out, err = run_cli(capsys, "probe", "--model", str(tiny_folder), *argv)
+    assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_cli_defaults_match_library():
+    import probes
+    from advisor.commands import probe
+
+    assert (probe.DEFAULT_CALIB, probe.DEFAULT_N_CALIB, probe.DEFAULT_CALIB_SEQ_LEN) == (
+        probes.DEFAULT_CALIB, probes.DEFAULT_N_CALIB, probes.DEFAULT_CALIB_SEQ_LEN)
+
+
+def test_cache_writes_atomically(tmp_path, monkeypatch):
+    from advisor import probe_cache
+
+    monkeypatch.setenv("ADVISOR_HOME", str(tmp_path))
+    path = probe_cache.save("k" * 8, {"features": {"a.b": 1.0}})
+    assert path.parent == tmp_path / "probes" and probe_cache.load("k" * 8) == {"features": {"a.b": 1.0}}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+    path.write_text("{truncated")
+    assert probe_cache.load("k" * 8) is None  # a corrupt entry is ignored, not fatal
+    with pytest.raises(ValueError):
+        probe_cache.save("bad", {"features": {"a.b": float("nan")}})
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".bad")]
