@@ -124,6 +124,8 @@ def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | 
     """
     from advisor.candidates import default_specs
 
+    if max_ppl_delta is not None or max_ppl_ratio is not None:
+        Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
     ctx = prepare(model, **prepare_kwargs)
     df = predict_candidates(ctx, default_specs(methods, dtypes), confidence, predictor)
     df.attrs["baseline_ppl"] = ctx.baseline_ppl
@@ -207,6 +209,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         raise AdvisorError(f"--max-attempts must be at least 1, got {max_attempts}")
     if not (0.5 <= confidence < 1):
         raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
+    Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
     if out is not None:
         from models.saving import check_output_dir
 
