@@ -205,6 +205,8 @@ def main(argv=None) -> int:
         except AdvisorError as e:
             log.warning("skipping %s: %s", name, e)
             skipped[name] = str(e)
+        Path(args.out + ".partial").write_text(json.dumps({"models": per_model, "skipped": skipped}, default=str))
+    Path(args.out + ".partial").unlink(missing_ok=True)
     ratio = next((r["probe_over_eval_seconds"] for r in per_model.values() if "probe_over_eval_seconds" in r), None)
     out = {
         "spearman_second_order_rtn": {m: r["spearman_second_order_rtn"] for m, r in per_model.items()},

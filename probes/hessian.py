@@ -102,7 +102,7 @@ class HessianProbe(Probe):
         "n_windows": 1,  # calibration windows in the loss (the first ones)
         "seq_len": 64,  # tokens of each window used (None = whole window): an HVP costs ~10 forward passes
         "n_probes": 2,  # Rademacher vectors (>= 2 for a standard error)
-        "power_iters": 2,  # HVPs of power iteration (started from the last probe's H v)
+        "power_iters": 1,  # HVPs of power iteration (started from the last probe's H v: 1 HVP = 2 power steps)
         "layers": None,  # regexes restricting the linear layers (None = all)
         "probe_batch": 1,  # probe vectors per vectorized HVP call (memory x this); >1 for small models
     }

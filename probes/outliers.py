@@ -98,6 +98,7 @@ class OutliersProbe(Probe):
     version = "1"
     defaults = {
         "n_windows": 1,  # windows per calibration set
+        "seq_len": 64,  # tokens of each window used (None = whole window)
         "channel_factor": 8.0,
         "shuffled": True,
         "extra_sets": ["stdlib-code:train"],
@@ -106,6 +107,8 @@ class OutliersProbe(Probe):
 
     def _windows(self, loaded, calib, settings, seed) -> dict[str, torch.Tensor]:
         ids = first_windows(calib, settings["n_windows"])
+        if settings["seq_len"] is not None:
+            ids = ids[:, : max(2, int(settings["seq_len"]))]
         sets = {"calib": ids}
         if settings["shuffled"]:
             gen = torch.Generator().manual_seed(seed)
