@@ -114,7 +114,8 @@ def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence:
 
 def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | None = None, *,
          max_ppl_ratio: float | None = None, confidence: float = 0.9, methods: list[str] | None = None,
-         dtypes: list[str] | None = None, predictor=None, **prepare_kwargs: Any) -> pd.DataFrame:
+         dtypes: list[str] | None = None, specs: list[str] | None = None, predictor=None,
+         **prepare_kwargs: Any) -> pd.DataFrame:
     """Budget planning without quantizing anything.
 
     Returns a DataFrame of every candidate (spec, bits per weight, bytes, relative speed, predicted dL and
@@ -122,12 +123,11 @@ def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | 
     bound meets it and ``chosen`` the cheapest of them. With ``max_bytes`` (the inverse question),
     ``fits`` marks candidates within the memory budget and ``chosen`` the best predicted quality among them.
     """
-    from advisor.candidates import default_specs
 
     if max_ppl_delta is not None or max_ppl_ratio is not None:
         Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
     ctx = prepare(model, **prepare_kwargs)
-    df = predict_candidates(ctx, default_specs(methods, dtypes), confidence, predictor)
+    df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df.attrs["baseline_ppl"] = ctx.baseline_ppl
     df["chosen"] = False
     if max_ppl_delta is not None or max_ppl_ratio is not None:
@@ -186,6 +186,24 @@ class Recommendation:
         return d
 
 
+def _specs(specs: list[str] | None, methods: list[str] | None, dtypes: list[str] | None) -> list[str]:
+    """The candidate grid: explicit ``specs`` (validated), else the default grid filtered by methods/dtypes."""
+    from advisor.candidates import default_specs
+    from quantizers import QuantSpec
+
+    if specs is None:
+        return default_specs(methods, dtypes)
+    if not specs:
+        raise AdvisorError("the candidate list is empty; give at least one spec such as gptq:int4:g128")
+    out = []
+    for s in specs:
+        try:
+            out.append(str(QuantSpec.parse(s)))
+        except ValueError as e:
+            raise AdvisorError(f"invalid candidate spec {s!r}: {e}") from None
+    return out
+
+
 def _pred(row: pd.Series) -> dict[str, float]:
     return {"mean": float(row["pred_dppl"]), "lower": float(row["pred_dppl_lower"]),
             "upper": float(row["pred_dppl_upper"])}
@@ -193,7 +211,7 @@ def _pred(row: pd.Series) -> dict[str, float]:
 
 def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_ratio: float | None = None,
               confidence: float = 0.9, methods: list[str] | None = None, dtypes: list[str] | None = None,
-              max_attempts: int = 3, out: str | Path | None = None, dry_run: bool = False, predictor=None,
+              specs: list[str] | None = None, max_attempts: int = 3, out: str | Path | None = None, dry_run: bool = False, predictor=None,
               progress: bool = True, **prepare_kwargs: Any) -> Recommendation:
     """Pick, run and verify the cheapest candidate predicted to meet the budget.
 
@@ -202,7 +220,6 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     on a miss. Exit codes (``Recommendation.exit_code``): 0 verified (or dry run with a candidate),
     2 nothing predicted to meet the target, 3 every attempt missed.
     """
-    from advisor.candidates import default_specs
 
     t0 = time.perf_counter()
     if max_attempts < 1:
@@ -216,7 +233,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         check_output_dir(Path(out) / "model")
     ctx = prepare(model, progress=progress, **prepare_kwargs)
     budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
-    df = predict_candidates(ctx, default_specs(methods, dtypes), confidence, predictor)
+    df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df["passes"] = df["pred_dl_upper"] <= budget.max_dl
     passing = df[df["passes"]]
     common = dict(baseline_ppl=ctx.baseline_ppl, budget=budget.description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),

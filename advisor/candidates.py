@@ -7,7 +7,8 @@ Cost of a candidate on a given model:
 - ``relative_speed``: decode (batch 1) speed of the packed kernels relative to a bf16 ``nn.Linear``,
   from the kernel benchmark shipped with the package (``advisor/data/kernel_speed.json``), falling
   back to the memory-bound estimate 16 / bits when a format was not measured.
-Candidates are ranked by bytes, then by speed (faster first).
+Candidates are ranked by bytes, then by speed (faster first), then by how much compute the method
+needs to run (RTN first: at equal cost, the simplest solver that passes is the one to ship).
 """
 from __future__ import annotations
 
@@ -97,11 +98,20 @@ def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
                      bits_per_weight=bpw, bytes=total_bytes, relative_speed=speed)
 
 
+# Solver compute, cheapest first: the tie-break between candidates of equal bytes and speed.
+METHOD_COMPUTE_RANK = {"rtn": 0, "awq": 1, "gptq": 2, "nonuniform": 3, "quantease": 4, "quantease-outlier": 5}
+
+
+def cost_key(c: Candidate) -> tuple:
+    """The ranking of candidates (lower is cheaper): bytes, then speed, then solver compute, then name."""
+    return (c.bytes, -c.relative_speed, METHOD_COMPUTE_RANK.get(c.method, 99), c.spec)
+
+
 def enumerate_candidates(loaded, specs: Iterable[str] | None = None) -> list[Candidate]:
-    """Every spec costed on ``loaded``'s shapes, cheapest (fewest bytes, then fastest) first."""
+    """Every spec costed on ``loaded``'s shapes, cheapest first (see :func:`cost_key`)."""
     shapes = layer_shapes(loaded)
     n_linear = sum(o * i for o, i in shapes)
     other = loaded.n_params() - n_linear
     table = _kernel_speed_table()
     cands = [candidate(s, shapes, other, table) for s in (specs or DEFAULT_SPECS)]
-    return sorted(cands, key=lambda c: (c.bytes, -c.relative_speed, c.spec))
+    return sorted(cands, key=cost_key)

@@ -80,3 +80,16 @@ def test_bad_runs_are_refused_with_row_numbers():
     bad.loc[2, "method"] = "gtpq"
     with pytest.raises(PredictorError, match=r"unknown method in rows \[2\]"):
         check_runs(bad)
+
+
+def test_same_data_gives_identical_predictions():
+    """Determinism (issue 9): fitting, calibration and the forest baseline depend only on the data."""
+    from advisor.predictor import fit_forest, forest_matrix
+
+    df = synthetic_runs()
+    a = Predictor().fit(df).calibrate(df, df["family"].to_numpy())
+    b = Predictor().fit(df.sample(frac=1.0, random_state=3).sort_index()).calibrate(df, df["family"].to_numpy())
+    for x, y in zip(a.predict_interval(df), b.predict_interval(df)):
+        np.testing.assert_array_equal(x, y)
+    assert a.conformal_ == b.conformal_
+    np.testing.assert_array_equal(fit_forest(df).predict(forest_matrix(df)), fit_forest(df).predict(forest_matrix(df)))

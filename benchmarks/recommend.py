@@ -1,0 +1,161 @@
+"""`advisor recommend` against brute force, on models the predictor never saw.
+
+    python benchmarks/recommend.py [--models zoo:llama-xs smollm2-135m] [--budgets 0.01 0.03 0.10] [--json]
+
+For every model of the shipped fitting data (``advisor/data/runs.csv``: the project's sweep of the
+zoo and SmolLM2-135M, every default candidate quantized and measured: that *is* brute force):
+
+1. fit the predictor without the model's group (zoo: its whole family, leave-one-family-out;
+   SmolLM2: the zoo only), so the recommendation is made for a family the predictor never saw;
+2. for each budget (dPPL <= 1%, 3%, 10% of the baseline perplexity) run the real
+   :func:`advisor.api.recommend` with a fresh measurement store (so it pays for its baseline and
+   probes), on the sweep's protocol: it predicts, ranks, quantizes with the packed kernels,
+   measures and escalates;
+3. compare with brute force: the cheapest candidate (same cost order as the advisor) whose measured
+   dL meets the budget.
+
+Prints and records (benchmarks/results/recommend.json): ``cases``, ``agreement`` (share of cases
+where the verified recommendation is the brute-force cheapest passing spec), ``cost_agreement``
+(same bytes, i.e. an equally cheap spec), ``extra_bits_when_not``, ``first_attempt_pass_rate``,
+``false_success`` (verified but measured above the budget: must be 0) and ``compute_ratio``
+(recommend seconds over brute-force seconds: every candidate's quantize + evaluate time from the
+sweep plus one baseline evaluation; model loading excluded from both).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def brute_force_choice(model_runs, order: list[str], max_dl: float) -> dict | None:
+    """The first spec in cost ``order`` whose measured dL meets ``max_dl`` (None: nothing passes)."""
+    by_spec = {r["spec"]: r for r in model_runs.to_dict("records")}
+    for spec in order:
+        r = by_spec.get(spec)
+        if r is not None and r["dl"] <= max_dl:
+            return r
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default=None, help="fitting data CSV (default: the shipped advisor/data/runs.csv)")
+    p.add_argument("--models", nargs="+", default=None, help="models to test (default: every model in the runs)")
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.01, 0.03, 0.10],
+                   help="dPPL budgets as fractions of the baseline perplexity")
+    p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend.json"))
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from advisor.api import recommend
+    from advisor.candidates import enumerate_candidates
+    from advisor.fitting import SHIPPED_RUNS, fit, read_runs
+    from advisor.store import Store
+    from advisor.sweep import Protocol
+    from models.loading import load
+    from models.saving import atomic_write_text
+
+    torch.manual_seed(0)
+    df = read_runs(args.runs or SHIPPED_RUNS)
+    proto = Protocol()
+    models = args.models or sorted(df["model"].unique(), key=lambda m: (m.startswith("zoo:") is False, m))
+    cases, per_model = [], {}
+    for name in models:
+        mruns = df[df["model"] == name]
+        if mruns.empty:
+            print(f"skipping {name}: no runs in the fitting data", file=sys.stderr)
+            continue
+        group = mruns["group"].iloc[0]
+        train = df[(df["group"] != group) & (df["prequantized_source"].fillna(0).astype(int) == 0)]
+        predictor = fit(train)
+        loaded = load(name, device=proto.device)
+        order = [c.spec for c in enumerate_candidates(loaded, sorted(mruns["spec"].unique()))]
+        bpw = dict(zip(mruns["spec"], mruns["bits_per_weight"]))
+        brute_run_seconds = float(mruns["seconds"].sum())
+        baseline_ppl = float(mruns["baseline_ppl"].iloc[0])
+        for frac in args.budgets:
+            with tempfile.TemporaryDirectory() as tmp:
+                store = Store(Path(tmp) / "m.sqlite")
+                t0 = time.perf_counter()
+                rec = recommend(loaded, max_ppl_ratio=1 + frac, confidence=args.confidence,
+                                max_attempts=args.max_attempts, predictor=predictor, specs=order, store=store,
+                                calib=proto.calib_data, eval=proto.eval_data, seq_len=proto.seq_len,
+                                max_windows=proto.max_windows, n_calib=proto.n_calib, seed=proto.seed,
+                                progress=False)
+                rec_seconds = time.perf_counter() - t0
+                base_seconds = float(store._conn.execute("SELECT seconds FROM baselines").fetchone()[0])
+                store.close()
+            max_dl = math.log1p(frac)
+            bf = brute_force_choice(mruns, order, max_dl)
+            last = rec.attempts[-1] if rec.attempts else None
+            case = {
+                "model": name, "group": group, "budget_frac": frac, "max_dl": max_dl,
+                "baseline_ppl": baseline_ppl, "recommended": rec.spec, "verified": rec.verified,
+                "exit_code": rec.exit_code, "n_attempts": len(rec.attempts),
+                "attempts": [{"spec": a.spec, "predicted_dppl": a.predicted, "measured_dl": a.measured_dl,
+                              "passed": a.passed, "seconds": a.seconds} for a in rec.attempts],
+                "first_attempt_passed": bool(rec.attempts and rec.attempts[0].passed),
+                "brute_force": None if bf is None else bf["spec"],
+                "brute_force_bpw": None if bf is None else float(bf["bits_per_weight"]),
+                "recommended_bpw": None if rec.spec is None else float(bpw.get(rec.spec, float("nan"))),
+                "recommend_seconds": rec_seconds,
+                "brute_force_seconds": brute_run_seconds + base_seconds,
+                "false_success": bool(rec.verified and last is not None and last.measured_dl > max_dl + 1e-12),
+            }
+            case["agree"] = case["recommended"] == case["brute_force"]
+            case["cost_agree"] = case["agree"] or (rec.spec is not None and bf is not None and
+                                                   abs(case["recommended_bpw"] - case["brute_force_bpw"]) < 1e-9)
+            case["extra_bits"] = (None if rec.spec is None or bf is None else
+                                  case["recommended_bpw"] - case["brute_force_bpw"])
+            cases.append(case)
+            print(f"{name:22s} {frac:5.0%}  rec={rec.spec!s:28s} bf={case['brute_force']!s:28s} "
+                  f"attempts={len(rec.attempts)} first_ok={case['first_attempt_passed']} "
+                  f"t={rec_seconds:6.1f}s bf_t={case['brute_force_seconds']:7.1f}s", file=sys.stderr, flush=True)
+        per_model[name] = {"group": group, "brute_force_seconds": brute_run_seconds}
+        del loaded
+
+    n = len(cases)
+    not_agree = [c["extra_bits"] for c in cases if not c["agree"] and c["extra_bits"] is not None]
+    with_attempt = [c for c in cases if c["n_attempts"]]
+    out = {
+        "cases": cases,
+        "n_cases": n,
+        "agreement": sum(c["agree"] for c in cases) / n if n else None,
+        "cost_agreement": sum(c["cost_agree"] for c in cases) / n if n else None,
+        "extra_bits_when_not": {"mean": float(np.mean(not_agree)) if not_agree else 0.0,
+                                "max": float(np.max(not_agree)) if not_agree else 0.0, "n": len(not_agree)},
+        "first_attempt_pass_rate": (sum(c["first_attempt_passed"] for c in with_attempt) / len(with_attempt)
+                                    if with_attempt else None),
+        "verified_rate": sum(c["verified"] for c in cases) / n if n else None,
+        "false_success": sum(c["false_success"] for c in cases),
+        "compute_ratio": (sum(c["recommend_seconds"] for c in cases) / sum(c["brute_force_seconds"] for c in cases)
+                          if n else None),
+        "budgets": args.budgets,
+        "confidence": args.confidence,
+        "protocol": proto.to_dict(),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg": os.getloadavg(), "torch": torch.__version__},
+    }
+    atomic_write_text(args.out, json.dumps(out, indent=1, default=str))
+    summary = {k: v for k, v in out.items() if k != "cases"}
+    print(json.dumps(out if args.json else summary, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
