@@ -68,6 +68,7 @@ def save_quantized_model(loaded, result, record: dict[str, Any], out_dir: str | 
     Raises:
         AdvisorError: the parent folder is not writable or the disk is full (nothing is left behind).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     out_dir = Path(out_dir).expanduser().resolve()
@@ -95,9 +96,9 @@ def save_quantized_model(loaded, result, record: dict[str, Any], out_dir: str | 
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors (disk full) as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AdvisorError(f"could not save the quantized model to {out_dir}: {e.strerror or e} "
+        raise AdvisorError(f"could not save the quantized model to {out_dir}: {getattr(e, 'strerror', None) or e} "
                            "(disk full or not writable?); nothing was left behind") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -67,3 +67,29 @@ def test_bad_input(capsys, tiny_folder, tmp_path, case):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in err
     assert message in last, last
+
+
+def test_full_disk_while_saving_leaves_nothing_behind(tiny_folder, tmp_path):
+    """A write that fails mid-file (here: a file-size limit, the same EFBIG/ENOSPC path as a full disk)
+    gives one clear error line and leaves neither a partial model folder nor temporary files."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    limit = (tiny_folder / "model.safetensors").stat().st_size // 4  # the weights cannot be written whole
+
+    def cap_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write returns EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "advisor.cli", *_q(tiny_folder, "--spec", "rtn:int8", "--out", str(out / "model"))]
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    r = subprocess.run(argv, capture_output=True, text=True, preexec_fn=cap_file_size, env=env, timeout=300)
+    assert r.returncode != 0, r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "could not save" in last and "nothing was left behind" in last, last
+    assert not (out / "model").exists()
+    assert [p.name for p in out.iterdir()] == [] if out.exists() else True
