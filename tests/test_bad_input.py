@@ -86,6 +86,10 @@ def test_full_disk_while_saving_leaves_nothing_behind(tiny_folder, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "advisor.cli", *_q(tiny_folder, "--spec", "rtn:int8", "--out", str(out / "model"))]
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    # First without the limit: numba writes its compiled-kernel cache on first use, and that write would
+    # fail first (a full disk breaks numba's cache too; the point here is the model save).
+    warm = [*argv[:-1], str(tmp_path / "warm" / "model")]
+    assert subprocess.run(warm, capture_output=True, env=env, timeout=300).returncode == 0
     r = subprocess.run(argv, capture_output=True, text=True, preexec_fn=cap_file_size, env=env, timeout=300)
     assert r.returncode != 0, r.stdout
     last = r.stderr.strip().splitlines()[-1]
