@@ -12,6 +12,10 @@ Writes benchmarks/results/kernels.json; ``--json`` prints the list of rows.
 on a machine shared with other jobs this measures the kernels' own cost per core, which a
 wall clock (quantized by the scheduler's time slices under load) cannot.
 Results go to kernels_single_thread.json then.
+
+Every run also writes ``advisor/data/kernel_speed.json``: per measured format, the median over
+the shapes of the batch-1 speedup against bf16 ``nn.Linear`` (read by ``advisor/candidates.py``
+as ``relative_speed``), with the command, clock and machine that produced it.
 """
 from __future__ import annotations
 
@@ -171,6 +175,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def speed_table(result: dict) -> dict:
+    """{"speedup_vs_bf16_batch1": {format: median over shapes}, "command", "machine"}."""
+    per_format: dict[str, list[float]] = {}
+    for r in result["rows"]:
+        if r["batch"] == 1:
+            per_format.setdefault(r["format"], []).append(r["speedup_vs_bf16"])
+    m = result["machine"]
+    return {"speedup_vs_bf16_batch1": {k: round(statistics.median(v), 3)
+                                       for k, v in per_format.items()},
+            "command": m["command"], "clock": m["clock"],
+            "machine": {k: m[k] for k in ("cpu", "n_cores", "torch_threads", "torch",
+                                          "load_avg_before", "load_avg_after",
+                                          "copy_gbps_read_plus_write")}}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the rows as a JSON list")
@@ -182,11 +201,18 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     result = run(args.quick, args.formats, log, args.single_thread)
+    argv = sys.argv[1:] if argv is None else argv
+    result["machine"]["command"] = " ".join(["python benchmarks/kernels.py", *argv])
     os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
     name = "kernels_single_thread.json" if args.single_thread else "kernels.json"
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
+    speed_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "advisor", "data", "kernel_speed.json")
+    with open(speed_path, "w") as f:
+        json.dump(speed_table(result), f, indent=1)
+        f.write("\n")
     if args.json:
         print(json.dumps(result["rows"]))
     else:

@@ -20,15 +20,35 @@ buffer and reuse it for every batch row.
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
-from numba import njit, prange, set_parallel_chunksize, types
+from llvmlite import ir
+from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic, overload
+
+from .simd import (f32v, vadd, vexmy, vfield, vflip_sign, vfma, vgather, vhsum, vload_f32,
+                   vload_u8, vload_u16, vor_shl, vperm16, vperm32, vsplat, vtof, vzero)
 
 LAYOUT_ID = {"crumb2": 0, "nib4": 1, "byte8": 2, "planes": 3, "split6": 4}
 ROWS_PER_TASK = 16
-# prange hands out CHUNK_TASKS tasks at a time (dynamic scheduling): on a shared machine a
-# static half/half split waits for whichever core is busy with someone else's work.
-CHUNK_TASKS = 4
+
+
+@intrinsic
+def _atomic_add(typingctx, arr, i, v):
+    """``arr[i] += v`` atomically (sequentially consistent); returns the old value."""
+    sig = types.int64(arr, i, v)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.gep(a.data, [args[1]])
+        val = args[2]
+        if val.type != ir.IntType(64):
+            val = builder.sext(val, ir.IntType(64))
+        return builder.atomic_rmw("add", ptr, val, "seq_cst")
+
+    return sig, codegen
 
 
 @intrinsic
@@ -404,9 +424,131 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
     return a
 
 
+
+# ------------------------------------------------------------------ explicit-SIMD batch-1 path
+# ``vdec`` (by type) says how the vector kernel decodes a code; values equal ``_val``'s:
+#   None -> float(code) (int8 and other affine grids wider than 4 bits);
+#   float32 (rows, 16) array -> 16-entry register table per row (or one shared row), vpermps:
+#     4-bit ints, 4-bit ExMy (FP4, MXFP4), NF4, any table of <= 16 values;
+#   float32 (1, 2, 16) array -> 32 magnitudes + sign bit 5, vpermi2ps: FP6 E3M2 / E2M3;
+#   (E, M, bias) ints -> ExMy value built from bits (FP8);
+#   (table (rows, 2**bits),) -> per-lane gather (other codebooks).
+# (Tables travel as arrays: float tuples passed into a prange body disable on-disk caching.)
+def _vrow_table(vdec, row):
+    raise NotImplementedError
+
+
+def _vdec(c, vdec, vt):
+    raise NotImplementedError
+
+
+@overload(_vrow_table, inline="always")
+def _ov_vrow_table(vdec, row):
+    if isinstance(vdec, types.Array) and vdec.ndim == 2:
+        def impl16(vdec, row):
+            v = vload_f32(vdec[row], 0)
+            return (v, v)
+        return impl16
+    if isinstance(vdec, types.Array) and vdec.ndim == 3:
+        return lambda vdec, row: (vload_f32(vdec[0, 0], 0), vload_f32(vdec[0, 1], 0))
+    if isinstance(vdec, types.BaseTuple) and isinstance(vdec[0], types.Array):
+        return lambda vdec, row: vdec[0][row]
+    return lambda vdec, row: 0
+
+
+@overload(_vdec, inline="always")
+def _ov_vdec(c, vdec, vt):
+    if isinstance(vdec, types.NoneType):
+        return lambda c, vdec, vt: vtof(c)
+    if isinstance(vdec, types.Array) and vdec.ndim == 2:
+        return lambda c, vdec, vt: vperm16(vt[0], c)
+    if isinstance(vdec, types.Array) and vdec.ndim == 3:
+        return lambda c, vdec, vt: vflip_sign(vperm32(vt[0], vt[1], c), c, 5)
+    if isinstance(vdec, types.UniTuple) and isinstance(vdec.dtype, types.Integer):
+        return lambda c, vdec, vt: vexmy(c, vdec[0], vdec[1], vdec[2])
+    if isinstance(vdec, types.BaseTuple) and isinstance(vdec[0], types.Array):
+        return lambda c, vdec, vt: vgather(vt, c)
+    raise TypeError("unsupported vector decode descriptor")
+
+
+@njit(inline="always", fastmath=True)
+def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
+    """(pa, pb) += decoded codes of tile ``tb`` of row ``o`` times x[x0:x0+T] (phase order),
+    16 lanes at a time; the tile's per-phase length must be a multiple of 16."""
+    if layout == 0:  # crumb2: 4 codes per byte
+        Q = T // 4
+        row = qa[o]
+        base = tb * Q
+        for j in range(0, Q, 16):
+            b = vload_u8(row, base + j)
+            pa = vfma(_vdec(vfield(b, 0, 3), vdec, vt), vload_f32(x, x0 + j), pa)
+            pb = vfma(_vdec(vfield(b, 2, 3), vdec, vt), vload_f32(x, x0 + Q + j), pb)
+            pa = vfma(_vdec(vfield(b, 4, 3), vdec, vt), vload_f32(x, x0 + 2 * Q + j), pa)
+            pb = vfma(_vdec(vfield(b, 6, 3), vdec, vt), vload_f32(x, x0 + 3 * Q + j), pb)
+    elif layout == 1:  # nib4: low nibbles meet x[x0:x0+Q], high nibbles x[x0+Q:x0+2Q]
+        Q = T // 2
+        row = qa[o]
+        base = tb * Q
+        for j in range(0, Q, 16):
+            b = vload_u8(row, base + j)
+            pa = vfma(_vdec(vfield(b, 0, 15), vdec, vt), vload_f32(x, x0 + j), pa)
+            pb = vfma(_vdec(vfield(b, 4, 15), vdec, vt), vload_f32(x, x0 + Q + j), pb)
+    elif layout == 2:  # byte8
+        row = qa[o]
+        base = tb * T
+        for j in range(0, T, 32):
+            pa = vfma(_vdec(vload_u8(row, base + j), vdec, vt), vload_f32(x, x0 + j), pa)
+            pb = vfma(_vdec(vload_u8(row, base + j + 16), vdec, vt),
+                      vload_f32(x, x0 + j + 16), pb)
+    elif layout == 4:  # split6: a uint16 lane of q4 holds the 4-bit segments of all 4 phases
+        Q = T // 4
+        r4 = qa[o]
+        r2 = qb[o]
+        b4 = tb * 2 * Q
+        b2 = tb * Q
+        for j in range(0, Q, 16):
+            w = vload_u16(r4, b4 + 2 * j)
+            s = vload_u8(r2, b2 + j)
+            pa = vfma(_vdec(vor_shl(vfield(w, 0, 15), vfield(s, 0, 3), 4), vdec, vt),
+                      vload_f32(x, x0 + j), pa)
+            pb = vfma(_vdec(vor_shl(vfield(w, 4, 15), vfield(s, 2, 3), 4), vdec, vt),
+                      vload_f32(x, x0 + Q + j), pb)
+            pa = vfma(_vdec(vor_shl(vfield(w, 8, 15), vfield(s, 4, 3), 4), vdec, vt),
+                      vload_f32(x, x0 + 2 * Q + j), pa)
+            pb = vfma(_vdec(vor_shl(vfield(w, 12, 15), vfield(s, 6, 3), 4), vdec, vt),
+                      vload_f32(x, x0 + 3 * Q + j), pb)
+    return pa, pb
+
+
+@njit(inline="always", fastmath=True)
+def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                       T, tpg, o0, o1, srow, zrow):
+    """Batch 1: y[o] = sum_g (scale_g mult) <codes_g, x_g> + (scale_g add + offset_g) sum(x_g),
+    with the per-group dot kept in vector lanes and folded into a vector row accumulator
+    (one horizontal sum per row)."""
+    ng = scales.shape[1]
+    n_tiles = xp.shape[1] // T
+    x = xp[0]
+    for o in range(o0, o1):
+        vt = _vrow_table(vdec, o if per_row else 0)
+        _load_row(scales, o, srow)
+        _load_offsets(offsets, o, srow, zrow)
+        acc = vzero()
+        ys = np.float32(0.0)
+        for g in range(ng):
+            pa = vzero()
+            pb = vzero()
+            for t in range(min(tpg, n_tiles - g * tpg)):
+                tb = g * tpg + t
+                pa, pb = _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, tb * T, pa, pb)
+            acc = vfma(vsplat(srow[g] * mult), vadd(pa, pb), acc)
+            ys += (srow[g] * add + zrow[g]) * xsum[0, g]
+        y[0, o] = vhsum(acc) + ys
+
+
 # --------------------------------------------------------------------------------- row kernels
 @njit(inline="always", fastmath=True)
-def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
+def _gemv_rows_body(layout, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
                     T, tpg, o0, o1):
     B = xp.shape[0]
     ng = scales.shape[1]
@@ -418,6 +560,10 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, a
     acc = np.zeros(B, np.float32)
     srow = np.empty(ng, np.float32)
     zrow = np.empty(ng, np.float32)
+    if B == 1 and simd and layout != 3:
+        _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                           T, tpg, o0, o1, srow, zrow)
+        return
     for o in range(o0, o1):
         tt = _row_table(dec, o if per_row else 0)
         _load_row(scales, o, srow)
@@ -507,21 +653,24 @@ def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult
 # separate (non-parallel) functions so their scratch buffers are private to each task.
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+def _gemv_rows_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                      o0, o1):
-    _gemv_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+    _gemv_rows_body(0, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                     o0, o1)
 
 
-@njit(parallel=True, cache=True)
-def _qgemv_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
+@njit(nogil=True, cache=True)
+def _gemv_work_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                tpg, ctr):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    old = set_parallel_chunksize(CHUNK_TASKS)
-    for k in prange(n_tasks):
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
-    set_parallel_chunksize(old)
+        _gemv_rows_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
+                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _atomic_add(ctr, 1, 1)
 
 
 @njit(fastmath=True, cache=True)
@@ -541,21 +690,24 @@ def _qdequant_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, 
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+def _gemv_rows_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                      o0, o1):
-    _gemv_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+    _gemv_rows_body(1, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                     o0, o1)
 
 
-@njit(parallel=True, cache=True)
-def _qgemv_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
+@njit(nogil=True, cache=True)
+def _gemv_work_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                tpg, ctr):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    old = set_parallel_chunksize(CHUNK_TASKS)
-    for k in prange(n_tasks):
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
-    set_parallel_chunksize(old)
+        _gemv_rows_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
+                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _atomic_add(ctr, 1, 1)
 
 
 @njit(fastmath=True, cache=True)
@@ -575,21 +727,24 @@ def _qdequant_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T,
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+def _gemv_rows_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                      o0, o1):
-    _gemv_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+    _gemv_rows_body(2, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                     o0, o1)
 
 
-@njit(parallel=True, cache=True)
-def _qgemv_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
+@njit(nogil=True, cache=True)
+def _gemv_work_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                tpg, ctr):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    old = set_parallel_chunksize(CHUNK_TASKS)
-    for k in prange(n_tasks):
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
-    set_parallel_chunksize(old)
+        _gemv_rows_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
+                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _atomic_add(ctr, 1, 1)
 
 
 @njit(fastmath=True, cache=True)
@@ -609,21 +764,24 @@ def _qdequant_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+def _gemv_rows_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                      o0, o1):
-    _gemv_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+    _gemv_rows_body(3, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                     o0, o1)
 
 
-@njit(parallel=True, cache=True)
-def _qgemv_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
+@njit(nogil=True, cache=True)
+def _gemv_work_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                tpg, ctr):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    old = set_parallel_chunksize(CHUNK_TASKS)
-    for k in prange(n_tasks):
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
-    set_parallel_chunksize(old)
+        _gemv_rows_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
+                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _atomic_add(ctr, 1, 1)
 
 
 @njit(fastmath=True, cache=True)
@@ -643,21 +801,24 @@ def _qdequant_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, 
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+def _gemv_rows_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                      o0, o1):
-    _gemv_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+    _gemv_rows_body(4, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                     o0, o1)
 
 
-@njit(parallel=True, cache=True)
-def _qgemv_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
+@njit(nogil=True, cache=True)
+def _gemv_work_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                tpg, ctr):
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    old = set_parallel_chunksize(CHUNK_TASKS)
-    for k in prange(n_tasks):
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-            o0, min(y.shape[1], o0 + ROWS_PER_TASK))
-    set_parallel_chunksize(old)
+        _gemv_rows_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
+                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        _atomic_add(ctr, 1, 1)
 
 
 @njit(fastmath=True, cache=True)
@@ -676,13 +837,44 @@ def _qdequant_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, 
             o0, min(W.shape[0], o0 + ROWS_PER_TASK))
 
 
-_GEMV = (_qgemv_crumb2, _qgemv_nib4, _qgemv_byte8, _qgemv_planes, _qgemv_split6)
+_GEMV = (_gemv_work_crumb2, _gemv_work_nib4, _gemv_work_byte8, _gemv_work_planes,
+         _gemv_work_split6)
 _DEQUANT = (_qdequant_crumb2, _qdequant_nib4, _qdequant_byte8, _qdequant_planes, _qdequant_split6)
 
 
-def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg):
-    """y (B, out) = W x for phase-ordered xp (B, n_pad) and group sums xsum (B, n_groups)."""
-    _GEMV[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg)
+def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+          vdec=None, simd=False):
+    """y (B, out) = W x for phase-ordered xp (B, n_pad) and group sums xsum (B, n_groups).
+
+    Row tasks are claimed from an atomic counter by the calling thread and by
+    ``numba.get_num_threads() - 1`` helper threads (nogil). Unlike a parallel region, the caller
+    never waits for a helper that has not started yet (on a shared machine a sleeping worker
+    can be a whole scheduler time slice late): it only waits for tasks already claimed; a late
+    helper finds the counter exhausted and returns without touching ``y``.
+    """
+    fn = _GEMV[layout]
+    args = (bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+            tpg)
+    ctr = np.zeros(2, np.int64)  # [next task to claim, tasks finished]
+    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n_helpers = min(get_num_threads() - 1, n_tasks - 1)
+    futures = [_helper_pool(n_helpers).submit(fn, *args, ctr) for _ in range(max(n_helpers, 0))]
+    fn(*args, ctr)
+    while ctr[1] < n_tasks:  # a helper is finishing a task it claimed
+        for f in futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        time.sleep(0)
+
+
+_POOL = None
+
+
+def _helper_pool(n):
+    global _POOL
+    if _POOL is None or _POOL._max_workers < n:
+        _POOL = ThreadPoolExecutor(max_workers=max(n, 1), thread_name_prefix="kernels-gemv")
+    return _POOL
 
 
 def qdequant(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
@@ -699,3 +891,27 @@ def add_outliers(y, x, rows, cols, vals):
         v = vals[k]
         for b in range(y.shape[0]):
             y[b, o] += v * x[b, i]
+
+
+@njit(cache=True)
+def phase_order(x, n_pad, T, U, group, n_groups):
+    """(xp, xsum): x (B, n) zero-padded to n_pad and permuted per tile of T so that element
+    ``U*j + r`` of a tile sits at ``r*(T/U) + j``; xsum (B, n_groups) float32 group sums
+    (accumulated in float64)."""
+    B, n = x.shape
+    Q = T // U
+    xp = np.zeros((B, n_pad), np.float32)
+    xsum = np.zeros((B, n_groups), np.float32)
+    for b in range(B):
+        for tb in range(n_pad // T):
+            for j in range(Q):
+                for r in range(U):
+                    i = tb * T + U * j + r
+                    if i < n:
+                        xp[b, tb * T + r * Q + j] = x[b, i]
+        for g in range(n_groups):
+            s = 0.0
+            for i in range(g * group, min(n, (g + 1) * group)):
+                s += x[b, i]
+            xsum[b, g] = s
+    return xp, xsum

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .codebook import Decode, classify_table
+from .codebook import Decode, classify_table, exmy_grid
 from .int_pack import UNIT, layout_for_bits, pack_codes, unpack_codes
 
 MAX_FAST_BATCH = 8
@@ -78,6 +78,38 @@ def _quiet_numba():
         finally:
             if torch.get_num_threads() != n_torch_threads:
                 torch.set_num_threads(n_torch_threads)
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """Restore the caller's torch thread count after a numba launch (see :func:`_quiet_numba`)."""
+    n_torch_threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n_torch_threads:
+            torch.set_num_threads(n_torch_threads)
+
+
+def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int):
+    """The explicit-SIMD kernel's decode descriptor (see ``kernels.cpu._vdec``): its values
+    equal the scalar decode's, so ``mult``/``add`` folding is shared."""
+    if rule.kind == "affine":  # float(code); a register permute beats a convert for <= 4 bits
+        return np.arange(16, dtype=np.float32)[None] if bits <= 4 else None
+    if rule.kind == "exmy":
+        n_exp, n_man, _ = rule.exmy
+        grid = exmy_grid(n_exp, n_man).astype(np.float32)
+        if bits == 4 and 1 + n_exp + n_man == 4:  # the whole 16-code table in one register
+            return grid[None].copy()
+        if bits == 6 and n_exp + n_man == 5:  # 32 magnitudes in two registers + sign bit 5
+            return grid[:32].reshape(1, 2, 16).copy()
+        return tuple(int(v) for v in rule.exmy)
+    t2 = np.ascontiguousarray(table.reshape(-1, table.shape[-1]), dtype=np.float32)
+    if rule.kind == "lut16":
+        rows = np.zeros((t2.shape[0] if per_row else 1, 16), np.float32)
+        rows[:, :t2.shape[1]] = t2[:rows.shape[0]]
+        return rows
+    return (t2,)
 
 
 def _to_f16_bits(t: torch.Tensor) -> np.ndarray:
@@ -133,6 +165,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._fast = None
+        self._warm = False
 
     # ------------------------------------------------------------------ stored pieces, decoded
     def packed_buffers(self) -> dict[str, torch.Tensor]:
@@ -247,23 +280,19 @@ class QuantLinear(nn.Module):
 
         f = self._fast_args()
         B = x2.shape[0]
-        U = UNIT[self.layout]
-        T = self.tile
-        xpad = x2.detach()
-        if self.n_pad != self.in_features:
-            xpad = torch.nn.functional.pad(xpad, (0, self.n_pad - self.in_features))
-        # phase order: element U*j + r of each tile goes to r*(T/U) + j
-        xp = xpad.reshape(B, self.n_pad // T, T // U, U).transpose(2, 3).contiguous()
-        width = max(self.n_groups * self.group_size, self.n_pad)
-        grouped = torch.nn.functional.pad(xpad, (0, width - self.n_pad))
-        xsum = grouped.reshape(B, self.n_groups, -1).sum(-1).contiguous()
+        x_np = x2.detach().contiguous().numpy()
         y = np.empty((B, self.out_features), np.float32)
-        with _quiet_numba():
-            cpu.qgemv(*f["head"], xp.reshape(B, self.n_pad).numpy(), xsum.numpy(), y, T,
-                      self.tiles_per_group)
+        # after the first call every specialization is compiled: skip the warning filters
+        with (_quiet_numba() if not self._warm else _keep_torch_threads()):
+            # phase order (element U*j + r of each tile goes to r*(T/U) + j) and group sums
+            xp, xsum = cpu.phase_order(x_np, self.n_pad, self.tile, UNIT[self.layout],
+                                       self.group_size, self.n_groups)
+            cpu.qgemv(*f["head"], xp, xsum, y, self.tile, self.tiles_per_group, f["vdec"],
+                      f["simd"])
             if f["outliers"] is not None:
                 rows, cols, vals = f["outliers"]
-                cpu.add_outliers(y, x2.detach().contiguous().numpy(), rows, cols, vals)
+                cpu.add_outliers(y, x_np, rows, cols, vals)
+        self._warm = True
         return torch.from_numpy(y)
 
     def _fast_args(self) -> dict[str, Any]:
@@ -305,9 +334,14 @@ class QuantLinear(nn.Module):
             flat = self.outlier_index.numpy().astype(np.int64)
             outl = (flat // self.in_features, flat % self.in_features,
                     self.outlier_value.float().numpy())
+        U = UNIT[self.layout]
         self._fast = {
             "head": (LAYOUT_ID[self.layout], self.bits, qa, qb, dec, per_row, scales, offsets,
                      np.float32(dec_rule.mult), np.float32(dec_rule.add)),
+            "vdec": _vector_decode(dec_rule, t2, per_row, self.bits),
+            # explicit-SIMD batch-1 kernel: 16 codes per step of every phase of a tile
+            "simd": bool(self.layout != "planes" and self.tile
+                         and (self.tile // U) % (32 if self.layout == "byte8" else 16) == 0),
             "outliers": outl,
             "decode": dec_rule,
         }
@@ -315,10 +349,12 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._fast = None
+        self._warm = False
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._fast = None
+        self._warm = False
         return super()._load_from_state_dict(*args, **kwargs)
 
 

@@ -1,0 +1,292 @@
+"""A tiny explicit-SIMD vocabulary for numba: 16-lane float32 / int32 vector values.
+
+LLVM's auto-vectorizer handles the simple loops in :mod:`kernels.cpu`, but a matrix-vector
+product over groups needs a vector accumulator that lives across groups (one horizontal sum per
+row, not one per group) and table decodes by register permutes; neither can be expressed as a
+plain numba loop. These intrinsics give numba two value types, ``f32v`` (``<16 x float>``) and
+``i32v`` (``<16 x i32>``), kept in registers like any scalar, plus the handful of operations the
+dequant-dot kernels need. Everything is portable LLVM IR except the permutes, which use the
+AVX-512 ``vpermps`` / ``vpermi2ps`` instructions when the host has them and fall back to
+per-lane extracts elsewhere (correct, slower).
+"""
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+V = 16  # lanes
+_F = ir.FloatType()
+_I = ir.IntType(32)
+_FV = ir.VectorType(_F, V)
+_IV = ir.VectorType(_I, V)
+try:
+    HAS_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
+except Exception:  # pragma: no cover - feature query unavailable
+    HAS_AVX512 = False
+if os.environ.get("KERNELS_PORTABLE_SIMD"):  # test hook: force the portable lookups
+    HAS_AVX512 = False
+
+
+class F32V(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+class I32V(types.Type):
+    def __init__(self):
+        super().__init__(name="i32x16")
+
+
+f32v = F32V()
+i32v = I32V()
+
+
+@register_model(F32V)
+class _F32VModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _FV)
+
+
+@register_model(I32V)
+class _I32VModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _IV)
+
+
+def _as_i32(builder, v):
+    w = v.type.width
+    if w == 32:
+        return v
+    return builder.trunc(v, _I) if w > 32 else builder.zext(v, _I)
+
+
+def _splat(builder, v, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    v0 = builder.insert_element(undef, v, ir.Constant(_I, 0))
+    return builder.shuffle_vector(v0, undef, ir.Constant(_IV, [0] * V))
+
+
+def _ivec(k):
+    return ir.Constant(_IV, [k] * V)
+
+
+def _ptr_at(context, builder, aty, arr, idx, elty):
+    a = context.make_array(aty)(context, builder, arr)
+    return builder.bitcast(builder.gep(a.data, [idx]), elty.as_pointer())
+
+
+@intrinsic
+def vzero(typingctx):
+    """All-zero float vector."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_FV, [0.0] * V)
+    return f32v(), codegen
+
+
+@intrinsic
+def vsplat(typingctx, x):
+    """Broadcast a float32 scalar."""
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], _FV)
+    return f32v(types.float32), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c per lane (fused)."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FV, [_FV] * 3),
+                                            "llvm.fma.v16f32")
+        return builder.call(fn, args)
+    return f32v(f32v, f32v, f32v), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    def codegen(context, builder, sig, args):
+        return builder.fadd(*args)
+    return f32v(f32v, f32v), codegen
+
+
+@intrinsic
+def vhsum(typingctx, a):
+    """Sum of the 16 lanes (pairwise tree)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        n = V
+        while n > 1:
+            n //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I, n), list(range(n))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I, n),
+                                                          list(range(n, 2 * n))))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(_I, 0))
+    return types.float32(f32v), codegen
+
+
+@intrinsic
+def vload_f32(typingctx, arr, i):
+    """arr[i:i+16] of a contiguous 1-D float32 array (unaligned)."""
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr_at(context, builder, sig.args[0], args[0], args[1], _FV),
+                            align=4)
+    return f32v(arr, i), codegen
+
+
+@intrinsic
+def vload_u8(typingctx, arr, i):
+    """16 bytes arr[i:i+16] of a contiguous 1-D uint8 array, zero-extended to 32-bit lanes."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], args[1],
+                    ir.VectorType(ir.IntType(8), V))
+        return builder.zext(builder.load(p, align=1), _IV)
+    return i32v(arr, i), codegen
+
+
+@intrinsic
+def vload_u16(typingctx, arr, i):
+    """32 bytes from byte ``i`` of a uint8 array as 16 little-endian uint16 lanes
+    (``arr[i+2j] | arr[i+2j+1] << 8``), zero-extended."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], args[1],
+                    ir.VectorType(ir.IntType(16), V))
+        return builder.zext(builder.load(p, align=1), _IV)
+    return i32v(arr, i), codegen
+
+
+@intrinsic
+def vfield(typingctx, v, shift, mask):
+    """(v >> shift) & mask per lane."""
+    def codegen(context, builder, sig, args):
+        sh = _splat(builder, _as_i32(builder, args[1]), _IV)
+        mk = _splat(builder, _as_i32(builder, args[2]), _IV)
+        return builder.and_(builder.lshr(args[0], sh), mk)
+    return i32v(i32v, shift, mask), codegen
+
+
+@intrinsic
+def vor_shl(typingctx, a, b, k):
+    """a | (b << k) per lane."""
+    def codegen(context, builder, sig, args):
+        kk = _splat(builder, _as_i32(builder, args[2]), _IV)
+        return builder.or_(args[0], builder.shl(args[1], kk))
+    return i32v(i32v, i32v, k), codegen
+
+
+@intrinsic
+def vtof(typingctx, v):
+    """float32 of int32 lanes."""
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _FV)
+    return f32v(i32v), codegen
+
+
+@intrinsic
+def vexmy(typingctx, c, n_exp, n_man, bias):
+    """Value of sign-magnitude ExMy codes (subnormals, no Inf/NaN) built from their bits; the
+    vector form of :func:`kernels.cpu._exmy_to_f32`."""
+    def codegen(context, builder, sig, args):
+        cc = args[0]
+        ne, nm, bi = (_splat(builder, _as_i32(builder, a), _IV) for a in args[1:])
+        one = _ivec(1)
+        em = builder.add(ne, nm)
+        mag = builder.and_(cc, builder.sub(builder.shl(one, em), one))
+        bits = builder.add(builder.shl(mag, builder.sub(_ivec(23), nm)),
+                           builder.shl(builder.sub(_ivec(127), bi), _ivec(23)))
+        f = builder.bitcast(bits, _FV)
+        two_pow = builder.bitcast(builder.shl(builder.sub(_ivec(128), bi), _ivec(23)), _FV)
+        sub = builder.fsub(builder.fadd(f, f), two_pow)
+        is_sub = builder.icmp_unsigned("<", mag, builder.shl(one, nm))
+        v = builder.bitcast(builder.select(is_sub, sub, f), _IV)
+        sign = builder.and_(builder.shl(cc, builder.sub(_ivec(31), em)), _ivec(-2 ** 31))
+        return builder.bitcast(builder.or_(v, sign), _FV)
+    return f32v(i32v, n_exp, n_man, bias), codegen
+
+
+@intrinsic
+def vtable(typingctx, tt, start):
+    """Vector of the 16 float32 values ``tt[start:start+16]`` of a float32 tuple (literal start)."""
+    if not isinstance(start, types.IntegerLiteral):
+        return None
+    s = start.literal_value
+
+    def codegen(context, builder, sig, args):
+        v = ir.Constant(_FV, ir.Undefined)
+        for i in range(V):
+            v = builder.insert_element(v, builder.extract_value(args[0], s + i),
+                                       ir.Constant(_I, i))
+        return v
+    return f32v(tt, start), codegen
+
+
+def _lane_lookup(builder, tables, idx, n_bits):
+    """Portable fallback: per-lane dynamic extract from ``tables`` (1 or 2 vectors)."""
+    out = ir.Constant(_FV, ir.Undefined)
+    for i in range(V):
+        k = builder.and_(builder.extract_element(idx, ir.Constant(_I, i)),
+                         ir.Constant(_I, (1 << n_bits) - 1))
+        if len(tables) == 1:
+            val = builder.extract_element(tables[0], k)
+        else:
+            lo = builder.extract_element(tables[0], builder.and_(k, ir.Constant(_I, 15)))
+            hi = builder.extract_element(tables[1], builder.and_(k, ir.Constant(_I, 15)))
+            val = builder.select(builder.icmp_unsigned("<", k, ir.Constant(_I, 16)), lo, hi)
+        out = builder.insert_element(out, val, ir.Constant(_I, i))
+    return out
+
+
+@intrinsic
+def vperm16(typingctx, table, idx):
+    """``table[idx & 15]`` per lane for a 16-entry register table (``vpermps``)."""
+    def codegen(context, builder, sig, args):
+        t, k = args
+        if HAS_AVX512:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_FV, [_FV, _IV]), "llvm.x86.avx512.permvar.sf.512")
+            return builder.call(fn, [t, k])
+        return _lane_lookup(builder, [t], k, 4)
+    return f32v(f32v, i32v), codegen
+
+
+@intrinsic
+def vperm32(typingctx, lo, hi, idx):
+    """``(lo ++ hi)[idx & 31]`` per lane: a 32-entry register table (``vpermi2ps``)."""
+    def codegen(context, builder, sig, args):
+        a, b, k = args
+        if HAS_AVX512:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_FV, [_FV, _IV, _FV]),
+                "llvm.x86.avx512.vpermi2var.ps.512")
+            return builder.call(fn, [a, k, b])
+        return _lane_lookup(builder, [a, b], k, 5)
+    return f32v(f32v, f32v, i32v), codegen
+
+
+@intrinsic
+def vflip_sign(typingctx, v, c, bit):
+    """-v where bit ``bit`` of c is set (xor of the sign bit)."""
+    def codegen(context, builder, sig, args):
+        sh = builder.sub(_ivec(31), _splat(builder, _as_i32(builder, args[2]), _IV))
+        s = builder.and_(builder.shl(args[1], sh), _ivec(-2 ** 31))
+        return builder.bitcast(builder.xor(builder.bitcast(args[0], _IV), s), _FV)
+    return f32v(f32v, i32v, bit), codegen
+
+
+@intrinsic
+def vgather(typingctx, table, c):
+    """``table[c]`` per lane from a 1-D float32 array (16 scalar loads)."""
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        v = ir.Constant(_FV, ir.Undefined)
+        for i in range(V):
+            k = builder.zext(builder.extract_element(args[1], ir.Constant(_I, i)),
+                             ir.IntType(64))
+            v = builder.insert_element(v, builder.load(builder.gep(a.data, [k])),
+                                       ir.Constant(_I, i))
+        return v
+    return f32v(table, i32v), codegen
