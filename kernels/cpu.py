@@ -15,8 +15,12 @@ the code at ``U*j + r`` of a tile (``U`` codes per storage unit) sits at ``r*(T/
 the lowest nibbles of a tile's bytes meet contiguous activations and every inner loop is a
 unit-stride vector loop. Per group ``g``:
 ``y[b, o] += (scale*mult) * sum_i value_i x_i + (scale*add + offset) * sum_i x_i``.
-Batch 1 decodes and multiplies in one pass; larger batches decode a tile once into an L1
-buffer and reuse it for every batch row.
+Batch 1 decodes and multiplies in one pass -- with the explicit-SIMD kernel
+(:func:`_gemv_rows_simd_b1`, 16-lane vectors from :mod:`kernels.simd`) when every phase of a
+tile is a multiple of 16 codes, else the auto-vectorized scalar loops; larger batches decode a
+tile once into an L1 buffer and reuse it for every batch row. Row tasks of a product are claimed
+from an atomic counter by the caller and ``numba.get_num_threads() - 1`` helper threads
+(:func:`qgemv`); the prefill dequantize kernel uses ``prange``.
 """
 from __future__ import annotations
 
