@@ -12,9 +12,24 @@ statistical model works in log space and corrects that estimate with fitted term
 - the hinge on ``noise / knee`` (RTN relative noise over the knee of the radial loss curve from the
   ``perturbation`` probe): the step-like rise once noise passes the flat region.
 
-Fitted with statsmodels OLS (interpretable coefficients, analytic prediction intervals); interval
-widths are then calibrated by split-conformal on grouped (leave-one-family-out) residuals, so that a
-90% interval covers about 90% of held-out runs. A scikit-learn random forest on the published feature
+Fitted with statsmodels OLS (interpretable coefficients, analytic prediction intervals).
+
+Measured dL is that curvature term plus a first-order term g . e whose sign is random (the
+evaluation set's gradient is not zero, least of all for under-trained models). Its variance, like
+the curvature term, grows with the squared weight error, so its sd is ``kappa * sqrt(D)``: about a
+milli-nat on the zoo, which swamps the curvature term of 6-8-bit formats (their measured dL is often
+negative) and makes log-space residuals of those runs meaningless. So the fit alternates a Gaussian
+maximum-likelihood estimate of (``sigma_r``, ``kappa``) with a statsmodels WLS of the log-space model
+(delta-method weights ``1 / (sigma_r^2 + kappa^2 / D)``), and the interval has a multiplicative part
+(``sigma_log``: residual and parameter sd in log space) and an additive one:
+
+    [D * exp(-s * sigma_log) - s * kappa * sqrt(D),  D * exp(+s * sigma_log) + s * kappa * sqrt(D)]
+
+The multiplier ``s`` is calibrated by split-conformal on grouped (leave-one-family-out) scores
+(the smallest ``s`` whose interval contains the held-out measurement), so that a 90% interval covers
+about 90% of held-out runs; before calibration it is Student's t quantile. With
+``additive_noise=False`` the model is plain OLS and the interval exactly statsmodels' OLS prediction
+interval mapped through exp. A scikit-learn random forest on the published feature
 set (parameter count, baseline NLL, RTN SQNR, format descriptors) is the baseline it must beat.
 
 The fitted model is stored as JSON (coefficients, covariance, conformal scale), never as a pickle.
@@ -30,7 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DL_FLOOR = 1e-4  # nats; measured dL below this (8-bit noise, even negative) is floored in log space
 METHODS = ("rtn", "gptq", "awq", "quantease", "quantease-outlier", "nonuniform")
 FOREST_FEATURES = ("log_params", "baseline_nll", "sqnr_db", "bits", "group_log2", "is_int", "is_fp", "is_nf",
@@ -85,14 +100,20 @@ def check_runs(df: pd.DataFrame, required: tuple[str, ...] = REQUIRED_COLUMNS + 
 
 @dataclass
 class Predictor:
-    """Log-space OLS on physics features with conformal intervals (scikit-learn estimator contract).
+    """Log-space OLS on physics features, plus additive measurement noise, with conformal intervals.
 
-    Fitted attributes end in ``_``: ``coef_``, ``cov_``, ``resid_std_``, ``df_resid_``, ``conformal_``
-    (multiplier on the analytic half-width per nominal coverage), ``n_train_``.
+    Follows the scikit-learn estimator contract. Fitted attributes end in ``_``: ``coef_``, ``cov_``,
+    ``resid_std_`` (sigma_r), ``df_resid_``, ``noise_kappa_`` (sqrt-nats), ``conformal_`` (the calibrated multiplier
+    ``s`` per nominal coverage, e.g. ``{"0.90": 1.9}``), ``n_train_``.
+
+    Args:
+        additive_noise: model the first-order measurement noise (False: plain OLS, statsmodels' intervals).
     """
 
+    additive_noise: bool = True
+
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {}
+        return {"additive_noise": self.additive_noise}
 
     def set_params(self, **params: Any) -> "Predictor":
         for k, v in params.items():
@@ -105,18 +126,44 @@ class Predictor:
         statsmodels OLS (pseudo-inverse, so a method absent from the data gets zero terms instead of
         a singular fit); the coefficients and their covariance are kept, so predictions and intervals
         are computed exactly as ``OLSResults.get_prediction().summary_frame()`` does, without statsmodels
-        objects having to be stored.
+        objects having to be stored (with ``additive_noise``: WLS, see the module docstring).
         """
         import statsmodels.api as sm
 
         X = X.reset_index(drop=True)
-        y = X["dl"] if y is None else y
-        check_runs(X.assign(dl=np.asarray(y, float)))
+        y = np.asarray(X["dl"] if y is None else y, float)
+        check_runs(X.assign(dl=y))
         A, t = _design(X), _target(y)
         res = sm.OLS(t, A).fit(method="pinv")
+        self.noise_kappa_ = 0.0
+        if self.additive_noise:
+            # Measured dL = D * exp(eps) + g.e: the first-order term g.e has sd kappa * sqrt(D) (its
+            # variance, like D, is proportional to the squared weight error). Alternate: (sigma_r, kappa)
+            # by Gaussian maximum likelihood on y - D, then the log-space fit by WLS with the
+            # delta-method weights 1 / (sigma_r^2 + kappa^2 / D), so noise-dominated runs (6-8-bit
+            # formats, negative dL) barely pull the curvature model.
+            from scipy import optimize
+
+            sr, kappa = max(math.sqrt(res.scale), 0.05), 0.01
+            for _ in range(4):
+                D = np.exp(A @ np.asarray(res.params))
+                r2 = (y - D) ** 2
+
+                def nll(q, D=D, r2=r2):
+                    v = np.exp(2 * q[0]) * D ** 2 + np.exp(2 * q[1]) * D + 1e-12
+                    return 0.5 * float(np.sum(np.log(v) + r2 / v))
+
+                q = optimize.minimize(nll, [math.log(sr), math.log(kappa)], method="Nelder-Mead",
+                                      options={"xatol": 1e-4, "fatol": 1e-6, "maxiter": 2000}).x
+                sr, kappa = float(np.exp(q[0])), float(np.exp(q[1]))
+                w = 1.0 / (sr ** 2 + kappa ** 2 / np.maximum(D, 1e-12))
+                res = sm.WLS(t, A, weights=w).fit(method="pinv")
+            self.noise_kappa_ = kappa
         self.coef_ = np.asarray(res.params, float)
         self.cov_ = np.asarray(res.cov_params(), float)
-        self.resid_std_ = float(math.sqrt(res.scale))
+        self.resid_std_ = float(math.sqrt(res.scale)) if not self.additive_noise else sr
+        if self.additive_noise:  # WLS weights carry the variance: parameter covariance with scale 1
+            self.cov_ = np.asarray(res.cov_params(scale=1.0), float)
         self.df_resid_ = float(max(res.df_resid, 1.0))
         self.n_train_ = int(len(t))
         self.conformal_ = {}
@@ -128,45 +175,74 @@ class Predictor:
             raise PredictorError("the predictor is not fitted; call fit() or load a predictor file")
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
-        """Point prediction of dL (nats), the median of the log-space model."""
+        """Point prediction of dL (nats): the median of the log-space model."""
         self._check_fitted()
         return np.exp(_design(X) @ self.coef_)
 
-    def _halfwidth(self, X: pd.DataFrame, alpha: float) -> np.ndarray:
-        from scipy import stats
-
+    def _parts(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(D, sigma_log): point prediction and the log-space prediction sd (residual + parameter)."""
         A = _design(X)
         var = self.resid_std_ ** 2 + np.einsum("ij,jk,ik->i", A, self.cov_, A)
-        t = stats.t.ppf(1 - alpha / 2, self.df_resid_)
-        scale = self.conformal_.get(f"{1 - alpha:.2f}", 1.0)
-        return t * np.sqrt(var) * scale
+        return np.exp(A @ self.coef_), np.sqrt(var)
+
+    def _multiplier(self, alpha: float) -> float:
+        from scipy import stats
+
+        key = f"{1 - alpha:.2f}"
+        return float(self.conformal_[key]) if key in self.conformal_ else float(stats.t.ppf(1 - alpha / 2, self.df_resid_))
+
+    @staticmethod
+    def _bounds(D: np.ndarray, sigma_log: np.ndarray, kappa: float, s) -> tuple[np.ndarray, np.ndarray]:
+        e = np.exp(np.minimum(s * sigma_log, 700.0))
+        noise = s * kappa * np.sqrt(D)
+        return D / e - noise, D * e + noise
 
     def predict_interval(self, X: pd.DataFrame, alpha: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, lower, upper) of dL at coverage 1 - alpha; bounds are calibrated when ``calibrate`` ran."""
+        """(mean, lower, upper) of dL at coverage 1 - alpha; bounds are calibrated when ``calibrate`` ran.
+
+        The lower bound may be negative: within the measurement noise, a quantized model can score better.
+        """
         self._check_fitted()
-        center = _design(X) @ self.coef_
-        hw = self._halfwidth(X, alpha)
-        return np.exp(center), np.exp(center - hw), np.exp(center + hw)
+        D, sl = self._parts(X)
+        lo, up = self._bounds(D, sl, self.noise_kappa_, self._multiplier(alpha))
+        return D, lo, up
+
+    def scores(self, X: pd.DataFrame) -> np.ndarray:
+        """Conformity score of each run: the smallest multiplier ``s`` whose interval contains its dL."""
+        self._check_fitted()
+        y = np.asarray(X["dl"], float)
+        D, sl = self._parts(X)
+        lo, hi = np.zeros(len(y)), np.full(len(y), 1.0)
+        while True:  # grow the bracket until every run is inside
+            l, u = self._bounds(D, sl, self.noise_kappa_, hi)
+            out = ~((y >= l) & (y <= u))
+            if not out.any() or hi.max() > 1e4:
+                break
+            hi = np.where(out, hi * 4, hi)
+        for _ in range(50):  # bisection: the interval grows monotonically with s
+            mid = (lo + hi) / 2
+            l, u = self._bounds(D, sl, self.noise_kappa_, mid)
+            inside = (y >= l) & (y <= u)
+            hi, lo = np.where(inside, mid, hi), np.where(inside, lo, mid)
+        return hi
 
     def calibrate(self, X: pd.DataFrame, groups: np.ndarray, alphas: tuple[float, ...] = (0.1, 0.2, 0.05)) -> "Predictor":
-        """Split-conformal on grouped CV: scale interval half-widths so held-out coverage is nominal.
+        """Split-conformal on grouped CV: the multiplier ``s`` so held-out coverage is nominal.
 
-        For each held-out group, refit on the rest and record |residual| / analytic half-width; the
-        multiplier is the (1 - alpha) quantile of those ratios (finite-sample corrected).
+        For each held-out group, refit on the rest and record each held-out run's score (the smallest
+        ``s`` whose interval contains it); the multiplier is the finite-sample-corrected (1 - alpha)
+        quantile of those scores.
         """
         X = X.reset_index(drop=True)
         groups = np.asarray(groups)
-        ratios: dict[float, list[float]] = {a: [] for a in alphas}
+        scores: list[float] = []
         for g in np.unique(groups):
             train, test = X[groups != g], X[groups == g]
             if len(train) < 10 or not len(test):
                 continue
-            sub = Predictor().fit(train)
-            r = np.abs(_target(test["dl"]) - _design(test) @ sub.coef_)
-            for a in alphas:
-                ratios[a] += list(r / np.maximum(sub._halfwidth(test, a), 1e-12))
+            scores += list(Predictor(additive_noise=self.additive_noise).fit(train).scores(test))
+        rs = np.sort(np.asarray(scores))
         for a in alphas:
-            rs = np.sort(np.asarray(ratios[a]))
             if len(rs):
                 k = min(len(rs) - 1, int(math.ceil((len(rs) + 1) * (1 - a))) - 1)
                 self.conformal_[f"{1 - a:.2f}"] = float(max(rs[k], 1e-3))
@@ -178,6 +254,7 @@ class Predictor:
         return {"format_version": FORMAT_VERSION, "kind": "advisor.Predictor", "design": design_names(),
                 "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
+                "noise_kappa": self.noise_kappa_, "additive_noise": self.additive_noise,
                 "conformal": self.conformal_, "dl_floor": DL_FLOOR}
 
     def save(self, path: str | Path) -> Path:
@@ -193,7 +270,8 @@ class Predictor:
             raise PredictorError(f"predictor file format {d.get('format_version')} with terms {len(d.get('design', []))} "
                                  f"is incompatible with this advisor (format {FORMAT_VERSION}); refit it with "
                                  "`advisor fit --with-shipped --out PRED.json`")
-        p = cls()
+        p = cls(additive_noise=bool(d.get("additive_noise", True)))
+        p.noise_kappa_ = float(d["noise_kappa"])
         p.coef_ = np.asarray(d["coef"], float)
         p.cov_ = np.asarray(d["cov"], float)
         p.resid_std_, p.df_resid_, p.n_train_ = d["resid_std"], d["df_resid"], d["n_train"]
@@ -248,8 +326,10 @@ def error_report(measured_dl: np.ndarray, pred_dl: np.ndarray, lower: np.ndarray
         bp = np.asarray(baseline_ppl, float)
         out["median_abs_err_dppl"] = float(np.median(np.abs(bp * (np.exp(pred_dl) - np.exp(measured_dl)))))
     if lower is not None and upper is not None:
-        m = np.maximum(measured_dl, DL_FLOOR)
-        out["coverage90"] = float(np.mean((m >= lower * (1 - 1e-9)) & (m <= upper * (1 + 1e-9))))
+        lower, upper = np.asarray(lower, float), np.asarray(upper, float)
+        eps = 1e-12 + 1e-9 * np.abs(measured_dl)
+        out["coverage90"] = float(np.mean((measured_dl >= lower - eps) & (measured_dl <= upper + eps)))
+        out["median_interval_width_dl"] = float(np.median(upper - lower))
     return out
 
 

@@ -37,7 +37,7 @@ def test_intervals_equal_statsmodels_prediction_intervals():
     import statsmodels.api as sm
 
     df = synthetic_runs()
-    p = Predictor().fit(df)
+    p = Predictor(additive_noise=False).fit(df)
     res = sm.OLS(_target(df["dl"]), _design(df)).fit(method="pinv")
     frame = res.get_prediction(_design(df.head(7))).summary_frame(alpha=0.1)
     mean, lo, up = p.predict_interval(df.head(7), alpha=0.1)
@@ -80,6 +80,26 @@ def test_bad_runs_are_refused_with_row_numbers():
     bad.loc[2, "method"] = "gtpq"
     with pytest.raises(PredictorError, match=r"unknown method in rows \[2\]"):
         check_runs(bad)
+
+
+def test_additive_noise_keeps_coverage_where_measurements_are_noise():
+    """A first-order term of sd kappa * sqrt(dL) swamps tiny dL (8-bit formats: measured +-noise, often
+    negative): the noise model must cover those runs without widening large-dL intervals."""
+    df = synthetic_runs(n_models=15)
+    true = df["dl"].to_numpy()
+    rng = np.random.default_rng(5)
+    df["dl"] = true + 0.03 * np.sqrt(true) * rng.normal(size=len(df))
+    assert (df["dl"] < 0).sum() >= 10
+    rep = leave_one_group_out(df, "family")
+    assert 0.83 <= rep["coverage90"] <= 0.97
+    mixed = Predictor().fit(df).calibrate(df, df["family"].to_numpy())
+    assert mixed.noise_kappa_ == pytest.approx(0.03, rel=0.5)
+    tiny = df[true < 1e-3]
+    lo, up = mixed.predict_interval(tiny)[1:]
+    assert np.mean((tiny["dl"] >= lo) & (tiny["dl"] <= up)) > 0.8
+    big = df[true > 0.05]
+    mean, lo, up = mixed.predict_interval(big)
+    assert np.median(up / mean) < 2.0  # the noise does not inflate the log-space spread
 
 
 def test_same_data_gives_identical_predictions():
