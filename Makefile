@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(BIN)/advisor eval --model zoo:default --data stdlib-code --max-windows 10
+	# The main job on the embedded model: baseline, probes, predicted dPPL of every candidate, then the
+	# cheapest one predicted to stay within +2% perplexity is quantized, packed, measured and reported.
+	$(BIN)/advisor recommend --model zoo:default --max-ppl-ratio 1.02 --out demo-report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
