@@ -57,14 +57,27 @@ class PredictorError(ValueError):
     """Bad fitting data or an incompatible predictor file."""
 
 
-def _design(df: pd.DataFrame) -> np.ndarray:
-    """Design matrix rows for the log-space linear model (see module docstring)."""
+# Correction terms that are clipped to the range seen in fitting when predicting: the physics term
+# (log_so) carries a new model's scale; the corrections must not extrapolate (a 135M-parameter model
+# with a code NLL of 1.5 is far outside a zoo of 0.1-5M-parameter models with NLL 4.7-5.9).
+CLIPPED = ("log_params", "baseline_nll", "hinge_noise_over_knee")
+
+
+def _design(df: pd.DataFrame, ranges: dict[str, list[float]] | None = None) -> np.ndarray:
+    """Design matrix rows for the log-space linear model (see module docstring).
+
+    ``ranges``: {term: [lo, hi]} to clip the CLIPPED correction terms to (a fitted predictor's ``ranges_``).
+    """
     cols = [np.ones(len(df)), df["log_so"].to_numpy(float)]
     for m in METHODS[1:]:  # rtn is the reference level
         is_m = (df["method"] == m).to_numpy(float)
         cols += [is_m, is_m * df["bits"].to_numpy(float)]
-    cols += [df["log_params"].to_numpy(float), df["baseline_nll"].to_numpy(float),
-             np.maximum(0.0, np.log(np.maximum(df["noise_over_knee"].to_numpy(float), 1e-12)))]
+    scale = {"log_params": df["log_params"].to_numpy(float), "baseline_nll": df["baseline_nll"].to_numpy(float),
+             "hinge_noise_over_knee": np.maximum(0.0, np.log(np.maximum(df["noise_over_knee"].to_numpy(float), 1e-12)))}
+    for name in CLIPPED:
+        if ranges and name in ranges:
+            scale[name] = np.clip(scale[name], *ranges[name])
+        cols.append(scale[name])
     return np.column_stack(cols)
 
 
@@ -134,6 +147,8 @@ class Predictor:
         y = np.asarray(X["dl"] if y is None else y, float)
         check_runs(X.assign(dl=y))
         A, t = _design(X), _target(y)
+        names = design_names()
+        self.ranges_ = {n: [float(A[:, names.index(n)].min()), float(A[:, names.index(n)].max())] for n in CLIPPED}
         res = sm.OLS(t, A).fit(method="pinv")
         self.noise_kappa_ = 0.0
         if self.additive_noise:
@@ -177,11 +192,11 @@ class Predictor:
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         """Point prediction of dL (nats): the median of the log-space model."""
         self._check_fitted()
-        return np.exp(_design(X) @ self.coef_)
+        return np.exp(_design(X, self.ranges_) @ self.coef_)
 
     def _parts(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(D, sigma_log): point prediction and the log-space prediction sd (residual + parameter)."""
-        A = _design(X)
+        A = _design(X, self.ranges_)
         var = self.resid_std_ ** 2 + np.einsum("ij,jk,ik->i", A, self.cov_, A)
         return np.exp(A @ self.coef_), np.sqrt(var)
 
@@ -254,7 +269,7 @@ class Predictor:
         return {"format_version": FORMAT_VERSION, "kind": "advisor.Predictor", "design": design_names(),
                 "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
-                "noise_kappa": self.noise_kappa_, "additive_noise": self.additive_noise,
+                "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "additive_noise": self.additive_noise,
                 "conformal": self.conformal_, "dl_floor": DL_FLOOR}
 
     def save(self, path: str | Path) -> Path:
@@ -272,6 +287,7 @@ class Predictor:
                                  "`advisor fit --with-shipped --out PRED.json`")
         p = cls(additive_noise=bool(d.get("additive_noise", True)))
         p.noise_kappa_ = float(d["noise_kappa"])
+        p.ranges_ = {k: [float(a), float(b)] for k, (a, b) in d["ranges"].items()}
         p.coef_ = np.asarray(d["coef"], float)
         p.cov_ = np.asarray(d["cov"], float)
         p.resid_std_, p.df_resid_, p.n_train_ = d["resid_std"], d["df_resid"], d["n_train"]

@@ -113,3 +113,15 @@ def test_same_data_gives_identical_predictions():
         np.testing.assert_array_equal(x, y)
     assert a.conformal_ == b.conformal_
     np.testing.assert_array_equal(fit_forest(df).predict(forest_matrix(df)), fit_forest(df).predict(forest_matrix(df)))
+
+
+def test_scale_corrections_do_not_extrapolate():
+    """A model far outside the fitted scale range is predicted with its corrections clipped to that range."""
+    df = synthetic_runs()
+    p = Predictor().fit(df)
+    row = df.head(3).copy()
+    far = row.assign(log_params=20.0, baseline_nll=-5.0)
+    edge = row.assign(log_params=df["log_params"].max(), baseline_nll=df["baseline_nll"].min())
+    np.testing.assert_allclose(p.predict(far), p.predict(edge))
+    q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
+    np.testing.assert_allclose(q.predict(far), p.predict(far))
