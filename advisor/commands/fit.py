@@ -31,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
     df = pd.concat(frames, ignore_index=True)
     if df.empty:
         raise PredictorError("no runs to fit on")
+    import time
+
+    t0 = time.perf_counter()
     out: dict = {"n_runs": int(len(df)), "n_groups": int(df["group"].nunique())}
     predictor = fit(df)
+    out["seconds"] = time.perf_counter() - t0  # fit + conformal calibration (not the report)
     if args.out:
         out["saved_to"] = str(predictor.save(args.out))
     if args.report:

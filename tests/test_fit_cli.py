@@ -1,0 +1,53 @@
+"""`advisor fit` on the shipped data: refit with a new family's rows, bad runs files refused by row."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from advisor.cli import main
+from advisor.fitting import SHIPPED_RUNS
+
+
+def _cli(capsys, argv):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_refit_with_a_new_family_moves_its_predictions(capsys, tmp_path):
+    from advisor.predictor import Predictor
+
+    shipped = pd.read_csv(SHIPPED_RUNS)
+    one = shipped["model"].iloc[0]
+    new = shipped[shipped["model"] == one].copy()
+    new["model"], new["family"], new["group"] = "my-org/model-a", "newfam", "my-org/model-a"
+    new["prequantized_source"] = 0
+    new["dl"] = new["dl"].clip(lower=1e-4) * 4.0  # a family four times as sensitive
+    runs = tmp_path / "mine.csv"
+    new.to_csv(runs, index=False)
+    code, out, _ = _cli(capsys, ["fit", "--runs", str(runs), "--with-shipped", "--out", str(tmp_path / "p.json"),
+                                 "--json"])
+    assert code == 0
+    info = json.loads(out)
+    assert info["n_runs"] == len(shipped) + len(new) and info["seconds"] > 0
+    before = Predictor.load(SHIPPED_RUNS.with_name("predictor.json")).predict(new)
+    after = Predictor.load(tmp_path / "p.json").predict(new)
+    big = new["dl"].to_numpy() > 0.01
+    assert np.median(after[big] / before[big]) > 1.2  # moved towards the new family's larger dL
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda df: df.drop(columns=["log_so"]), "missing columns ['log_so']"),
+    (lambda df: df.assign(dl=[np.nan] + list(df["dl"].iloc[1:])), "column 'dl' is NaN/non-numeric in rows [0]"),
+    (lambda df: df.assign(spec=list(df["spec"].iloc[:2]) + ["gptq:int5:g128"] + list(df["spec"].iloc[3:])),
+     "unknown or invalid spec in rows [2]"),
+])
+def test_bad_runs_file_is_refused_with_rows(capsys, tmp_path, damage, message):
+    df = damage(pd.read_csv(SHIPPED_RUNS).head(30))
+    path = tmp_path / "bad.csv"
+    df.to_csv(path, index=False)
+    code, _, err = _cli(capsys, ["fit", "--runs", str(path)])
+    assert code != 0 and message in err, err
