@@ -88,3 +88,33 @@ def check_fits(numel: int | None, bytes_per_param: int, what: str, extra_bytes: 
                            f"{bytes_per_param} bytes each, plus working memory) but only {available / 2**30:.1f} GiB "
                            "is available: use --dtype bfloat16, a GPU (--device cuda), or a machine with more memory")
     return need
+
+
+def quantization_working_bytes(layer_shapes: list[tuple[int, int]], hidden: int, n_windows: int, seq_len: int,
+                               needs_hessian: bool, needs_activations: bool) -> int:
+    """Working memory a block-sequential quantization run adds to the loaded model (float32).
+
+    - calibration activations: the inputs and outputs of the current block for every window
+      (2 x windows x tokens x hidden), only for methods that collect statistics;
+    - the Hessian (in x in) of the widest layer and its Cholesky/inverse copies (x3, GPTQ/QuantEase);
+    - one layer's weight in float32 three times (original, working copy, dequantized result).
+    """
+    widest_in = max((i for _, i in layer_shapes), default=0)
+    largest = max((o * i for o, i in layer_shapes), default=0)
+    need = 3 * largest * 4
+    if needs_hessian or needs_activations:
+        need += 2 * n_windows * seq_len * hidden * 4
+    if needs_hessian:
+        need += 3 * widest_in * widest_in * 4
+    return need
+
+
+def check_quantization_fits(model_bytes: int, working_bytes: int, what: str, available: int | None = None) -> int:
+    """Refuse a quantization run whose working memory cannot fit beside the loaded model (20% slack)."""
+    available = available_bytes() if available is None else available
+    need = int(working_bytes * 1.2)
+    if available is not None and need > available:
+        raise AdvisorError(f"{what} needs about {need / 2**30:.2f} GiB of working memory beside the "
+                           f"{model_bytes / 2**30:.2f} GiB model, but only {available / 2**30:.2f} GiB is available: "
+                           "use fewer or shorter calibration windows (--n-calib, --seq-len), a GPU, or more memory")
+    return need

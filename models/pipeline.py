@@ -159,6 +159,7 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
     t0 = time.perf_counter()
     model, adapter = loaded.model, loaded.adapter
     device = next(model.parameters()).device
+    _check_memory(loaded, spec, calib if need_stats else None, need_h, need_abs, device)
     blocks = adapter.blocks()
     prefix = adapter.blocks_prefix()
     reports: list[LayerReport] = []
@@ -213,6 +214,20 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
                           seconds=time.perf_counter() - t0, packed=pack,
                           calibration=dict(calib.protocol) if calib is not None and need_stats else {},
                           layers=reports)
+
+
+def _check_memory(loaded, spec, calib, need_h: bool, need_abs: bool, device: torch.device) -> None:
+    """Refuse before any work when the run's working memory cannot fit (CPU: MemAvailable)."""
+    if device.type != "cpu":
+        return  # GPU memory is the user's allocator's business; torch raises a clear OOM there
+    from models.memory import check_quantization_fits, quantization_working_bytes
+
+    shapes = [(layer.out_features, layer.in_features) for _, layer in loaded.adapter.linear_layers()]
+    hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "n_embd", 0)
+    n, seq = (calib.ids.shape[0], calib.ids.shape[1]) if calib is not None else (0, 0)
+    work = quantization_working_bytes(shapes, int(hidden), n, seq, need_h, need_abs)
+    model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    check_quantization_fits(model_bytes, work, f"quantizing with {spec}")
 
 
 def _quantize_layer(block: nn.Module, path: str, full: str, layer: nn.Linear, method, spec, stats,

@@ -98,3 +98,18 @@ def test_truncated_safetensors_header_is_reported(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     with pytest.raises(AdvisorError, match="not a valid safetensors file"):
         safetensors_numel(bad)
+
+
+def test_quantization_memory_estimate_and_refusal():
+    """The working memory of a quantization run is estimated from shapes and windows and refused clearly."""
+    from models.errors import AdvisorError
+    from models.memory import check_quantization_fits, quantization_working_bytes
+
+    shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
+    rtn = quantization_working_bytes(shapes, 4096, 0, 0, needs_hessian=False, needs_activations=False)
+    gptq = quantization_working_bytes(shapes, 4096, 128, 2048, needs_hessian=True, needs_activations=False)
+    assert rtn == 3 * 11008 * 4096 * 4
+    assert gptq == rtn + 2 * 128 * 2048 * 4096 * 4 + 3 * 11008 ** 2 * 4  # 8.6 GB of activations dominate
+    assert check_quantization_fits(14 * 2**30, gptq, "x", available=64 * 2**30) > gptq
+    with pytest.raises(AdvisorError, match=r"working memory.*--n-calib"):
+        check_quantization_fits(14 * 2**30, gptq, "quantizing with gptq:int4:g128", available=4 * 2**30)
