@@ -19,7 +19,10 @@ where the verified recommendation is the brute-force cheapest passing spec), ``c
 (same bytes, i.e. an equally cheap spec), ``extra_bits_when_not``, ``first_attempt_pass_rate``,
 ``false_success`` (verified but measured above the budget: must be 0) and ``compute_ratio``
 (recommend seconds over brute-force seconds: every candidate's quantize + evaluate time from the
-sweep plus one baseline evaluation; model loading excluded from both).
+sweep plus one baseline evaluation; model loading excluded from both). Caveats: brute force was timed
+by the sweep (fake-quant evaluation, often under another load), recommend here (packed-kernel
+evaluation, which on CPU is slower than a dense matmul for 512-token windows, plus numba compilation
+on first use); the per-case split is in ``attempt_seconds`` / ``sweep_seconds_of_attempted_specs``.
 """
 from __future__ import annotations
 
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load(name, device=proto.device)
         order = [c.spec for c in enumerate_candidates(loaded, sorted(mruns["spec"].unique()))]
         bpw = dict(zip(mruns["spec"], mruns["bits_per_weight"]))
+        sweep_seconds = dict(zip(mruns["spec"], mruns["seconds"]))
         brute_run_seconds = float(mruns["seconds"].sum())
         baseline_ppl = float(mruns["baseline_ppl"].iloc[0])
         for frac in args.budgets:
@@ -116,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 "recommend_seconds": rec_seconds,
                 "brute_force_seconds": brute_run_seconds + base_seconds,
                 "false_success": bool(rec.verified and last is not None and last.measured_dl > max_dl + 1e-12),
+                # where recommend's time goes: baseline + probes + prediction, and the packed attempts
+                "attempt_seconds": sum(a.seconds for a in rec.attempts),
+                "sweep_seconds_of_attempted_specs": sum(sweep_seconds.get(a.spec, 0.0) for a in rec.attempts),
             }
             case["agree"] = case["recommended"] == case["brute_force"]
             case["cost_agree"] = case["agree"] or (rec.spec is not None and bf is not None and
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         "false_success": sum(c["false_success"] for c in cases),
         "compute_ratio": (sum(c["recommend_seconds"] for c in cases) / sum(c["brute_force_seconds"] for c in cases)
                           if n else None),
+        "recommend_seconds_total": sum(c["recommend_seconds"] for c in cases),
+        "attempt_seconds_total": sum(c["attempt_seconds"] for c in cases),
+        "brute_force_seconds_total": sum(c["brute_force_seconds"] for c in cases),
         "budgets": args.budgets,
         "confidence": args.confidence,
         "protocol": proto.to_dict(),
