@@ -141,6 +141,13 @@ class Predictor:
         are computed exactly as ``OLSResults.get_prediction().summary_frame()`` does, without statsmodels
         objects having to be stored (with ``additive_noise``: WLS, see the module docstring).
         """
+        import warnings
+
+        with warnings.catch_warnings():  # pinv handles rank deficiency (a method absent from the data) by design
+            warnings.filterwarnings("ignore", message=".*rank-deficient.*")
+            return self._fit(X, y)
+
+    def _fit(self, X: pd.DataFrame, y) -> "Predictor":
         import statsmodels.api as sm
 
         X = X.reset_index(drop=True)
