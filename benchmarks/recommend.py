@@ -54,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default=None, help="fitting data CSV (default: the shipped advisor/data/runs.csv)")
     p.add_argument("--models", nargs="+", default=None, help="models to test (default: every model in the runs)")
+    p.add_argument("--max-models-per-group", type=int, default=None,
+                   help="with the default models: at most this many per group (smallest first), to bound the time")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.01, 0.03, 0.10],
                    help="dPPL budgets as fractions of the baseline perplexity")
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend.json"))
+    p.add_argument("--append", action="store_true",
+                   help="keep the cases already in --out (a case of the same model and budget is replaced)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -76,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     df = read_runs(args.runs or SHIPPED_RUNS)
     proto = Protocol()
-    models = args.models or sorted(df["model"].unique(), key=lambda m: (m.startswith("zoo:") is False, m))
+    models = args.models
+    if not models:
+        first = df.sort_values("non_embedding_params").drop_duplicates("model")
+        if args.max_models_per_group:
+            first = first.groupby("group", sort=False).head(args.max_models_per_group)
+        models = first["model"].tolist()
     cases, per_model = [], {}
     for name in models:
         mruns = df[df["model"] == name]
@@ -136,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         per_model[name] = {"group": group, "brute_force_seconds": brute_run_seconds}
         del loaded
 
+    if args.append and Path(args.out).exists():
+        done = {(c["model"], c["budget_frac"]) for c in cases}
+        cases = [c for c in json.loads(Path(args.out).read_text())["cases"]
+                 if (c["model"], c["budget_frac"]) not in done] + cases
     n = len(cases)
     not_agree = [c["extra_bits"] for c in cases if not c["agree"] and c["extra_bits"] is not None]
     with_attempt = [c for c in cases if c["n_attempts"]]
