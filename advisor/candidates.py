@@ -5,8 +5,9 @@ Cost of a candidate on a given model:
   outliers; :meth:`QuantSpec.bits_per_weight` with the model's layer widths);
 - ``bytes``: those layers at that rate, plus every other parameter (embeddings, norms, head) at 16 bits;
 - ``relative_speed``: decode (batch 1) speed of the packed kernels relative to a bf16 ``nn.Linear``,
-  from the kernel benchmark shipped with the package (``advisor/data/kernel_speed.json``), falling
-  back to the memory-bound estimate 16 / bits when a format was not measured.
+  from the kernel benchmark shipped with the package (``advisor/data/kernel_speed.json``); a format
+  that was not measured takes the median measured speed of formats with the same code bits (nf3 that
+  of int3, mxfp6 that of fp6), and only with none of those the memory-bound estimate 16 / bits.
 Candidates are ranked by bytes, then by speed (faster first), then by how much compute the method
 needs to run (RTN first: at equal cost, the simplest solver that passes is the one to ship).
 """
@@ -77,6 +78,12 @@ def _kernel_speed_table() -> dict[str, float]:
     return {k: float(v) for k, v in json.loads(path.read_text()).get("speedup_vs_bf16_batch1", {}).items()}
 
 
+def _dtype_names() -> set[str]:
+    from quantizers import DTYPES
+
+    return set(DTYPES)
+
+
 def layer_shapes(loaded) -> list[tuple[int, int]]:
     """(out, in) of every quantizable linear layer."""
     return [(layer.out_features, layer.in_features) for _, layer in loaded.adapter.linear_layers()]
@@ -93,7 +100,13 @@ def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
     bpw = bits / n if n else float("nan")
     total_bytes = int(math.ceil(bits / 8)) + 2 * other_params
     table = _kernel_speed_table() if speed_table is None else speed_table
-    speed = table.get(spec.dtype, 16.0 / max(bpw, 1e-9))
+    speed = table.get(spec.dtype)
+    if speed is None:
+        from quantizers import get_dtype
+
+        bits = get_dtype(spec.dtype).bits
+        same = sorted(v for k, v in table.items() if k in _dtype_names() and get_dtype(k).bits == bits)
+        speed = same[len(same) // 2] if same else 16.0 / max(bpw, 1e-9)
     return Candidate(spec=str(spec), method=spec.method, dtype=spec.dtype, group_size=spec.group_size,
                      bits_per_weight=bpw, bytes=total_bytes, relative_speed=speed)
 

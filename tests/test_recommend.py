@@ -86,3 +86,13 @@ def test_every_attempt_missing_exits_3(tiny_folder, common, predictor):
         assert rec.exit_code == 0 and rec.verified and rec.measured_ppl_delta <= rec.max_ppl_delta
     else:
         assert rec.exit_code == 3 and not rec.verified and rec.spec is None and len(rec.attempts) == 2
+
+
+def test_unmeasured_formats_take_the_speed_of_measured_formats_with_the_same_bits():
+    from advisor.candidates import candidate
+
+    shapes, table = [(64, 128)], {"int3": 0.8, "int4": 1.8, "fp4_e2m1": 1.6, "nf4": 2.0}
+    assert candidate("rtn:nf3:g64", shapes, 0, table).relative_speed == 0.8
+    assert candidate("rtn:mxfp4", shapes, 0, table).relative_speed == 1.8  # median of 1.6, 1.8, 2.0
+    c = candidate("rtn:fp8_e5m2", shapes, 0, table)
+    assert c.relative_speed == pytest.approx(16 / c.bits_per_weight)  # no 8-bit format measured
