@@ -25,6 +25,16 @@ SHARED = ROOT.parent / "shared" / "data" / "text"
 METHODS = ("rtn", "gptq", "awq", "quantease", "quantease-outlier")
 
 
+def _write(args, loaded, cal, ev, base, rows, argv, complete: bool) -> dict:
+    from models.saving import atomic_write_text
+
+    result = {"model": args.model, "model_notes": list(loaded.source.notes), "calibration": cal.protocol,
+              "protocol": ev.protocol, "baseline_ppl": base.ppl, "rows": rows, "complete": complete,
+              "command": "python benchmarks/quantizers_ppl.py " + " ".join(argv or sys.argv[1:])}
+    atomic_write_text(args.out, json.dumps(result, indent=1, default=str))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -37,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--no-packed-check", action="store_true")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantizers_ppl.json"))
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -68,16 +79,12 @@ def main(argv: list[str] | None = None) -> int:
                    "mean_rel_layer_error": sum(x.rel_error or 0 for x in q.layers) / max(len(q.layers), 1)}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
+            _write(args, loaded, cal, ev, base, rows, argv, complete=False)  # keep what is measured
             for n, layer in originals.items():  # undo packing and fake quantization
                 _set_module(loaded.model, n, layer)
                 with torch.no_grad():
                     layer.weight.copy_(pristine[n])
-    result = {"model": args.model, "model_notes": list(loaded.source.notes), "calibration": cal.protocol,
-              "protocol": ev.protocol, "baseline_ppl": base.ppl, "rows": rows,
-              "command": "python benchmarks/quantizers_ppl.py " + " ".join(argv or sys.argv[1:])}
-    out = ROOT / "benchmarks" / "results" / "quantizers_ppl.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    result = _write(args, loaded, cal, ev, base, rows, argv, complete=True)
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:
