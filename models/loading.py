@@ -225,6 +225,17 @@ def load(
     except ImportError as e:
         raise AdvisorError(f"loading {name!r} needs a missing package: {e}") from e
     except Exception as e:  # corrupted files surface as many types (SafetensorError, OSError, ValueError...)
+        text = str(e)
+        if "custom code" in text or "trust_remote_code" in text:
+            raise AdvisorError(
+                f"model {name!r} ships its own Python code (auto_map in its config.json), which advisor does not run "
+                "by default; read that code, then pass --trust-remote-code (trust_remote_code=True) to allow it"
+            ) from e
+        if "weights_only" in text or "Unsupported global" in text:
+            raise AdvisorError(
+                f"model {name!r} has a pickled weights file that asks to run code while loading; it was refused "
+                "(torch.load with weights_only=True). Use a safetensors copy of the model"
+            ) from e
         raise ModelNotFoundError(
             f"could not load model {name!r} from {target}: {type(e).__name__}: {str(e)[:300]}. "
             "The files may be truncated or corrupted; re-download or re-save them."
