@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "recommend_seconds_total": sum(c["recommend_seconds"] for c in cases),
         "attempt_seconds_total": sum(c["attempt_seconds"] for c in cases),
         "brute_force_seconds_total": sum(c["brute_force_seconds"] for c in cases),
-        "budgets": args.budgets,
+        "budgets": sorted({c["budget_frac"] for c in cases}),
         "confidence": args.confidence,
         "protocol": proto.to_dict(),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
