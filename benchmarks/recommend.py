@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=[0.01, 0.03, 0.10],
                    help="dPPL budgets as fractions of the baseline perplexity")
     p.add_argument("--max-attempts", type=int, default=3)
-    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--confidence", type=float, default=0.7)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend.json"))
     p.add_argument("--append", action="store_true",
                    help="keep the cases already in --out (a case of the same model and budget is replaced)")

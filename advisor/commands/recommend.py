@@ -11,7 +11,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--max-ppl-delta", type=float, help="largest allowed perplexity increase (absolute)")
     g.add_argument("--max-ppl-ratio", type=float, help="largest allowed ppl_q / ppl_fp, e.g. 1.03")
-    p.add_argument("--confidence", type=float, default=0.9, help="interval coverage a candidate must pass at")
+    p.add_argument("--confidence", type=float, default=0.7,
+                   help="coverage of the interval whose upper bound must meet the budget (default 0.7: "
+                        "every choice is verified, so lower means fewer bits, sometimes an extra attempt)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
     p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up")
