@@ -111,6 +111,13 @@ def check_runs(df: pd.DataFrame, required: tuple[str, ...] = REQUIRED_COLUMNS + 
         raise PredictorError("; ".join(problems))
 
 
+def _conformal_quantile(sorted_scores: np.ndarray, alpha: float) -> float:
+    """The finite-sample-corrected (1 - alpha) quantile of sorted conformity scores (split conformal)."""
+    n = len(sorted_scores)
+    k = min(n - 1, max(0, int(math.ceil((n + 1) * (1 - alpha))) - 1))
+    return float(max(sorted_scores[k], 1e-3))
+
+
 @dataclass
 class Predictor:
     """Log-space OLS on physics features, plus additive measurement noise, with conformal intervals.
@@ -182,13 +189,13 @@ class Predictor:
                 res = sm.WLS(t, A, weights=w).fit(method="pinv")
             self.noise_kappa_ = kappa
         self.coef_ = np.asarray(res.params, float)
-        self.cov_ = np.asarray(res.cov_params(), float)
+        # with additive noise the WLS weights carry the variance: parameter covariance with scale 1
+        self.cov_ = np.asarray(res.cov_params(scale=1.0) if self.additive_noise else res.cov_params(), float)
         self.resid_std_ = float(math.sqrt(res.scale)) if not self.additive_noise else sr
-        if self.additive_noise:  # WLS weights carry the variance: parameter covariance with scale 1
-            self.cov_ = np.asarray(res.cov_params(scale=1.0), float)
         self.df_resid_ = float(max(res.df_resid, 1.0))
         self.n_train_ = int(len(t))
         self.conformal_ = {}
+        self.conformal_scores_ = np.empty(0)  # set by calibrate()
         self.summary_ = res  # statsmodels results for reports (not persisted)
         return self
 
@@ -210,6 +217,9 @@ class Predictor:
     def _multiplier(self, alpha: float) -> float:
         from scipy import stats
 
+        rs = getattr(self, "conformal_scores_", None)
+        if rs is not None and len(rs):  # calibrated at any coverage: the conformal quantile of the scores
+            return _conformal_quantile(rs, alpha)
         key = f"{1 - alpha:.2f}"
         return float(self.conformal_[key]) if key in self.conformal_ else float(stats.t.ppf(1 - alpha / 2, self.df_resid_))
 
@@ -263,11 +273,11 @@ class Predictor:
             if len(train) < 10 or not len(test):
                 continue
             scores += list(Predictor(additive_noise=self.additive_noise).fit(train).scores(test))
-        rs = np.sort(np.asarray(scores))
+        rs = np.sort(np.asarray(scores, float))
+        self.conformal_scores_ = rs  # kept, so that every coverage (e.g. recommend's 0.7) is calibrated
         for a in alphas:
             if len(rs):
-                k = min(len(rs) - 1, int(math.ceil((len(rs) + 1) * (1 - a))) - 1)
-                self.conformal_[f"{1 - a:.2f}"] = float(max(rs[k], 1e-3))
+                self.conformal_[f"{1 - a:.2f}"] = _conformal_quantile(rs, a)
         return self
 
     # -- persistence: JSON only ---------------------------------------------------------------
@@ -277,7 +287,8 @@ class Predictor:
                 "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
                 "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "additive_noise": self.additive_noise,
-                "conformal": self.conformal_, "dl_floor": DL_FLOOR}
+                "conformal": self.conformal_, "dl_floor": DL_FLOOR,
+                "conformal_scores": [float(v) for v in getattr(self, "conformal_scores_", [])]}
 
     def save(self, path: str | Path) -> Path:
         from models.saving import atomic_write_text
@@ -299,6 +310,8 @@ class Predictor:
         p.cov_ = np.asarray(d["cov"], float)
         p.resid_std_, p.df_resid_, p.n_train_ = d["resid_std"], d["df_resid"], d["n_train"]
         p.conformal_ = dict(d.get("conformal", {}))
+        if d.get("conformal_scores"):
+            p.conformal_scores_ = np.sort(np.asarray(d["conformal_scores"], float))
         return p
 
     @classmethod

@@ -21,7 +21,7 @@ def candidates_table(rec, top: int = 12) -> str:
         for a in rec.attempts:
             p = a.predicted
             lines.append(f"  {a.spec:<28} predicted {p['mean']:.4f} [{p['lower']:.4f}, {p['upper']:.4f}]  "
-                         f"measured {a.measured_ppl_delta:.4f}  {'PASS' if a.passed else 'MISS'}  ({a.seconds:.1f}s)")
+                         f"measured {a.measured_ppl_delta:.4f}  {'PASS' if a.passed else 'MISS'}  ({a.seconds:.1f}s, {a.reason})")
     lines += ["", rec.message]
     return "\n".join(lines)
 

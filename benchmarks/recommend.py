@@ -59,12 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", nargs="+", type=float, default=[0.01, 0.03, 0.10],
                    help="dPPL budgets as fractions of the baseline perplexity")
     p.add_argument("--max-attempts", type=int, default=3)
-    p.add_argument("--confidence", type=float, default=0.7)
+    p.add_argument("--confidence", type=float, default=None, help="default: advisor.api.DECISION_CONFIDENCE")
+    p.add_argument("--explore-confidence", type=float, default=None,
+                   help="default: advisor.api.EXPLORE_CONFIDENCE (0: no exploration)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend.json"))
     p.add_argument("--append", action="store_true",
                    help="keep the cases already in --out (a case of the same model and budget is replaced)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    from advisor.api import DECISION_CONFIDENCE, EXPLORE_CONFIDENCE
+
+    args.confidence = DECISION_CONFIDENCE if args.confidence is None else args.confidence
+    args.explore_confidence = EXPLORE_CONFIDENCE if args.explore_confidence is None else args.explore_confidence
 
     import numpy as np
     import torch
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 store = Store(Path(tmp) / "m.sqlite")
                 t0 = time.perf_counter()
                 rec = recommend(loaded, max_ppl_ratio=1 + frac, confidence=args.confidence,
-                                max_attempts=args.max_attempts, predictor=predictor, specs=order, store=store,
+                                explore_confidence=args.explore_confidence, max_attempts=args.max_attempts, predictor=predictor, specs=order, store=store,
                                 calib=proto.calib_data, eval=proto.eval_data, seq_len=proto.seq_len,
                                 max_windows=proto.max_windows, n_calib=proto.n_calib, seed=proto.seed,
                                 progress=False)
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline_ppl": baseline_ppl, "recommended": rec.spec, "verified": rec.verified,
                 "exit_code": rec.exit_code, "n_attempts": len(rec.attempts),
                 "attempts": [{"spec": a.spec, "predicted_dppl": a.predicted, "measured_dl": a.measured_dl,
-                              "passed": a.passed, "seconds": a.seconds} for a in rec.attempts],
+                              "passed": a.passed, "seconds": a.seconds, "reason": a.reason} for a in rec.attempts],
                 "first_attempt_passed": bool(rec.attempts and rec.attempts[0].passed),
                 "brute_force": None if bf is None else bf["spec"],
                 "brute_force_bpw": None if bf is None else float(bf["bits_per_weight"]),
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "brute_force_seconds_total": sum(c["brute_force_seconds"] for c in cases),
         "budgets": sorted({c["budget_frac"] for c in cases}),
         "confidence": args.confidence,
+        "explore_confidence": args.explore_confidence,
         "protocol": proto.to_dict(),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "loadavg": os.getloadavg(), "torch": torch.__version__},

@@ -68,6 +68,24 @@ def test_json_round_trip_and_incompatible_file(tmp_path):
         Predictor.load(path)
 
 
+def test_every_coverage_is_calibrated_and_survives_the_json_round_trip(tmp_path):
+    """recommend decides at 70%: its multiplier must come from the conformal scores, not Student-t."""
+    from scipy import stats
+
+    train, held = synthetic_runs(n_models=15, seed=1), synthetic_runs(n_models=6, seed=2)
+    p = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
+    q = Predictor.load(p.save(tmp_path / "pred.json"))
+    for conf in (0.7, 0.8, 0.9):
+        s = p._multiplier(1 - conf)
+        assert s != pytest.approx(stats.t.ppf(0.5 + conf / 2, p.df_resid_))  # not the uncalibrated fallback
+        assert q._multiplier(1 - conf) == pytest.approx(s, rel=1e-5)
+        _, lo, up = p.predict_interval(held, alpha=1 - conf)
+        covered = float(np.mean((held["dl"] >= lo) & (held["dl"] <= up)))
+        assert abs(covered - conf) < 0.1, (conf, covered)
+    assert p._multiplier(0.3) < p._multiplier(0.1) < p._multiplier(0.05)
+    assert p.conformal_["0.90"] == pytest.approx(p._multiplier(0.1))
+
+
 def test_bad_runs_are_refused_with_row_numbers():
     df = synthetic_runs(n_models=3)
     with pytest.raises(PredictorError, match="missing columns.*log_so"):

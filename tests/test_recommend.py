@@ -67,6 +67,38 @@ def test_recommend_verifies_and_never_claims_a_miss(tiny_folder, common, predict
     assert {"spec", "verified", "baseline_ppl", "measured_ppl_delta", "predicted", "attempts", "candidates"} <= set(d)
 
 
+def test_after_a_verified_pass_cheaper_plausible_candidates_are_tried(tiny_folder, common, predictor):
+    """Two stages: the cheapest candidate passing at 90% first, then cheaper ones plausible at 50%."""
+    wide = type(predictor).from_dict(predictor.to_dict())
+    wide.resid_std_ = 2.0  # wide intervals: the 90% and 50% upper bounds are far apart
+    df90 = plan(str(tiny_folder), predictor=wide, methods=["rtn"], confidence=0.9, **common)
+    df50 = plan(str(tiny_folder), predictor=wide, methods=["rtn"], confidence=0.5, **common)
+    up90, up50 = df90["pred_dl_upper"].to_numpy(), df50["pred_dl_upper"].to_numpy()
+    for max_dl in sorted(up90):  # a budget whose first choice at 90% has a cheaper candidate plausible at 50%
+        first = int((up90 <= max_dl).argmax())
+        if (up50[:first] <= max_dl).any():
+            break
+    else:
+        pytest.fail("no budget separates the two stages")
+    delta = df90.attrs["baseline_ppl"] * math.expm1(max_dl)
+    rec = recommend(str(tiny_folder), max_ppl_delta=delta, predictor=wide, methods=["rtn"], max_attempts=3, **common)
+    assert rec.attempts[0].reason == "first choice" and rec.attempts[0].spec == df90["spec"].iloc[first]
+    assert len(rec.attempts) <= 3
+    bits = {c["spec"]: c["bits_per_weight"] for c in rec.candidates}
+    if rec.attempts[0].passed:
+        assert len(rec.attempts) > 1, "attempts were left: a cheaper plausible candidate must be tried"
+        for a in rec.attempts[1:]:
+            assert a.reason == "cheaper" and bits[a.spec] <= bits[rec.attempts[0].spec]
+    passed = [a for a in rec.attempts if a.passed]
+    if passed:  # the answer is the cheapest verified attempt, never a miss
+        assert rec.verified and rec.spec == min(passed, key=lambda a: bits[a.spec]).spec
+        assert rec.measured_ppl_delta <= rec.max_ppl_delta
+    off = recommend(str(tiny_folder), max_ppl_delta=delta, predictor=wide, methods=["rtn"], max_attempts=3,
+                    explore_confidence=0, **common)
+    assert [a.reason for a in off.attempts][:1] == ["first choice"]
+    assert all(a.reason != "cheaper" for a in off.attempts)
+
+
 def test_every_attempt_missing_exits_3(tiny_folder, common, predictor):
     """Force optimism: a predictor that says every candidate is perfect; a tiny budget then misses."""
     import numpy as np

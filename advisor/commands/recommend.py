@@ -11,9 +11,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--max-ppl-delta", type=float, help="largest allowed perplexity increase (absolute)")
     g.add_argument("--max-ppl-ratio", type=float, help="largest allowed ppl_q / ppl_fp, e.g. 1.03")
-    p.add_argument("--confidence", type=float, default=0.7,
-                   help="coverage of the interval whose upper bound must meet the budget (default 0.7: "
-                        "every choice is verified, so lower means fewer bits, sometimes an extra attempt)")
+    p.add_argument("--confidence", type=float, default=0.9,
+                   help="coverage of the interval whose upper bound must meet the budget for the first "
+                        "choice and escalations (default 0.9)")
+    p.add_argument("--explore-confidence", type=float, default=0.5,
+                   help="after a verified pass, attempts left try cheaper candidates whose upper bound at "
+                        "this coverage meets the budget (default 0.5; 0 turns it off)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
     p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up")
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
         predictor = Predictor.load(args.predictor)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
+                    explore_confidence=args.explore_confidence,
                     methods=_split(args.methods), dtypes=_split(args.dtypes), max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, calib=args.calib, eval=args.eval,
                     seq_len=args.seq_len, max_windows=args.max_windows, n_calib=args.n_calib, seed=args.seed,
