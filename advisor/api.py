@@ -22,12 +22,9 @@ from models.errors import AdvisorError
 # Coverage of the interval whose upper bound a candidate must meet to be chosen (plan, recommend's
 # first attempt and escalations). At 0.9 the first attempt passed in every case of
 # benchmarks/recommend.py, but the choice was often a spec 0.4-1 bit wider than needed (agreement with
-# the brute-force cheapest 0.54): 90% upper bounds of milli-nat losses rarely fit a 1% budget.
+# the brute-force cheapest 0.54): 90% upper bounds of milli-nat losses rarely fit a 1% budget, which
+# is why recommend then explores cheaper, plausible candidates (see recommend()).
 DECISION_CONFIDENCE = 0.9
-# After a verified pass, the remaining attempts try cheaper candidates that are merely plausible: the
-# upper bound of their interval at this coverage meets the budget. Every choice is verified, so this
-# spends attempts, never correctness (docs/recommend.md: agreement 0.54 -> 0.85 in the offline replay).
-EXPLORE_CONFIDENCE = 0.5
 
 
 class NothingPredictedError(AdvisorError):
@@ -222,7 +219,7 @@ def _pred(row: pd.Series) -> dict[str, float]:
 
 
 def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_ratio: float | None = None,
-              confidence: float = DECISION_CONFIDENCE, explore_confidence: float | None = EXPLORE_CONFIDENCE,
+              confidence: float = DECISION_CONFIDENCE, explore: bool = True,
               methods: list[str] | None = None, dtypes: list[str] | None = None,
               specs: list[str] | None = None, max_attempts: int = 3, out: str | Path | None = None, dry_run: bool = False, predictor=None,
               progress: bool = True, **prepare_kwargs: Any) -> Recommendation:
@@ -230,10 +227,11 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
 
     A candidate passes the prediction when its interval's upper bound (at ``confidence``) meets the
     budget; it is verified only when the packed model's measured dPPL meets it. The cheapest passing
-    candidate is tried first; on a miss the next one (escalation). After a verified pass, attempts left
-    (of ``max_attempts``) go to cheaper candidates whose upper bound at ``explore_confidence`` meets the
-    budget, cheapest first; the cheapest verified one is the answer (None or >= ``confidence``: no
-    exploration). Never claims success on a miss. Exit codes (``Recommendation.exit_code``): 0 verified (or dry run with a candidate),
+    candidate is tried first; on a miss the next one (escalation). With ``explore``, attempts left (of
+    ``max_attempts``) after a verified pass go to cheaper candidates that are plausible, i.e. whose
+    predicted median dL meets the budget (at least as likely to pass as not), cheapest first; the
+    cheapest verified one is the answer. Every answer is verified, so exploring spends attempts, never
+    correctness (docs/recommend.md). Never claims success on a miss. Exit codes (``Recommendation.exit_code``): 0 verified (or dry run with a candidate),
     2 nothing predicted to meet the target, 3 every attempt missed.
     """
 
@@ -242,9 +240,6 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         raise AdvisorError(f"--max-attempts must be at least 1, got {max_attempts}")
     if not (0.5 <= confidence < 1):
         raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
-    if explore_confidence is not None and not (0 <= explore_confidence < 1):
-        raise AdvisorError(f"--explore-confidence must be in [0, 1) (0: no exploration), got {explore_confidence}")
-    explore = explore_confidence if explore_confidence and explore_confidence < confidence else None
     Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
     if out is not None:
         from models.saving import check_output_dir
@@ -252,11 +247,9 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         check_output_dir(Path(out) / "model")
     ctx = prepare(model, progress=progress, **prepare_kwargs)
     budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
-    grid = _specs(specs, methods, dtypes)
-    df = predict_candidates(ctx, grid, confidence, predictor)
+    df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df["passes"] = df["pred_dl_upper"] <= budget.max_dl
-    if explore is not None:
-        df["plausible"] = predict_candidates(ctx, grid, explore, predictor)["pred_dl_upper"].to_numpy() <= budget.max_dl
+    df["plausible"] = df["pred_dl"] <= budget.max_dl  # the median prediction meets the budget
     passing = df[df["passes"]]
     common = dict(baseline_ppl=ctx.baseline_ppl, budget=budget.description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
                   candidates=tuple(df.to_dict("records")), features=ctx.features,
@@ -294,7 +287,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         if a.passed:
             best = (pos, a)
             break
-    if best is not None and explore is not None:  # cheaper candidates that are plausible, cheapest first
+    if best is not None and explore:  # cheaper candidates that are plausible, cheapest first
         for pos in df.index[(df.index < best[0]) & df["plausible"] & ~df["passes"]]:
             if len(attempts) >= max_attempts:
                 break

@@ -60,17 +60,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="dPPL budgets as fractions of the baseline perplexity")
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--confidence", type=float, default=None, help="default: advisor.api.DECISION_CONFIDENCE")
-    p.add_argument("--explore-confidence", type=float, default=None,
-                   help="default: advisor.api.EXPLORE_CONFIDENCE (0: no exploration)")
+    p.add_argument("--no-explore", action="store_true", help="as recommend's --no-explore")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend.json"))
     p.add_argument("--append", action="store_true",
                    help="keep the cases already in --out (a case of the same model and budget is replaced)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from advisor.api import DECISION_CONFIDENCE, EXPLORE_CONFIDENCE
+    from advisor.api import DECISION_CONFIDENCE
 
     args.confidence = DECISION_CONFIDENCE if args.confidence is None else args.confidence
-    args.explore_confidence = EXPLORE_CONFIDENCE if args.explore_confidence is None else args.explore_confidence
 
     import numpy as np
     import torch
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 store = Store(Path(tmp) / "m.sqlite")
                 t0 = time.perf_counter()
                 rec = recommend(loaded, max_ppl_ratio=1 + frac, confidence=args.confidence,
-                                explore_confidence=args.explore_confidence, max_attempts=args.max_attempts, predictor=predictor, specs=order, store=store,
+                                explore=not args.no_explore, max_attempts=args.max_attempts, predictor=predictor, specs=order, store=store,
                                 calib=proto.calib_data, eval=proto.eval_data, seq_len=proto.seq_len,
                                 max_windows=proto.max_windows, n_calib=proto.n_calib, seed=proto.seed,
                                 progress=False)
@@ -176,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "brute_force_seconds_total": sum(c["brute_force_seconds"] for c in cases),
         "budgets": sorted({c["budget_frac"] for c in cases}),
         "confidence": args.confidence,
-        "explore_confidence": args.explore_confidence,
+        "explore": not args.no_explore,
         "protocol": proto.to_dict(),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "loadavg": os.getloadavg(), "torch": torch.__version__},

@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=None)
     p.add_argument("--confidences", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9])
     p.add_argument("--budgets", nargs="+", type=float, default=[0.01, 0.03, 0.10])
-    p.add_argument("--explore", nargs="+", type=float, default=[0.0, 0.5],
-                   help="explore confidences after a verified pass (0: none), as recommend's --explore-confidence")
+    p.add_argument("--explore", nargs="+", type=float, default=[-1.0, 0.0],
+                   help="after a verified pass, try cheaper candidates whose upper bound at this coverage "
+                        "meets the budget (0: the median, recommend's default; -1: no exploration)")
     p.add_argument("--max-attempts", type=int, default=3)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     for g in zoo["group"].unique():
         pred, test = fit(zoo[zoo["group"] != g]), zoo[zoo["group"] == g]
         for conf in set(args.confidences) | set(args.explore):
-            if conf > 0:
-                for i, u in zip(test.index, pred.predict_interval(test, 1 - conf)[2]):
+            if conf >= 0:  # coverage 0: the interval shrinks to the median prediction
+                for i, u in zip(test.index, pred.predict_interval(test, 1 - conf)[2] if conf > 0 else pred.predict(test)):
                     upper[(i, conf)] = u
     out = []
     for conf in args.confidences:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                             if r["dl"] <= max_dl:
                                 best = pos
                                 break
-                    if best is not None and 0 < explore < conf:  # cheaper and plausible at `explore`
+                    if best is not None and 0 <= explore < conf:  # cheaper and plausible at `explore`
                         for pos, (i, r) in enumerate(rows[:best]):
                             if tried >= args.max_attempts:
                                 break

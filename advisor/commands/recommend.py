@@ -14,9 +14,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confidence", type=float, default=0.9,
                    help="coverage of the interval whose upper bound must meet the budget for the first "
                         "choice and escalations (default 0.9)")
-    p.add_argument("--explore-confidence", type=float, default=0.5,
-                   help="after a verified pass, attempts left try cheaper candidates whose upper bound at "
-                        "this coverage meets the budget (default 0.5; 0 turns it off)")
+    p.add_argument("--no-explore", action="store_true",
+                   help="stop at the first verified candidate (default: attempts left then try cheaper "
+                        "candidates whose median prediction meets the budget)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
     p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up")
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
         predictor = Predictor.load(args.predictor)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
-                    explore_confidence=args.explore_confidence,
+                    explore=not args.no_explore,
                     methods=_split(args.methods), dtypes=_split(args.dtypes), max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, calib=args.calib, eval=args.eval,
                     seq_len=args.seq_len, max_windows=args.max_windows, n_calib=args.n_calib, seed=args.seed,
