@@ -12,16 +12,16 @@ statistical model works in log space and corrects that estimate with fitted term
 - the hinge on ``noise / knee`` (RTN relative noise over the knee of the radial loss curve from the
   ``perturbation`` probe): the step-like rise once noise passes the flat region.
 
-Fitted with statsmodels OLS (interpretable coefficients, analytic prediction intervals).
+Started from statsmodels OLS/WLS (interpretable coefficients, analytic prediction intervals).
 
 Measured dL is that curvature term plus a first-order term g . e whose sign is random (the
 evaluation set's gradient is not zero, least of all for under-trained models). Its variance, like
 the curvature term, grows with the squared weight error, so its sd is ``kappa * sqrt(D)``: about a
 milli-nat on the zoo, which swamps the curvature term of 6-8-bit formats (their measured dL is often
-negative) and makes log-space residuals of those runs meaningless. So the fit alternates a Gaussian
-maximum-likelihood estimate of (``sigma_r``, ``kappa``) with a statsmodels WLS of the log-space model
-(delta-method weights ``1 / (sigma_r^2 + kappa^2 / D)``), and the interval has a multiplicative part
-(``sigma_log``: residual and parameter sd in log space) and an additive one:
+negative) and makes log-space residuals of those runs meaningless. So the coefficients and both
+variance components are fitted jointly by maximum likelihood with ``y ~ N(D, sigma_r^2 D^2 + kappa^2 D)``
+(started from a statsmodels WLS of the log-space model with delta-method weights), and the interval
+has a multiplicative part (``sigma_log``: residual and parameter sd in log space) and an additive one:
 
     [D * exp(-s * sigma_log) - s * kappa * sqrt(D),  D * exp(+s * sigma_log) + s * kappa * sqrt(D)]
 
