@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -87,16 +88,24 @@ def copy_bandwidth(n_bytes: int = 512 * 2 ** 20, repeats: int = 10) -> float:
 
 def time_side_by_side(fns: dict, repeats: int, warmup: int = 3,
                       clock=time.perf_counter) -> dict[str, float]:
-    """Median seconds per call of each fn, measured in interleaved rounds."""
+    """Median seconds per call of each fn, measured in interleaved rounds.
+
+    The order is shuffled every round (fixed seed): torch's OpenMP workers keep spinning for
+    a while after an op, so whatever runs right after a torch call shares the second core with
+    a spinning thread; with a fixed order the packed kernel always followed bf16 and paid for it
+    (A/B of two identical kernels in fixed positions: up to ~50% on the one after bf16)."""
+    keys = list(fns)
+    order = random.Random(0)
     with torch.no_grad():
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
         samples = {k: [] for k in fns}
         for _ in range(repeats):
-            for k, fn in fns.items():
+            order.shuffle(keys)
+            for k in keys:
                 t = clock()
-                fn()
+                fns[k]()
                 samples[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in samples.items()} | {
         f"{k}_min": min(v) for k, v in samples.items()}

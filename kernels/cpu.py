@@ -32,8 +32,9 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .simd import (f32v, vadd, vexmy, vfield, vflip_sign, vfma, vgather, vhsum, vload_f32,
-                   vload_u8, vload_u16, vor_shl, vperm16, vperm32, vsplat, vtof, vzero)
+from .simd import (vadd, vexmy, vfield, vflip_sign, vfma, vgather, vhsum, vload_f32, vload_u8,
+                   vload_u16, vload_u32, vload_u8w, vor_shl, prefetch, vbf16_even, vbf16_odd,
+                   vcode6w, vperm16, vperm32, vperm64w, vsplat, vtof, vzero)
 
 LAYOUT_ID = {"crumb2": 0, "nib4": 1, "byte8": 2, "planes": 3, "split6": 4}
 ROWS_PER_TASK = 16
@@ -448,6 +449,8 @@ def _vdec(c, vdec, vt):
 
 @overload(_vrow_table, inline="always")
 def _ov_vrow_table(vdec, row):
+    if isinstance(vdec, types.Array) and vdec.dtype == types.uint8:  # 64 bf16 words (wide FP6)
+        return lambda vdec, row: (vload_u32(vdec[row], 0), vload_u32(vdec[row], 64))
     if isinstance(vdec, types.Array) and vdec.ndim == 2:
         def impl16(vdec, row):
             v = vload_f32(vdec[row], 0)
@@ -464,6 +467,8 @@ def _ov_vrow_table(vdec, row):
 def _ov_vdec(c, vdec, vt):
     if isinstance(vdec, types.NoneType):
         return lambda c, vdec, vt: vtof(c)
+    if isinstance(vdec, types.Array) and vdec.dtype == types.uint8:  # 64 bf16 words
+        return lambda c, vdec, vt: vbf16_even(vperm64w(vt[0], vt[1], c))
     if isinstance(vdec, types.Array) and vdec.ndim == 2:
         return lambda c, vdec, vt: vperm16(vt[0], c)
     if isinstance(vdec, types.Array) and vdec.ndim == 3:
@@ -495,6 +500,7 @@ def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
         base = tb * Q
         for j in range(0, Q, 16):
             b = vload_u8(row, base + j)
+            prefetch(row, base + j + PREFETCH_BYTES)  # the hardware prefetcher lags behind
             pa = vfma(_vdec(vfield(b, 0, 15), vdec, vt), vload_f32(x, x0 + j), pa)
             pb = vfma(_vdec(vfield(b, 4, 15), vdec, vt), vload_f32(x, x0 + Q + j), pb)
     elif layout == 2:  # byte8
@@ -550,24 +556,138 @@ def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
         y[0, o] = vhsum(acc) + ys
 
 
+# ------------------------------------------------------ wide explicit-SIMD batch-1 path (FP6)
+# The kernel above loads 16 bytes per step and decodes FP6 with a 5-bit ``vpermi2ps`` plus a
+# sign fix-up, ~8 vector operations per 16 codes. Here a 16-bit lane holds 4 consecutive codes'
+# nibbles (``q4``) and the matching zero-extended ``q2`` byte their crumbs, so one 64-byte load
+# of ``q4`` and one 32-byte load of ``q2`` feed 8 phases of 16 float lanes; the activations are
+# phase-ordered with U = 8 to match (code ``8l + k`` of a tile at ``k*(T/8) + l``). Measured
+# (single core, 11008x4096 FP6 streamed from DRAM, shared machine): 4.0 ms -> 3.0 ms. The same
+# 32-bit-lane layout for int4 was faster with the matrix in L2 but slower than the kernel above
+# when streaming from DRAM, and two rows per pass (shared x loads) was slower from DRAM for both
+# (two interleaved streams per thread), so int4 keeps the kernel above and this one runs one
+# row at a time.
+WIDE_UNIT = 8  # codes per 32-bit lane = phase-order unit of the wide kernel
+# software prefetch distance along a row's code streams (also used by the int4 kernel above:
+# 11008x4096 int4 batch 1, 2 threads, A/B in one process: 6.8 -> 6.0 ms median); 512 bytes
+# measured better than 0 / 1024 / 2048 for FP6 (noisy shared machine)
+PREFETCH_BYTES = 512
+
+
+def _wide_split6(ra, rb, tb, T, j, vdec, vt, x, pa, pb):
+    raise NotImplementedError
+
+
+@overload(_wide_split6, inline="always")
+def _ov_wide_split6(ra, rb, tb, T, j, vdec, vt, x, pa, pb):
+    """bf16 word tables (what QuantLinear passes) take :func:`_wide_step6`; any other decode
+    descriptor (only reachable by calling ``qgemv`` directly) the generic 32-bit lanes."""
+    if isinstance(vdec, types.Array) and vdec.dtype == types.uint8:
+        return lambda ra, rb, tb, T, j, vdec, vt, x, pa, pb: _wide_step6(ra, rb, tb, T, j, vt,
+                                                                         x, pa, pb)
+
+    def generic(ra, rb, tb, T, j, vdec, vt, x, pa, pb):
+        Q = T // WIDE_UNIT
+        xo = tb * T + j
+        w = vload_u32(ra, tb * (T // 2) + 4 * j)  # q4 dword l and q2 uint16 l: codes 8l..8l+7
+        s = vload_u16(rb, tb * (T // 4) + 2 * j)
+        for h in range(4):
+            c = vor_shl(vfield(w, 8 * h, 15), vfield(s, 4 * h, 3), 4)
+            pa = vfma(_vdec(c, vdec, vt), vload_f32(x, xo + 2 * h * Q), pa)
+            c = vor_shl(vfield(w, 8 * h + 4, 15), vfield(s, 4 * h + 2, 3), 4)
+            pb = vfma(_vdec(c, vdec, vt), vload_f32(x, xo + (2 * h + 1) * Q), pb)
+        return pa, pb
+    return generic
+
+
+@njit(inline="always", fastmath=True)
+def _wide_step6(ra, rb, tb, T, j, vt, x, pa, pb):
+    """(pa, pb) += 128 FP6 codes of one row (lanes ``j..j+15`` of tile ``tb``, 8 phases) times
+    their activations. Every FP6 (E3M2, E2M3) and int6 value is exact in bfloat16, so one
+    ``vpermi2w`` on the full 6-bit code (64-entry table in two registers, sign included)
+    decodes 32 codes; the low / high half of each 32-bit lane (codes ``8l + k`` and
+    ``8l + 4 + k``) is a float32 after a shift / mask: ~4 vector operations per 16 codes."""
+    Q = T // WIDE_UNIT
+    xo = tb * T + j
+    w = vload_u32(ra, tb * (T // 2) + 4 * j)   # 16-bit lane m: codes 4m..4m+3 (nibbles)
+    s = vload_u8w(rb, tb * (T // 4) + 2 * j)   # 16-bit lane m: the same codes' crumbs
+    prefetch(ra, tb * (T // 2) + 4 * j + PREFETCH_BYTES)
+    prefetch(rb, tb * (T // 4) + 2 * j + PREFETCH_BYTES // 2)
+    for k in range(4):  # constant trip count: unrolled, shift amounts become immediates
+        v = vperm64w(vt[0], vt[1], vcode6w(w, s, k))
+        pa = vfma(vbf16_even(v), vload_f32(x, xo + k * Q), pa)
+        pb = vfma(vbf16_odd(v), vload_f32(x, xo + (4 + k) * Q), pb)
+    return pa, pb
+
+
+@njit(inline="always", fastmath=True)
+def _offset_term(srow, zrow, add, xsum):
+    """sum_g (scale_g add + offset_g) sum(x_g): the affine part of a row, one short loop."""
+    ys = np.float32(0.0)
+    for g in range(srow.shape[0]):
+        ys += (srow[g] * add + zrow[g]) * xsum[g]
+    return ys
+
+
+@njit(inline="always", fastmath=True)
+def _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1, srow, zrow):
+    """Batch 1 FP6 (split6), one row at a time so the code streams are read sequentially.
+    Needs T % 128 == 0 and xp phase-ordered with ``WIDE_UNIT``."""
+    ng = scales.shape[1]
+    n_tiles = xp.shape[1] // T
+    Q = T // WIDE_UNIT
+    x = xp[0]
+    xs = xsum[0]
+    for o in range(o0, o1):
+        _load_row(scales, o, srow)
+        vt = _vrow_table(vdec, o if per_row else 0)
+        ra = qa[o]
+        rb = qb[o]
+        acc = vzero()
+        for g in range(ng):
+            pa, pb = vzero(), vzero()
+            for t in range(min(tpg, n_tiles - g * tpg)):
+                tb = g * tpg + t
+                for j in range(0, Q, 16):
+                    pa, pb = _wide_split6(ra, rb, tb, T, j, vdec, vt, x, pa, pb)
+            acc = vfma(vsplat(srow[g] * mult), vadd(pa, pb), acc)
+        _load_offsets(offsets, o, srow, zrow)
+        y[0, o] = vhsum(acc) + _offset_term(srow, zrow, add, xs)
+
+
 # --------------------------------------------------------------------------------- row kernels
 @njit(inline="always", fastmath=True)
-def _gemv_rows_body(layout, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
-                    T, tpg, o0, o1):
+def _gemv_rows_body(layout, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add,
+                    xp, xsum, y, T, tpg, o0, o1):
+    B = xp.shape[0]
+    ng = scales.shape[1]
+    srow = np.empty(ng, np.float32)
+    zrow = np.empty(ng, np.float32)
+    if B == 1 and simd == 2 and layout == 4:
+        _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                           tpg, o0, o1, srow, zrow)
+    elif B == 1 and simd == 1 and layout != 3:
+        _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum,
+                           y, T, tpg, o0, o1, srow, zrow)
+    else:
+        wbuf = np.empty(T, np.float32)
+        cbuf = np.empty(T // 8 + 1, np.int32)
+        acc = np.zeros(B, np.float32)
+        _gemv_rows_scalar(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp,
+                          xsum, y, T, tpg, o0, o1, wbuf, cbuf, acc, srow, zrow)
+
+
+@njit(inline="always", fastmath=True)
+def _gemv_rows_scalar(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum,
+                      y, T, tpg, o0, o1, wbuf, cbuf, acc, srow, zrow):
+    """Auto-vectorized loops: batch 1 fused decode + dot, batch 2..8 decode a tile once into
+    ``wbuf`` and reuse it for four tokens per pass."""
     B = xp.shape[0]
     ng = scales.shape[1]
     n_pad = xp.shape[1]
     n_tiles = n_pad // T
     nb_plane = n_pad // 8
-    wbuf = np.empty(T, np.float32)
-    cbuf = np.empty(T // 8 + 1, np.int32)
-    acc = np.zeros(B, np.float32)
-    srow = np.empty(ng, np.float32)
-    zrow = np.empty(ng, np.float32)
-    if B == 1 and simd and layout != 3:
-        _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                           T, tpg, o0, o1, srow, zrow)
-        return
     for o in range(o0, o1):
         tt = _row_table(dec, o if per_row else 0)
         _load_row(scales, o, srow)
@@ -847,8 +967,12 @@ _DEQUANT = (_qdequant_crumb2, _qdequant_nib4, _qdequant_byte8, _qdequant_planes,
 
 
 def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-          vdec=None, simd=False):
+          vdec=None, simd=0):
     """y (B, out) = W x for phase-ordered xp (B, n_pad) and group sums xsum (B, n_groups).
+
+    ``simd`` picks the batch-1 kernel: 0 auto-vectorized loops, 1 explicit SIMD (xp in the
+    layout's phase order), 2 wide explicit SIMD (split6 only, T % 128 == 0, xp phase-ordered
+    with ``WIDE_UNIT``); larger batches always take the loops.
 
     Row tasks are claimed from an atomic counter by the calling thread and by
     ``numba.get_num_threads() - 1`` helper threads (nogil). Unlike a parallel region, the caller
@@ -857,8 +981,8 @@ def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xs
     helper finds the counter exhausted and returns without touching ``y``.
     """
     fn = _GEMV[layout]
-    args = (bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-            tpg)
+    args = (bits, qa, qb, dec, vdec, int(simd), per_row, scales, offsets, mult, add, xp, xsum, y,
+            T, tpg)
     ctr = np.zeros(2, np.int64)  # [next task to claim, tasks finished]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     n_helpers = min(get_num_threads() - 1, n_tasks - 1)
@@ -908,11 +1032,19 @@ def phase_order(x, n_pad, T, U, group, n_groups):
     xsum = np.zeros((B, n_groups), np.float32)
     for b in range(B):
         for tb in range(n_pad // T):
+            base = tb * T
+            if base + T <= n:  # whole tile: contiguous writes, no bounds test
+                xt = x[b, base:base + T]
+                pt = xp[b, base:base + T]
+                for r in range(U):
+                    for j in range(Q):
+                        pt[r * Q + j] = xt[U * j + r]
+                continue
             for j in range(Q):
                 for r in range(U):
-                    i = tb * T + U * j + r
+                    i = base + U * j + r
                     if i < n:
-                        xp[b, tb * T + r * Q + j] = x[b, i]
+                        xp[b, base + r * Q + j] = x[b, i]
         for g in range(n_groups):
             s = 0.0
             for i in range(g * group, min(n, (g + 1) * group)):

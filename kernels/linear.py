@@ -112,6 +112,27 @@ def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int):
     return (t2,)
 
 
+def _wide_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int):
+    """The wide FP6 kernel's decode descriptor (``kernels.cpu._wide_step6``): the 64 decoded
+    6-bit values as bfloat16 bit patterns, uint8 (rows, 128), when every value is exact in
+    bfloat16 (FP6 grids, int6, ...), else None (no wide kernel)."""
+    if bits != 6:
+        return None
+    if rule.kind == "affine":
+        vals = np.arange(64, dtype=np.float32)[None]
+    elif rule.kind == "exmy":
+        vals = exmy_grid(*rule.exmy).astype(np.float32)[None]
+    else:
+        t2 = table.reshape(-1, table.shape[-1]).astype(np.float32)
+        vals = t2 if per_row else t2[:1]
+    if vals.shape[1] != 64:
+        return None
+    u = np.ascontiguousarray(vals, dtype=np.float32).view(np.uint32)
+    if np.any(u & 0xFFFF):
+        return None
+    return np.ascontiguousarray((u >> 16).astype("<u2")).view(np.uint8)
+
+
 def _to_f16_bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().numpy().view(np.uint16)
 
@@ -285,10 +306,13 @@ class QuantLinear(nn.Module):
         # after the first call every specialization is compiled: skip the warning filters
         with (_quiet_numba() if not self._warm else _keep_torch_threads()):
             # phase order (element U*j + r of each tile goes to r*(T/U) + j) and group sums
-            xp, xsum = cpu.phase_order(x_np, self.n_pad, self.tile, UNIT[self.layout],
+            # (the wide batch-1 FP6 kernel reads 8 codes per 32-bit lane: its own phase unit)
+            wide = B == 1 and f["wide"]
+            xp, xsum = cpu.phase_order(x_np, self.n_pad, self.tile,
+                                       cpu.WIDE_UNIT if wide else UNIT[self.layout],
                                        self.group_size, self.n_groups)
-            cpu.qgemv(*f["head"], xp, xsum, y, self.tile, self.tiles_per_group, f["vdec"],
-                      f["simd"])
+            cpu.qgemv(*f["head"], xp, xsum, y, self.tile, self.tiles_per_group,
+                      f["wdec"] if wide else f["vdec"], 2 if wide else int(f["simd"]))
             if f["outliers"] is not None:
                 rows, cols, vals = f["outliers"]
                 cpu.add_outliers(y, x_np, rows, cols, vals)
@@ -342,9 +366,14 @@ class QuantLinear(nn.Module):
             # explicit-SIMD batch-1 kernel: 16 codes per step of every phase of a tile
             "simd": bool(self.layout != "planes" and self.tile
                          and (self.tile // U) % (32 if self.layout == "byte8" else 16) == 0),
+            # wide explicit-SIMD batch-1 FP6 kernel (bf16 decode), tiles of 128k codes
+            "wdec": _wide_decode(dec_rule, t2, per_row, self.bits),
             "outliers": outl,
             "decode": dec_rule,
         }
+        self._fast["wide"] = bool(self.layout == "split6" and self.tile
+                                  and self.tile % (16 * 8) == 0
+                                  and self._fast["wdec"] is not None)
         return self._fast
 
     def _apply(self, fn, *args, **kwargs):

@@ -7,7 +7,8 @@ plain numba loop. These intrinsics give numba two value types, ``f32v`` (``<16 x
 ``i32v`` (``<16 x i32>``), kept in registers like any scalar, plus the handful of operations the
 dequant-dot kernels need. Everything is portable LLVM IR except the permutes, which use the
 AVX-512 ``vpermps`` / ``vpermi2ps`` instructions when the host has them and fall back to
-per-lane extracts elsewhere (correct, slower).
+per-lane extracts elsewhere (correct, slower). The FP6 kernel additionally views the same 512
+bits as 32 lanes of 16 bits (``vpermi2w`` decode to bfloat16, see the section at the end).
 """
 from __future__ import annotations
 
@@ -160,6 +161,31 @@ def vload_u16(typingctx, arr, i):
 
 
 @intrinsic
+def vload_u32(typingctx, arr, i):
+    """64 bytes from byte ``i`` of a uint8 array as 16 little-endian 32-bit lanes: one plain
+    vector load (no widening shuffle); lane ``l`` holds bytes ``i+4l .. i+4l+3``."""
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr_at(context, builder, sig.args[0], args[0], args[1], _IV),
+                            align=1)
+    return i32v(arr, i), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """Hint that byte ``i`` of a 1-D uint8 array will be read soon (``prefetcht0``; an address
+    past the end is harmless: a prefetch never faults)."""
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        p = builder.bitcast(builder.gep(a.data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [p.type, _I, _I, _I]),
+            "llvm.prefetch.p0i8")
+        builder.call(fn, [p, ir.Constant(_I, 0), ir.Constant(_I, 3), ir.Constant(_I, 1)])
+        return context.get_dummy_value()
+    return types.none(arr, i), codegen
+
+
+@intrinsic
 def vfield(typingctx, v, shift, mask):
     """(v >> shift) & mask per lane."""
     def codegen(context, builder, sig, args):
@@ -290,3 +316,76 @@ def vgather(typingctx, table, c):
                                        ir.Constant(_I, i))
         return v
     return f32v(table, i32v), codegen
+
+
+# ------------------------------------------------------------- 16-bit lanes (6-bit codes -> bf16)
+# A 6-bit code indexes a 64-entry table with one ``vpermi2w`` (32 lanes of 16 bits), and every
+# FP6 (and int6) value is exact in bfloat16, i.e. in the top half of a float32: the sign needs
+# no separate fix-up and one permute decodes 32 codes. The 512-bit values travel as ``i32v``.
+_WV = ir.VectorType(ir.IntType(16), 2 * V)
+
+
+@intrinsic
+def vload_u8w(typingctx, arr, i):
+    """32 bytes from byte ``i`` of a uint8 array, zero-extended to 32 16-bit lanes."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], args[1],
+                    ir.VectorType(ir.IntType(8), 2 * V))
+        return builder.bitcast(builder.zext(builder.load(p, align=1), _WV), _IV)
+    return i32v(arr, i), codegen
+
+
+@intrinsic
+def vcode6w(typingctx, w, s, k):
+    """Per 16-bit lane: 6-bit code of phase ``k`` (0..3) = nibble ``k`` of ``w`` (4 nibbles a
+    lane) | crumb ``k`` of ``s`` (4 crumbs in the low byte of a lane) << 4."""
+    def codegen(context, builder, sig, args):
+        w16, s16 = (builder.bitcast(a, _WV) for a in args[:2])
+        k = builder.trunc(args[2], ir.IntType(16)) if args[2].type.width > 16 else args[2]
+        undef = ir.Constant(_WV, ir.Undefined)
+        kk = builder.shuffle_vector(builder.insert_element(undef, k, ir.Constant(_I, 0)), undef,
+                                    ir.Constant(ir.VectorType(_I, 2 * V), [0] * (2 * V)))
+        c = lambda v: ir.Constant(_WV, [v] * (2 * V))  # noqa: E731
+        nib = builder.and_(builder.lshr(w16, builder.shl(kk, c(2))), c(15))
+        crumb = builder.shl(builder.and_(builder.lshr(s16, builder.shl(kk, c(1))), c(3)), c(4))
+        return builder.bitcast(builder.or_(nib, crumb), _IV)
+    return i32v(i32v, i32v, k), codegen
+
+
+@intrinsic
+def vperm64w(typingctx, lo, hi, idx):
+    """``(lo ++ hi)[idx & 63]`` per 16-bit lane: a 64-entry table of 16-bit values in two
+    registers (``vpermi2w``)."""
+    def codegen(context, builder, sig, args):
+        a, b, k = (builder.bitcast(v, _WV) for v in args)
+        if HAS_AVX512:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_WV, [_WV, _WV, _WV]),
+                "llvm.x86.avx512.vpermi2var.hi.512")
+            return builder.bitcast(builder.call(fn, [a, k, b]), _IV)
+        both = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I, 4 * V),
+                                                        list(range(4 * V))))
+        out = ir.Constant(_WV, ir.Undefined)
+        for i in range(2 * V):
+            j = builder.and_(builder.extract_element(k, ir.Constant(_I, i)),
+                             ir.Constant(ir.IntType(16), 63))
+            out = builder.insert_element(out, builder.extract_element(both, j),
+                                         ir.Constant(_I, i))
+        return builder.bitcast(out, _IV)
+    return i32v(i32v, i32v, i32v), codegen
+
+
+@intrinsic
+def vbf16_even(typingctx, v):
+    """float32 of the bfloat16 in the low half of every 32-bit lane (lanes 0, 2, 4, ...)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.shl(args[0], _ivec(16)), _FV)
+    return f32v(i32v), codegen
+
+
+@intrinsic
+def vbf16_odd(typingctx, v):
+    """float32 of the bfloat16 in the high half of every 32-bit lane (lanes 1, 3, 5, ...)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.and_(args[0], _ivec(-65536)), _FV)
+    return f32v(i32v), codegen

@@ -112,24 +112,64 @@ def test_fast_forward_matches_reference(name):
     _check(_build(FAST[name]), prefill=name == "int4_g128")
 
 
-def test_simd_path_coverage_and_agreement_with_scalar_path():
-    """The explicit-SIMD batch-1 kernel is taken where expected and equals the scalar kernel."""
+# Which batch-1 forwards take the wide FP6 kernel (6-bit codes exact in bf16, 128k-code tiles).
+WIDE_EXPECTED = {"int4_g128": False, "int4_odd_group_tail": False,
+                 "int4_partial_last_group": False, "fp6_e3m2_per_channel": False,
+                 "fp6_odd_width": False, "nf4_g64": False, "fp6_e3m2_simd": True}
+
+
+def _qgemv(mod, x, mode, vdec):
     from kernels import cpu
 
+    f = mod._fast_args()
+    unit = cpu.WIDE_UNIT if mode == 2 else kernels.int_pack.UNIT[mod.layout]
+    xp, xsum = cpu.phase_order(x.numpy(), mod.n_pad, mod.tile, unit, mod.group_size,
+                               mod.n_groups)
+    y = torch.empty(x.shape[0], mod.out_features).numpy()
+    cpu.qgemv(*f["head"], xp, xsum, y, mod.tile, mod.tiles_per_group, vdec, mode)
+    return torch.from_numpy(y)
+
+
+def test_simd_path_coverage_and_agreement_with_scalar_path():
+    """The explicit-SIMD batch-1 kernels are taken where expected and equal the scalar kernel."""
     for name, expected in SIMD_EXPECTED.items():
         mod = _build(FAST[name])
         f = mod._fast_args()
         assert f["simd"] is expected, name
+        assert f["wide"] is WIDE_EXPECTED[name], name
         x = torch.randn(1, mod.in_features)
-        xp, xsum = cpu.phase_order(x.numpy(), mod.n_pad, mod.tile,
-                                   kernels.int_pack.UNIT[mod.layout], mod.group_size, mod.n_groups)
-        ys = []
-        for simd in (False, True):
-            y = torch.empty(1, mod.out_features).numpy()
-            cpu.qgemv(*f["head"], xp, xsum, y, mod.tile, mod.tiles_per_group, f["vdec"], simd
-                      and f["simd"])
-            ys.append(torch.from_numpy(y))
-        assert _rel_err(ys[1], ys[0]) < 1e-5, name
+        y0 = _qgemv(mod, x, 0, f["vdec"])
+        if f["simd"]:
+            assert _rel_err(_qgemv(mod, x, 1, f["vdec"]), y0) < 1e-5, name
+        if f["wide"]:
+            assert _rel_err(_qgemv(mod, x, 2, f["wdec"]), y0) < 1e-5, name
+
+
+def test_wide_fp6_kernel_formats_and_generic_decode():
+    """Wide FP6 kernel (bf16 tables): E2M3 with offsets and groups, int6, per-row 6-bit
+    codebooks exact in bf16 (and one that is not: no wide kernel), and the generic 32-bit FP6
+    decode (the float descriptor passed to qgemv directly) against the reference."""
+    g = torch.Generator().manual_seed(5)
+    bf16_rows = torch.randn(5, 64, generator=g).bfloat16().float()
+    specs = [(dict(bits=6, table=torch.tensor(exmy_grid(2, 3)).float() * 0.5, group=128, out=5,
+                   inn=384, offsets=True), True),
+             (dict(bits=6, table=torch.arange(64.0) - 32, group=256, out=3, inn=512,
+                   zero_points=True), True),
+             (dict(bits=6, table=bf16_rows, group=128, out=5, inn=256), True),
+             (dict(bits=6, table=torch.randn(5, 64, generator=g), group=128, out=5, inn=256),
+              False)]
+    for spec, wide in specs:
+        mod = _build(spec)
+        f = mod._fast_args()
+        assert f["wide"] is wide
+        x = torch.randn(1, mod.in_features, generator=g)
+        ref = mod.reference_forward(x)
+        assert _rel_err(mod(x), ref) < 1e-5
+        if wide:
+            assert _rel_err(_qgemv(mod, x, 2, f["wdec"]), ref) < 1e-5
+    mod = _build(specs[0][0])  # the 5-bit vpermi2ps + sign decode on 32-bit lanes
+    x = torch.randn(1, mod.in_features, generator=g)
+    assert _rel_err(_qgemv(mod, x, 2, mod._fast_args()["vdec"]), mod.reference_forward(x)) < 1e-5
 
 
 @pytest.mark.slow
