@@ -116,6 +116,13 @@ def check_runs(df: pd.DataFrame, required: tuple[str, ...] = REQUIRED_COLUMNS + 
         raise PredictorError("; ".join(problems))
 
 
+def _mean_and_variance(A: np.ndarray, beta: np.ndarray, s2: float, k2: float) -> tuple[np.ndarray, np.ndarray]:
+    """The noise model's (D, v): median dL D = exp(A beta) and the variance v = s2 D^2 + k2 D of the
+    measured dL (s2 = sigma_r^2, k2 = kappa^2)."""
+    D = np.exp(np.clip(A @ beta, -50.0, 10.0))
+    return D, s2 * D ** 2 + k2 * D + 1e-14
+
+
 def _joint_mle(A: np.ndarray, y: np.ndarray, beta0: np.ndarray, sr0: float, kappa0: float
                ) -> tuple[np.ndarray, float, float]:
     """Maximize the likelihood of y ~ N(D, sr^2 D^2 + kappa^2 D), D = exp(A beta), over (beta, sr, kappa).
@@ -127,10 +134,8 @@ def _joint_mle(A: np.ndarray, y: np.ndarray, beta0: np.ndarray, sr0: float, kapp
     p = A.shape[1]
 
     def f(x):
-        beta, ls, lk = x[:p], x[p], x[p + 1]
-        D = np.exp(np.clip(A @ beta, -50.0, 10.0))
-        s2, k2 = math.exp(2 * ls), math.exp(2 * lk)
-        v = s2 * D ** 2 + k2 * D + 1e-14
+        s2, k2 = math.exp(2 * x[p]), math.exp(2 * x[p + 1])
+        D, v = _mean_and_variance(A, x[:p], s2, k2)
         r = y - D
         g_v = 0.5 * (1.0 / v - r ** 2 / v ** 2)  # d nll / d v
         g_D = g_v * (2 * s2 * D + k2) - r / v  # d nll / d D
@@ -226,8 +231,7 @@ class Predictor:
             # variance components bounded below (see SIGMA_FLOOR).
             beta, sr, kappa = _joint_mle(A, y, np.asarray(res.params, float), max(sr, SIGMA_FLOOR),
                                          max(kappa, KAPPA_FLOOR))
-            D = np.exp(np.clip(A @ beta, -50.0, 10.0))
-            v = sr ** 2 * D ** 2 + kappa ** 2 * D + 1e-14
+            D, v = _mean_and_variance(A, beta, sr ** 2, kappa ** 2)
             # parameter covariance: inverse Fisher information of beta, sum_i D_i^2 a_i a_i^T / v_i
             self.cov_ = np.linalg.pinv(A.T @ (A * (D ** 2 / v)[:, None]), hermitian=True)
             self.coef_ = beta
@@ -262,8 +266,8 @@ class Predictor:
     def _multiplier(self, alpha: float) -> float:
         from scipy import stats
 
-        rs = getattr(self, "conformal_scores_", None)
-        if rs is not None and len(rs):  # calibrated at any coverage: the conformal quantile of the scores
+        rs = self.conformal_scores_
+        if len(rs):  # calibrated at any coverage: the conformal quantile of the scores
             return _conformal_quantile(rs, alpha)
         key = f"{1 - alpha:.2f}"
         return float(self.conformal_[key]) if key in self.conformal_ else float(stats.t.ppf(1 - alpha / 2, self.df_resid_))
@@ -333,7 +337,7 @@ class Predictor:
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
                 "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "additive_noise": self.additive_noise,
                 "conformal": self.conformal_, "dl_floor": DL_FLOOR,
-                "conformal_scores": [float(v) for v in getattr(self, "conformal_scores_", [])]}
+                "conformal_scores": [float(v) for v in self.conformal_scores_]}
 
     def save(self, path: str | Path) -> Path:
         from models.saving import atomic_write_text
@@ -355,8 +359,7 @@ class Predictor:
         p.cov_ = np.asarray(d["cov"], float)
         p.resid_std_, p.df_resid_, p.n_train_ = d["resid_std"], d["df_resid"], d["n_train"]
         p.conformal_ = dict(d.get("conformal", {}))
-        if d.get("conformal_scores"):
-            p.conformal_scores_ = np.sort(np.asarray(d["conformal_scores"], float))
+        p.conformal_scores_ = np.sort(np.asarray(d.get("conformal_scores", []), float))
         return p
 
     @classmethod
