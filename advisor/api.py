@@ -267,36 +267,22 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         return Recommendation(spec=first["spec"], verified=False, measured_ppl_delta=None, predicted=_pred(first),
                               attempts=(), exit_code=0, message="dry run: nothing was quantized",
                               seconds=time.perf_counter() - t0, **common)
-    attempts: list[Attempt] = []
+    by_pos: dict[int, Attempt] = {}  # position in cost order -> attempt, in the order run
     saved = None
-    best: tuple[int, Attempt] | None = None  # (position in cost order, attempt) of the cheapest verified
 
-    def attempt_at(pos: int, reason: str) -> Attempt:
+    def measure(pos: int, reason: str) -> bool:
         nonlocal saved
-        attempt, quantized = _execute(ctx, df.loc[pos], budget, progress, reason)
-        attempts.append(attempt)
+        attempt, quantized = _execute(ctx, df.iloc[pos], budget, progress, reason)
+        by_pos[pos] = attempt
         if attempt.passed and out is not None:
             saved = str(_save(ctx, quantized, attempt, out))  # atomic: replaces a previous, dearer pass
         _restore(ctx, quantized)
-        return attempt
+        return attempt.passed
 
-    for pos in passing.index:  # the decision, then escalation on a miss
-        if len(attempts) >= max_attempts:
-            break
-        a = attempt_at(pos, "escalation" if attempts else "first choice")
-        if a.passed:
-            best = (pos, a)
-            break
-    if best is not None and explore:  # cheaper candidates that are plausible, cheapest first
-        for pos in df.index[(df.index < best[0]) & df["plausible"] & ~df["passes"]]:
-            if len(attempts) >= max_attempts:
-                break
-            a = attempt_at(pos, "cheaper")
-            if a.passed:
-                best = (pos, a)
-                break
+    best = search_cheapest_verified(df["passes"], df["plausible"], max_attempts, explore, measure)
+    attempts = list(by_pos.values())
     if best is not None:
-        a = best[1]
+        a = by_pos[best]
         others = [x for x in attempts if x is not a]
         tail = ""
         if others:
@@ -311,6 +297,37 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
                           exit_code=3, message=f"every attempt ({len(attempts)}) missed {budget.description}; "
                                                "raise --max-attempts or the budget",
                           seconds=time.perf_counter() - t0, **common)
+
+
+def search_cheapest_verified(passes, plausible, max_attempts: int, explore: bool, measure) -> int | None:
+    """recommend's search over candidates in cost order (positions 0..n-1, cheapest first).
+
+    ``measure(pos, reason) -> bool`` runs one attempt and says whether it was verified. Stage one
+    tries the candidates that ``passes`` (upper bound meets the budget), cheapest first, until one is
+    verified ("first choice", then "escalation"); stage two, with ``explore``, tries the cheaper ones
+    that are only ``plausible`` (median meets it), cheapest first ("cheaper"). At most
+    ``max_attempts`` in all. Returns the position of the cheapest verified candidate, or None.
+    The offline replay (benchmarks/recommend_confidence.py) runs the same function on recorded
+    measurements.
+    """
+    passes, plausible = np.asarray(passes, bool), np.asarray(plausible, bool)
+    tried, best = 0, None
+    for pos in np.flatnonzero(passes):
+        if tried >= max_attempts:
+            break
+        tried += 1
+        if measure(int(pos), "first choice" if tried == 1 else "escalation"):
+            best = int(pos)
+            break
+    if best is not None and explore:
+        for pos in np.flatnonzero(plausible[:best] & ~passes[:best]):
+            if tried >= max_attempts:
+                break
+            tried += 1
+            if measure(int(pos), "cheaper"):
+                best = int(pos)
+                break
+    return best
 
 
 def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reason: str = "first choice"):
