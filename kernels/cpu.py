@@ -531,6 +531,15 @@ def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
 
 
 @njit(inline="always", fastmath=True)
+def _offset_term(srow, zrow, add, xsum):
+    """sum_g (scale_g add + offset_g) sum(x_g): the affine part of a row, one short loop."""
+    ys = np.float32(0.0)
+    for g in range(srow.shape[0]):
+        ys += (srow[g] * add + zrow[g]) * xsum[g]
+    return ys
+
+
+@njit(inline="always", fastmath=True)
 def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
                        T, tpg, o0, o1, srow, zrow):
     """Batch 1: y[o] = sum_g (scale_g mult) <codes_g, x_g> + (scale_g add + offset_g) sum(x_g),
@@ -544,7 +553,6 @@ def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
         _load_row(scales, o, srow)
         _load_offsets(offsets, o, srow, zrow)
         acc = vzero()
-        ys = np.float32(0.0)
         for g in range(ng):
             pa = vzero()
             pb = vzero()
@@ -552,8 +560,7 @@ def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
                 tb = g * tpg + t
                 pa, pb = _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, tb * T, pa, pb)
             acc = vfma(vsplat(srow[g] * mult), vadd(pa, pb), acc)
-            ys += (srow[g] * add + zrow[g]) * xsum[0, g]
-        y[0, o] = vhsum(acc) + ys
+        y[0, o] = vhsum(acc) + _offset_term(srow, zrow, add, xsum[0])
 
 
 # ------------------------------------------------------ wide explicit-SIMD batch-1 path (FP6)
@@ -618,15 +625,6 @@ def _wide_step6(ra, rb, tb, T, j, vt, x, pa, pb):
         pa = vfma(vbf16_even(v), vload_f32(x, xo + k * Q), pa)
         pb = vfma(vbf16_odd(v), vload_f32(x, xo + (4 + k) * Q), pb)
     return pa, pb
-
-
-@njit(inline="always", fastmath=True)
-def _offset_term(srow, zrow, add, xsum):
-    """sum_g (scale_g add + offset_g) sum(x_g): the affine part of a row, one short loop."""
-    ys = np.float32(0.0)
-    for g in range(srow.shape[0]):
-        ys += (srow[g] * add + zrow[g]) * xsum[g]
-    return ys
 
 
 @njit(inline="always", fastmath=True)

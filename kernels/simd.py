@@ -81,6 +81,18 @@ def _ptr_at(context, builder, aty, arr, idx, elty):
     return builder.bitcast(builder.gep(a.data, [idx]), elty.as_pointer())
 
 
+def _load(vec, align, widen=None):
+    """Codegen of the vector loads: a ``vec`` at element ``i`` of a 1-D array, then zero-extended
+    to ``widen`` (and viewed as the 512-bit ``i32v``) when given."""
+    def codegen(context, builder, sig, args):
+        v = builder.load(_ptr_at(context, builder, sig.args[0], args[0], args[1], vec), align=align)
+        if widen is None:
+            return v
+        v = builder.zext(v, widen)
+        return v if widen == _IV else builder.bitcast(v, _IV)
+    return codegen
+
+
 @intrinsic
 def vzero(typingctx):
     """All-zero float vector."""
@@ -133,41 +145,27 @@ def vhsum(typingctx, a):
 @intrinsic
 def vload_f32(typingctx, arr, i):
     """arr[i:i+16] of a contiguous 1-D float32 array (unaligned)."""
-    def codegen(context, builder, sig, args):
-        return builder.load(_ptr_at(context, builder, sig.args[0], args[0], args[1], _FV),
-                            align=4)
-    return f32v(arr, i), codegen
+    return f32v(arr, i), _load(_FV, 4)
 
 
 @intrinsic
 def vload_u8(typingctx, arr, i):
     """16 bytes arr[i:i+16] of a contiguous 1-D uint8 array, zero-extended to 32-bit lanes."""
-    def codegen(context, builder, sig, args):
-        p = _ptr_at(context, builder, sig.args[0], args[0], args[1],
-                    ir.VectorType(ir.IntType(8), V))
-        return builder.zext(builder.load(p, align=1), _IV)
-    return i32v(arr, i), codegen
+    return i32v(arr, i), _load(ir.VectorType(ir.IntType(8), V), 1, _IV)
 
 
 @intrinsic
 def vload_u16(typingctx, arr, i):
     """32 bytes from byte ``i`` of a uint8 array as 16 little-endian uint16 lanes
     (``arr[i+2j] | arr[i+2j+1] << 8``), zero-extended."""
-    def codegen(context, builder, sig, args):
-        p = _ptr_at(context, builder, sig.args[0], args[0], args[1],
-                    ir.VectorType(ir.IntType(16), V))
-        return builder.zext(builder.load(p, align=1), _IV)
-    return i32v(arr, i), codegen
+    return i32v(arr, i), _load(ir.VectorType(ir.IntType(16), V), 1, _IV)
 
 
 @intrinsic
 def vload_u32(typingctx, arr, i):
     """64 bytes from byte ``i`` of a uint8 array as 16 little-endian 32-bit lanes: one plain
     vector load (no widening shuffle); lane ``l`` holds bytes ``i+4l .. i+4l+3``."""
-    def codegen(context, builder, sig, args):
-        return builder.load(_ptr_at(context, builder, sig.args[0], args[0], args[1], _IV),
-                            align=1)
-    return i32v(arr, i), codegen
+    return i32v(arr, i), _load(_IV, 1)
 
 
 @intrinsic
@@ -328,11 +326,7 @@ _WV = ir.VectorType(ir.IntType(16), 2 * V)
 @intrinsic
 def vload_u8w(typingctx, arr, i):
     """32 bytes from byte ``i`` of a uint8 array, zero-extended to 32 16-bit lanes."""
-    def codegen(context, builder, sig, args):
-        p = _ptr_at(context, builder, sig.args[0], args[0], args[1],
-                    ir.VectorType(ir.IntType(8), 2 * V))
-        return builder.bitcast(builder.zext(builder.load(p, align=1), _WV), _IV)
-    return i32v(arr, i), codegen
+    return i32v(arr, i), _load(ir.VectorType(ir.IntType(8), 2 * V), 1, _WV)
 
 
 @intrinsic
