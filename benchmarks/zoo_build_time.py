@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,8 +35,6 @@ def _time_one(family: str, size: str, steps: int) -> dict:
 
     recipe = make_recipe(family, size, steps=steps, warmup_steps=1)
     result = train(recipe, progress=False)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_model(result, Path(tmp) / "m")
         t0 = time.perf_counter()
