@@ -104,8 +104,8 @@ def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
     if speed is None:
         from quantizers import get_dtype
 
-        bits = get_dtype(spec.dtype).bits
-        same = sorted(v for k, v in table.items() if k in _dtype_names() and get_dtype(k).bits == bits)
+        bits, known = get_dtype(spec.dtype).bits, _dtype_names()
+        same = sorted(v for k, v in table.items() if k in known and get_dtype(k).bits == bits)
         speed = same[len(same) // 2] if same else 16.0 / max(bpw, 1e-9)
     return Candidate(spec=str(spec), method=spec.method, dtype=spec.dtype, group_size=spec.group_size,
                      bits_per_weight=bpw, bytes=total_bytes, relative_speed=speed)
