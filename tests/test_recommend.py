@@ -73,7 +73,11 @@ def test_after_a_verified_pass_cheaper_plausible_candidates_are_tried(tiny_folde
     wide.resid_std_ = 2.0  # wide intervals: the 90% upper bound is far above the median
     df90 = plan(str(tiny_folder), predictor=wide, methods=["rtn"], confidence=0.9, **common)
     up90, median = df90["pred_dl_upper"].to_numpy(), df90["pred_dl"].to_numpy()
-    for max_dl in sorted(up90):  # a budget whose first choice at 90% has a cheaper plausible candidate
+    levels = sorted(set(up90))
+    for lo, hi in zip(levels, levels[1:] + [levels[-1] + 1.0]):
+        # A budget strictly between two upper bounds: the dPPL -> log-ratio round trip below may move it
+        # by an ulp, which must not change which candidate is the first choice.
+        max_dl = (lo + hi) / 2
         first = int((up90 <= max_dl).argmax())
         if (median[:first] <= max_dl).any():
             break
