@@ -32,8 +32,9 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from . import team
 from .simd import (vadd, vexmy, vfield, vflip_sign, vfma, vgather, vhsum, vload_f32, vload_u8,
-                   vload_u16, vload_u32, vload_u8w, vor_shl, prefetch, vbf16_even, vbf16_odd,
+                   vload_u16, vload_u32, vload_u8w, vor_shl, vstore_f32, prefetch, vbf16_even, vbf16_odd,
                    vcode6w, vperm16, vperm32, vperm64w, vsplat, vtof, vzero)
 
 LAYOUT_ID = {"crumb2": 0, "nib4": 1, "byte8": 2, "planes": 3, "split6": 4}
@@ -500,7 +501,7 @@ def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
         base = tb * Q
         for j in range(0, Q, 16):
             b = vload_u8(row, base + j)
-            prefetch(row, base + j + PREFETCH_BYTES)  # the hardware prefetcher lags behind
+            prefetch(row, base + j + NIB4_PREFETCH_BYTES)  # the hardware prefetcher lags behind
             pa = vfma(_vdec(vfield(b, 0, 15), vdec, vt), vload_f32(x, x0 + j), pa)
             pb = vfma(_vdec(vfield(b, 4, 15), vdec, vt), vload_f32(x, x0 + Q + j), pb)
     elif layout == 2:  # byte8
@@ -528,6 +529,50 @@ def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
             pb = vfma(_vdec(vor_shl(vfield(w, 12, 15), vfield(s, 6, 3), 4), vdec, vt),
                       vload_f32(x, x0 + 3 * Q + j), pb)
     return pa, pb
+
+
+@njit(inline="always", fastmath=True)
+def _vdecode_tile(layout, qa, qb, o, tb, T, vdec, vt, wbuf):
+    """Decode tile ``tb`` of row ``o`` into ``wbuf[:T]`` (phase order, unscaled values) 16 lanes
+    at a time: the vector twin of :func:`_decode_tile` for the batch 2..8 kernel, with the same
+    decode as :func:`_vdot_tile` (values identical to the scalar decode)."""
+    if layout == 0:  # crumb2
+        Q = T // 4
+        row = qa[o]
+        base = tb * Q
+        for j in range(0, Q, 16):
+            b = vload_u8(row, base + j)
+            vstore_f32(wbuf, j, _vdec(vfield(b, 0, 3), vdec, vt))
+            vstore_f32(wbuf, Q + j, _vdec(vfield(b, 2, 3), vdec, vt))
+            vstore_f32(wbuf, 2 * Q + j, _vdec(vfield(b, 4, 3), vdec, vt))
+            vstore_f32(wbuf, 3 * Q + j, _vdec(vfield(b, 6, 3), vdec, vt))
+    elif layout == 1:  # nib4
+        Q = T // 2
+        row = qa[o]
+        base = tb * Q
+        for j in range(0, Q, 16):
+            b = vload_u8(row, base + j)
+            vstore_f32(wbuf, j, _vdec(vfield(b, 0, 15), vdec, vt))
+            vstore_f32(wbuf, Q + j, _vdec(vfield(b, 4, 15), vdec, vt))
+    elif layout == 2:  # byte8
+        row = qa[o]
+        base = tb * T
+        for j in range(0, T, 16):
+            vstore_f32(wbuf, j, _vdec(vload_u8(row, base + j), vdec, vt))
+    elif layout == 4:  # split6
+        Q = T // 4
+        r4 = qa[o]
+        r2 = qb[o]
+        b4 = tb * 2 * Q
+        b2 = tb * Q
+        for j in range(0, Q, 16):
+            w = vload_u16(r4, b4 + 2 * j)
+            s = vload_u8(r2, b2 + j)
+            vstore_f32(wbuf, j, _vdec(vor_shl(vfield(w, 0, 15), vfield(s, 0, 3), 4), vdec, vt))
+            vstore_f32(wbuf, Q + j, _vdec(vor_shl(vfield(w, 4, 15), vfield(s, 2, 3), 4), vdec, vt))
+            vstore_f32(wbuf, 2 * Q + j, _vdec(vor_shl(vfield(w, 8, 15), vfield(s, 4, 3), 4), vdec, vt))
+            vstore_f32(wbuf, 3 * Q + j, _vdec(vor_shl(vfield(w, 12, 15), vfield(s, 6, 3), 4), vdec,
+                                                  vt))
 
 
 @njit(inline="always", fastmath=True)
@@ -563,6 +608,59 @@ def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
         y[0, o] = vhsum(acc) + _offset_term(srow, zrow, add, xsum[0])
 
 
+@njit(inline="always", fastmath=True)
+def _gemv_rows_simd_bn(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                       T, tpg, o0, o1, srow, zrow, wbuf):
+    """Batch 2..8, explicit SIMD: per pass of up to four tokens, each tile is decoded once into
+    ``wbuf`` (L1, :func:`_vdecode_tile`) and multiplied into four vector accumulators; the group
+    scale is folded in per group as in :func:`_gemv_rows_simd_b1`. A pass of fewer than four
+    tokens repeats its last token (results discarded). Replaces the auto-vectorized loops, whose
+    scalar decode and per-tile reductions ran at ~2.5 multiply-adds per cycle."""
+    B = xp.shape[0]
+    ng = scales.shape[1]
+    n_tiles = xp.shape[1] // T
+    for o in range(o0, o1):
+        vt = _vrow_table(vdec, o if per_row else 0)
+        _load_row(scales, o, srow)
+        _load_offsets(offsets, o, srow, zrow)
+        for b0 in range(0, B, 4):
+            x0 = xp[b0]
+            x1 = xp[min(b0 + 1, B - 1)]
+            x2 = xp[min(b0 + 2, B - 1)]
+            x3 = xp[min(b0 + 3, B - 1)]
+            a0 = vzero()
+            a1 = vzero()
+            a2 = vzero()
+            a3 = vzero()
+            for g in range(ng):
+                p0 = vzero()
+                p1 = vzero()
+                p2 = vzero()
+                p3 = vzero()
+                for t in range(min(tpg, n_tiles - g * tpg)):
+                    tb = g * tpg + t
+                    _vdecode_tile(layout, qa, qb, o, tb, T, vdec, vt, wbuf)
+                    base = tb * T
+                    for j in range(0, T, 16):
+                        w = vload_f32(wbuf, j)
+                        p0 = vfma(w, vload_f32(x0, base + j), p0)
+                        p1 = vfma(w, vload_f32(x1, base + j), p1)
+                        p2 = vfma(w, vload_f32(x2, base + j), p2)
+                        p3 = vfma(w, vload_f32(x3, base + j), p3)
+                s = vsplat(srow[g] * mult)
+                a0 = vfma(s, p0, a0)
+                a1 = vfma(s, p1, a1)
+                a2 = vfma(s, p2, a2)
+                a3 = vfma(s, p3, a3)
+            y[b0, o] = vhsum(a0) + _offset_term(srow, zrow, add, xsum[b0])
+            if b0 + 1 < B:
+                y[b0 + 1, o] = vhsum(a1) + _offset_term(srow, zrow, add, xsum[b0 + 1])
+            if b0 + 2 < B:
+                y[b0 + 2, o] = vhsum(a2) + _offset_term(srow, zrow, add, xsum[b0 + 2])
+            if b0 + 3 < B:
+                y[b0 + 3, o] = vhsum(a3) + _offset_term(srow, zrow, add, xsum[b0 + 3])
+
+
 # ------------------------------------------------------ wide explicit-SIMD batch-1 path (FP6)
 # The kernel above loads 16 bytes per step and decodes FP6 with a 5-bit ``vpermi2ps`` plus a
 # sign fix-up, ~8 vector operations per 16 codes. Here a 16-bit lane holds 4 consecutive codes'
@@ -575,10 +673,15 @@ def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
 # (two interleaved streams per thread), so int4 keeps the kernel above and this one runs one
 # row at a time.
 WIDE_UNIT = 8  # codes per 32-bit lane = phase-order unit of the wide kernel
-# software prefetch distance along a row's code streams (also used by the int4 kernel above:
-# 11008x4096 int4 batch 1, 2 threads, A/B in one process: 6.8 -> 6.0 ms median); 512 bytes
-# measured better than 0 / 1024 / 2048 for FP6 (noisy shared machine)
+# software prefetch distance along a row's code streams; 512 bytes measured better than
+# 0 / 1024 / 2048 for FP6 (noisy shared machine)
 PREFETCH_BYTES = 512
+# the int4 kernel above streams a single row of nibbles: the distance must cover the DRAM latency at
+# its higher code rate. Batch 1, 2 threads, weights cold (L3 flushed before each call), median of
+# 100 calls, two alternating rounds (/tmp/s4/cold2.py in session 4): 11008x4096 512 B 3.05 / 2.80
+# ms, 1024 B 2.21 / 2.68, 1536 B 2.19 / 2.22, 2048 B 2.23 / 2.04; 4096x4096 512 B 1.12 / 1.38,
+# 2048 B 0.98 / 1.25. (No prefetch at all: 6.8 ms vs 6.0 ms at 512 B for 11008x4096.)
+NIB4_PREFETCH_BYTES = 2048
 
 
 def _wide_split6(ra, rb, tb, T, j, vdec, vt, x, pa, pb):
@@ -668,6 +771,9 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, vdec, simd, per_row, scales, offs
     elif B == 1 and simd == 1 and layout != 3:
         _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum,
                            y, T, tpg, o0, o1, srow, zrow)
+    elif simd == 1 and layout != 3:
+        _gemv_rows_simd_bn(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum,
+                           y, T, tpg, o0, o1, srow, zrow, np.empty(T, np.float32))
     else:
         wbuf = np.empty(T, np.float32)
         cbuf = np.empty(T // 8 + 1, np.int32)
@@ -972,10 +1078,11 @@ def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xs
     layout's phase order), 2 wide explicit SIMD (split6 only, T % 128 == 0, xp phase-ordered
     with ``WIDE_UNIT``); larger batches always take the loops.
 
-    Row tasks are claimed from an atomic counter by the calling thread and by
-    ``numba.get_num_threads() - 1`` helper threads (nogil). Unlike a parallel region, the caller
-    never waits for a helper that has not started yet (on a shared machine a sleeping worker
-    can be a whole scheduler time slice late): it only waits for tasks already claimed; a late
+    Row tasks are claimed from an atomic counter, so any number of threads is correct. The
+    threads are torch's own OpenMP team (:mod:`kernels.team`), whose workers are still spinning
+    from the previous torch op; without it (a torch build not on OpenMP), the calling thread and
+    ``numba.get_num_threads() - 1`` helper threads (nogil). In that fallback the caller never
+    waits for a helper that has not started yet: it only waits for tasks already claimed; a late
     helper finds the counter exhausted and returns without touching ``y``.
     """
     fn = _GEMV[layout]
@@ -983,6 +1090,13 @@ def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xs
             T, tpg)
     ctr = np.zeros(2, np.int64)  # [next task to claim, tasks finished]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if team.available():
+        n = min(team.n_threads(), n_tasks)
+        if n > 1:
+            team.run(fn, args + (ctr,), n)
+        else:
+            fn(*args, ctr)
+        return
     n_helpers = min(get_num_threads() - 1, n_tasks - 1)
     futures = [_helper_pool(n_helpers).submit(fn, *args, ctr) for _ in range(max(n_helpers, 0))]
     fn(*args, ctr)

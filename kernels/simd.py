@@ -149,6 +149,15 @@ def vload_f32(typingctx, arr, i):
 
 
 @intrinsic
+def vstore_f32(typingctx, arr, i, v):
+    """arr[i:i+16] = v for a contiguous 1-D float32 array (unaligned)."""
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _ptr_at(context, builder, sig.args[0], args[0], args[1], _FV), align=4)
+        return context.get_dummy_value()
+    return types.none(arr, i, f32v), codegen
+
+
+@intrinsic
 def vload_u8(typingctx, arr, i):
     """16 bytes arr[i:i+16] of a contiguous 1-D uint8 array, zero-extended to 32-bit lanes."""
     return i32v(arr, i), _load(ir.VectorType(ir.IntType(8), V), 1, _IV)

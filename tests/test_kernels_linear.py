@@ -251,3 +251,28 @@ def test_forward_keeps_the_callers_torch_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(n)
+
+
+def test_decode_runs_on_torchs_openmp_team_and_agrees_with_own_threads(monkeypatch):
+    """The batch-1..8 kernel runs on torch's OpenMP team (kernels.team) when torch is built on
+    OpenMP; the fallback with the kernel's own helper threads gives the same numbers, bit for bit
+    (each output row is computed by exactly one thread either way)."""
+    from kernels import team
+
+    if "OpenMP" in torch.__config__.parallel_info():
+        assert team.available(), "torch runs on OpenMP but GOMP_parallel was not found"
+    mod = _build(dict(FAST["int4_g128"], out=200))  # 13 row tasks: both threads get work
+    g = torch.Generator().manual_seed(3)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for b in (1, 5):
+            x = torch.randn(b, mod.in_features, generator=g)
+            y_team = mod(x)
+            monkeypatch.setattr(team, "available", lambda: False)
+            y_own = mod(x)
+            monkeypatch.undo()
+            assert torch.equal(y_team, y_own)
+            assert _rel_err(y_team, mod.reference_forward(x)) < 1e-5
+    finally:
+        torch.set_num_threads(n)
