@@ -18,9 +18,11 @@ unit-stride vector loop. Per group ``g``:
 Batch 1 decodes and multiplies in one pass -- with the explicit-SIMD kernel
 (:func:`_gemv_rows_simd_b1`, 16-lane vectors from :mod:`kernels.simd`) when every phase of a
 tile is a multiple of 16 codes, else the auto-vectorized scalar loops; larger batches decode a
-tile once into an L1 buffer and reuse it for every batch row. Row tasks of a product are claimed
-from an atomic counter by the caller and ``numba.get_num_threads() - 1`` helper threads
-(:func:`qgemv`); the prefill dequantize kernel uses ``prange``.
+tile once into an L1 buffer (vector decode where the batch-1 SIMD kernel applies) and reuse it for
+up to four batch rows per pass. Row tasks of a product are claimed from an atomic counter by the
+threads of torch's OpenMP team (:mod:`kernels.team`; fallback: the caller and
+``numba.get_num_threads() - 1`` helper threads, :func:`qgemv`); the prefill dequantize kernel uses
+``prange``.
 """
 from __future__ import annotations
 
