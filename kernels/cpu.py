@@ -515,22 +515,26 @@ def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
                       vload_f32(x, x0 + j + 16), pb)
     elif layout == 4:  # split6: a uint16 lane of q4 holds the 4-bit segments of all 4 phases
         Q = T // 4
-        r4 = qa[o]
-        r2 = qb[o]
-        b4 = tb * 2 * Q
-        b2 = tb * Q
         for j in range(0, Q, 16):
-            w = vload_u16(r4, b4 + 2 * j)
-            s = vload_u8(r2, b2 + j)
-            pa = vfma(_vdec(vor_shl(vfield(w, 0, 15), vfield(s, 0, 3), 4), vdec, vt),
-                      vload_f32(x, x0 + j), pa)
-            pb = vfma(_vdec(vor_shl(vfield(w, 4, 15), vfield(s, 2, 3), 4), vdec, vt),
-                      vload_f32(x, x0 + Q + j), pb)
-            pa = vfma(_vdec(vor_shl(vfield(w, 8, 15), vfield(s, 4, 3), 4), vdec, vt),
-                      vload_f32(x, x0 + 2 * Q + j), pa)
-            pb = vfma(_vdec(vor_shl(vfield(w, 12, 15), vfield(s, 6, 3), 4), vdec, vt),
-                      vload_f32(x, x0 + 3 * Q + j), pb)
+            w, s = _split6_load(qa, qb, o, tb, Q, j)
+            pa = vfma(_split6_phase(w, s, 0, vdec, vt), vload_f32(x, x0 + j), pa)
+            pb = vfma(_split6_phase(w, s, 1, vdec, vt), vload_f32(x, x0 + Q + j), pb)
+            pa = vfma(_split6_phase(w, s, 2, vdec, vt), vload_f32(x, x0 + 2 * Q + j), pa)
+            pb = vfma(_split6_phase(w, s, 3, vdec, vt), vload_f32(x, x0 + 3 * Q + j), pb)
     return pa, pb
+
+
+@njit(inline="always")
+def _split6_load(qa, qb, o, tb, Q, j):
+    """Chunk ``j`` of tile ``tb`` of row ``o`` in the split6 layout: 16 uint16 lanes of ``q4``
+    (the 4-bit segments of 4 phases) and 16 bytes of ``q2`` (their 2-bit segments)."""
+    return vload_u16(qa[o], tb * 2 * Q + 2 * j), vload_u8(qb[o], tb * Q + j)
+
+
+@njit(inline="always")
+def _split6_phase(w, s, r, vdec, vt):
+    """Decoded values of phase ``r`` of a split6 chunk: 6-bit code = 4-bit segment | 2-bit << 4."""
+    return _vdec(vor_shl(vfield(w, 4 * r, 15), vfield(s, 2 * r, 3), 4), vdec, vt)
 
 
 @njit(inline="always", fastmath=True)
@@ -538,24 +542,16 @@ def _vdecode_tile(layout, qa, qb, o, tb, T, vdec, vt, wbuf):
     """Decode tile ``tb`` of row ``o`` into ``wbuf[:T]`` (phase order, unscaled values) 16 lanes
     at a time: the vector twin of :func:`_decode_tile` for the batch 2..8 kernel, with the same
     decode as :func:`_vdot_tile` (values identical to the scalar decode)."""
-    if layout == 0:  # crumb2
-        Q = T // 4
+    if layout == 0 or layout == 1:  # crumb2 (4 codes per byte) / nib4 (2 codes per byte)
+        U = 4 if layout == 0 else 2
+        width = 8 // U
+        Q = T // U
         row = qa[o]
         base = tb * Q
         for j in range(0, Q, 16):
             b = vload_u8(row, base + j)
-            vstore_f32(wbuf, j, _vdec(vfield(b, 0, 3), vdec, vt))
-            vstore_f32(wbuf, Q + j, _vdec(vfield(b, 2, 3), vdec, vt))
-            vstore_f32(wbuf, 2 * Q + j, _vdec(vfield(b, 4, 3), vdec, vt))
-            vstore_f32(wbuf, 3 * Q + j, _vdec(vfield(b, 6, 3), vdec, vt))
-    elif layout == 1:  # nib4
-        Q = T // 2
-        row = qa[o]
-        base = tb * Q
-        for j in range(0, Q, 16):
-            b = vload_u8(row, base + j)
-            vstore_f32(wbuf, j, _vdec(vfield(b, 0, 15), vdec, vt))
-            vstore_f32(wbuf, Q + j, _vdec(vfield(b, 4, 15), vdec, vt))
+            for r in range(U):  # phase r: bits [width*r, width*(r+1)) of each byte
+                vstore_f32(wbuf, r * Q + j, _vdec(vfield(b, width * r, (1 << width) - 1), vdec, vt))
     elif layout == 2:  # byte8
         row = qa[o]
         base = tb * T
@@ -563,18 +559,10 @@ def _vdecode_tile(layout, qa, qb, o, tb, T, vdec, vt, wbuf):
             vstore_f32(wbuf, j, _vdec(vload_u8(row, base + j), vdec, vt))
     elif layout == 4:  # split6
         Q = T // 4
-        r4 = qa[o]
-        r2 = qb[o]
-        b4 = tb * 2 * Q
-        b2 = tb * Q
         for j in range(0, Q, 16):
-            w = vload_u16(r4, b4 + 2 * j)
-            s = vload_u8(r2, b2 + j)
-            vstore_f32(wbuf, j, _vdec(vor_shl(vfield(w, 0, 15), vfield(s, 0, 3), 4), vdec, vt))
-            vstore_f32(wbuf, Q + j, _vdec(vor_shl(vfield(w, 4, 15), vfield(s, 2, 3), 4), vdec, vt))
-            vstore_f32(wbuf, 2 * Q + j, _vdec(vor_shl(vfield(w, 8, 15), vfield(s, 4, 3), 4), vdec, vt))
-            vstore_f32(wbuf, 3 * Q + j, _vdec(vor_shl(vfield(w, 12, 15), vfield(s, 6, 3), 4), vdec,
-                                                  vt))
+            w, s = _split6_load(qa, qb, o, tb, Q, j)
+            for r in range(4):
+                vstore_f32(wbuf, r * Q + j, _split6_phase(w, s, r, vdec, vt))
 
 
 @njit(inline="always", fastmath=True)
