@@ -36,7 +36,7 @@ from numba.extending import intrinsic, overload
 
 from . import team
 from .simd import (vadd, vexmy, vfield, vflip_sign, vfma, vgather, vhsum, vload_f32, vload_u8,
-                   vload_u16, vload_u32, vload_u8w, vor_shl, vstore_f32, prefetch, vbf16_even, vbf16_odd,
+                   vload_u16, vload_u32, vload_u8w, vmul_k, vor_shl, vstore_f32, prefetch, vbf16_even, vbf16_odd,
                    vcode6w, vperm16, vperm32, vperm64w, vsplat, vtof, vzero)
 
 LAYOUT_ID = {"crumb2": 0, "nib4": 1, "byte8": 2, "planes": 3, "split6": 4}
@@ -513,6 +513,13 @@ def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
             pa = vfma(_vdec(vload_u8(row, base + j), vdec, vt), vload_f32(x, x0 + j), pa)
             pb = vfma(_vdec(vload_u8(row, base + j + 16), vdec, vt),
                       vload_f32(x, x0 + j + 16), pb)
+    elif layout == 3:  # 3-bit planes: byte j of each plane holds bit p of 8 codes
+        Q = T // 8
+        for j in range(0, Q, 16):
+            c = _planes3_load(qa, o, tb, Q, j)
+            for r in range(0, 8, 2):
+                pa = vfma(_planes3_phase(c, r, vdec, vt), vload_f32(x, x0 + r * Q + j), pa)
+                pb = vfma(_planes3_phase(c, r + 1, vdec, vt), vload_f32(x, x0 + (r + 1) * Q + j), pb)
     elif layout == 4:  # split6: a uint16 lane of q4 holds the 4-bit segments of all 4 phases
         Q = T // 4
         for j in range(0, Q, 16):
@@ -522,6 +529,24 @@ def _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, x0, pa, pb):
             pa = vfma(_split6_phase(w, s, 2, vdec, vt), vload_f32(x, x0 + 2 * Q + j), pa)
             pb = vfma(_split6_phase(w, s, 3, vdec, vt), vload_f32(x, x0 + 3 * Q + j), pb)
     return pa, pb
+
+
+@njit(inline="always")
+def _planes3_load(qa, o, tb, Q, j):
+    """Chunk ``j`` of tile ``tb`` of row ``o`` in the 3-bit planes layout: per lane the three plane
+    bytes as ``p0 | p1 << 8 | p2 << 16`` (bit r of byte p = bit p of the lane's code r)."""
+    row = qa[o]
+    nb = qa.shape[1] // 3
+    i = tb * Q + j
+    return vor_shl(vor_shl(vload_u8(row, i), vload_u8(row, nb + i), 8), vload_u8(row, 2 * nb + i), 16)
+
+
+@njit(inline="always")
+def _planes3_phase(c, r, vdec, vt):
+    """Decoded values of phase ``r``: bits r, r+8, r+16 of ``c`` gathered into a 3-bit code by
+    one multiply (b0 + b1 2^8 + b2 2^16) * (1 + 2^7 + 2^14) holds b0 b1 b2 at bits 14-16, and no
+    other partial product reaches bits 14-16."""
+    return _vdec(vfield(vmul_k(vfield(c, r, 0x010101), 0x4081), 14, 7), vdec, vt)
 
 
 @njit(inline="always")
@@ -557,6 +582,12 @@ def _vdecode_tile(layout, qa, qb, o, tb, T, vdec, vt, wbuf):
         base = tb * T
         for j in range(0, T, 16):
             vstore_f32(wbuf, j, _vdec(vload_u8(row, base + j), vdec, vt))
+    elif layout == 3:  # 3-bit planes
+        Q = T // 8
+        for j in range(0, Q, 16):
+            c = _planes3_load(qa, o, tb, Q, j)
+            for r in range(8):
+                vstore_f32(wbuf, r * Q + j, _planes3_phase(c, r, vdec, vt))
     elif layout == 4:  # split6
         Q = T // 4
         for j in range(0, Q, 16):
@@ -758,10 +789,10 @@ def _gemv_rows_body(layout, bits, qa, qb, dec, vdec, simd, per_row, scales, offs
     if B == 1 and simd == 2 and layout == 4:
         _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
                            tpg, o0, o1, srow, zrow)
-    elif B == 1 and simd == 1 and layout != 3:
+    elif B == 1 and simd == 1:
         _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum,
                            y, T, tpg, o0, o1, srow, zrow)
-    elif simd == 1 and layout != 3:
+    elif simd == 1:
         _gemv_rows_simd_bn(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum,
                            y, T, tpg, o0, o1, srow, zrow, np.empty(T, np.float32))
     else:

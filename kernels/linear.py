@@ -364,7 +364,8 @@ class QuantLinear(nn.Module):
                      np.float32(dec_rule.mult), np.float32(dec_rule.add)),
             "vdec": _vector_decode(dec_rule, t2, per_row, self.bits),
             # explicit-SIMD batch-1 kernel: 16 codes per step of every phase of a tile
-            "simd": bool(self.layout != "planes" and self.tile
+            # (bit planes: 3-bit codes only, which the kernel gathers with one multiply)
+            "simd": bool((self.layout != "planes" or self.bits == 3) and self.tile
                          and (self.tile // U) % (32 if self.layout == "byte8" else 16) == 0),
             # wide explicit-SIMD batch-1 FP6 kernel (bf16 decode), tiles of 128k codes
             "wdec": _wide_decode(dec_rule, t2, per_row, self.bits),

@@ -203,6 +203,14 @@ def vfield(typingctx, v, shift, mask):
 
 
 @intrinsic
+def vmul_k(typingctx, a, k):
+    """a * k per int32 lane (low 32 bits)."""
+    def codegen(context, builder, sig, args):
+        return builder.mul(args[0], _splat(builder, _as_i32(builder, args[1]), _IV))
+    return i32v(i32v, k), codegen
+
+
+@intrinsic
 def vor_shl(typingctx, a, b, k):
     """a | (b << k) per lane."""
     def codegen(context, builder, sig, args):

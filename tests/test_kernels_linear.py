@@ -65,13 +65,16 @@ FAST = {
     "fp6_odd_width": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9,
                           inn=77, out=5),
     "nf4_g64": dict(bits=4, table=NF4, group=64),
+    # the format recommend picks most often: bit planes; 320 wide -> 64-code tiles (8 per phase,
+    # scalar kernel), 512 wide -> 128-code tiles (explicit SIMD, multiply gather)
+    "int3_g128": dict(bits=3, table=torch.arange(8.0), group=128, zero_points=True),
+    "int3_g128_simd": dict(bits=3, table=torch.arange(8.0), group=128, zero_points=True, inn=512),
     # 512 wide: 256-code tiles, so FP6 takes the explicit-SIMD kernel (the 320 case above does not)
     "fp6_e3m2_simd": dict(bits=6, table=torch.tensor(exmy_grid(3, 2)).float(), group=10 ** 9,
                           inn=512, out=40),
 }
 SLOW = {
     "int2_g128": dict(bits=2, table=torch.arange(4.0), group=128, zero_points=True),
-    "int3_g128": dict(bits=3, table=torch.arange(8.0), group=128, zero_points=True),
     "int8_g128": dict(bits=8, table=torch.arange(256.0) - 128, group=128),
     "fp8_e4m3": dict(bits=8, table=torch.tensor(exmy_grid(4, 3)).float(), group=10 ** 9),
     "fp4_e2m1_g128": dict(bits=4, table=torch.tensor(exmy_grid(2, 1)).float(), group=128),
@@ -91,7 +94,8 @@ SLOW = {
 # auto-vectorized scalar one; both are checked against the reference above.
 SIMD_EXPECTED = {"int4_g128": True, "int4_odd_group_tail": True, "int4_partial_last_group": True,
                  "fp6_e3m2_per_channel": False, "fp6_odd_width": False, "nf4_g64": True,
-                 "fp6_e3m2_simd": True}
+                 "fp6_e3m2_simd": True, "int3_g128": False,
+                 "int3_g128_simd": True}
 
 
 def _build(spec):
@@ -115,7 +119,8 @@ def test_fast_forward_matches_reference(name):
 # Which batch-1 forwards take the wide FP6 kernel (6-bit codes exact in bf16, 128k-code tiles).
 WIDE_EXPECTED = {"int4_g128": False, "int4_odd_group_tail": False,
                  "int4_partial_last_group": False, "fp6_e3m2_per_channel": False,
-                 "fp6_odd_width": False, "nf4_g64": False, "fp6_e3m2_simd": True}
+                 "fp6_odd_width": False, "nf4_g64": False, "fp6_e3m2_simd": True,
+                 "int3_g128": False, "int3_g128_simd": False}
 
 
 def _qgemv(mod, x, mode, vdec):
