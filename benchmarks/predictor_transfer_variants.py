@@ -1,0 +1,88 @@
+"""Which physics term carries the predictor best: second_order vs the perturbation probe's loss curve.
+
+    python benchmarks/predictor_transfer_variants.py [--store PATH]
+
+The shipped predictor starts from ``log_so`` (the second-order estimate of RTN's loss). The
+perturbation probe measures the loss at five relative noise levels (0.25% .. 20%) on the model itself;
+interpolated (log-log) at the spec's RTN relative noise 10^(-SQNR/20) it is an alternative physics term
+that needs no extrapolation across scale. This script refits the predictor with ``log_so`` replaced by
+that term (and by the mean of both) and reports, side by side, leave-one-family-out on the zoo and the
+transfer to SmolLM2 (never fitted on), from the shipped runs (``advisor/data/runs.csv``) and the probe
+features in the measurement store. The first row reproduces the shipped figures (docs/predictor.md).
+Writes benchmarks/results/predictor_transfer_variants.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIGMAS = {"0p25": 0.0025, "0p75": 0.0075, "2p2": 0.022, "6p6": 0.066, "20": 0.20}
+
+
+def log_perturbation_dl(features: dict, sqnr_db: float) -> float:
+    """ln dNLL of the perturbation curve at relative noise 10^(-sqnr/20) (log-log linear, extrapolated
+    with the end slopes; dNLL floored at 1e-6: the zoo's small-noise points are measurement noise)."""
+    x = np.log(list(SIGMAS.values()))
+    y = np.log(np.maximum([features[f"perturbation.all_dnll_s{k}pct"] for k in SIGMAS], 1e-6))
+    s = np.log(10 ** (-sqnr_db / 20))
+    if s >= x[-1]:
+        return float(y[-1] + (y[-1] - y[-2]) / (x[-1] - x[-2]) * (s - x[-1]))
+    if s <= x[0]:
+        return float(y[0] + (y[1] - y[0]) / (x[1] - x[0]) * (s - x[0]))
+    return float(np.interp(s, x, y))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default=None, help="measurement store (default: ADVISOR_HOME's)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "predictor_transfer_variants.json"))
+    args = p.parse_args(argv)
+
+    from advisor import predictor as P
+    from advisor.store import open_store
+    from models.saving import atomic_write_text
+
+    warnings.filterwarnings("ignore")
+    store = open_store(args.store)
+    with store.transaction() as c:
+        feats = {fp: json.loads(f) for fp, f in c.execute("SELECT model_fp, features FROM probes")}
+    feats = {fp: f for fp, f in feats.items() if "perturbation.all_dnll_s20pct" in f}
+    df = pd.read_csv(ROOT / "advisor" / "data" / "runs.csv")
+    missing = sorted(set(df.model) - set(df[df.model_fp.isin(feats)].model))
+    if missing:
+        print(f"no perturbation probe in the store for {missing}: run `advisor probe` on them first")
+        return 2
+    df["log_pert"] = [log_perturbation_dl(feats[fp], q) for fp, q in zip(df.model_fp, df.sqnr_db)]
+    zoo = df[df.prequantized_source == 0].reset_index(drop=True)
+    real = df[df.prequantized_source == 1].reset_index(drop=True)
+    variants = {"second_order (shipped)": lambda d: d.log_so, "perturbation curve": lambda d: d.log_pert,
+                "mean of both": lambda d: 0.5 * (d.log_so + d.log_pert)}
+    rows = []
+    for name, term in variants.items():
+        z, r = zoo.assign(log_so=term(zoo)), real.assign(log_so=term(real))
+        lofo = P.leave_one_group_out(z, with_forest=False)
+        pred = P.Predictor().fit(z).calibrate(z, z.family.to_numpy())
+        mean, lo, up = pred.predict_interval(r, 0.1)
+        transfer = P.error_report(r.dl.to_numpy(), mean, lo, up)
+        rows.append({"variant": name, "lofo": lofo, "transfer": transfer,
+                     "transfer_pred_dl": dict(zip(r.spec, np.round(mean, 4).tolist()))})
+        print(f"{name:24s} LOFO mae {lofo['median_abs_err_dl'] * 1e3:.2f} milli-nats, cov "
+              f"{lofo['coverage90']:.3f} | transfer mae {transfer['median_abs_err_dl']:.3f} nats, rel "
+              f"{transfer['median_rel_err_dl']:.2f}, cov {transfer['coverage90']:.2f}, "
+              f"Spearman {transfer['spearman']:.2f}")
+    atomic_write_text(args.out, json.dumps({"command": "python benchmarks/predictor_transfer_variants.py",
+                                            "variants": rows}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
