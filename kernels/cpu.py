@@ -1095,9 +1095,10 @@ def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xs
           vdec=None, simd=0):
     """y (B, out) = W x for phase-ordered xp (B, n_pad) and group sums xsum (B, n_groups).
 
-    ``simd`` picks the batch-1 kernel: 0 auto-vectorized loops, 1 explicit SIMD (xp in the
-    layout's phase order), 2 wide explicit SIMD (split6 only, T % 128 == 0, xp phase-ordered
-    with ``WIDE_UNIT``); larger batches always take the loops.
+    ``simd`` picks the kernel: 0 auto-vectorized loops, 1 explicit SIMD (xp in the layout's
+    phase order; batch 1 fused decode + dot, batch 2..8 decode per tile, four tokens per pass),
+    2 wide explicit SIMD (batch 1 only: split6, T % 128 == 0, xp phase-ordered with
+    ``WIDE_UNIT``; larger batches with 2 take the loops).
 
     Row tasks are claimed from an atomic counter, so any number of threads is correct. The
     threads are torch's own OpenMP team (:mod:`kernels.team`), whose workers are still spinning

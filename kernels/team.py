@@ -33,7 +33,6 @@ from numba.extending import intrinsic
 
 _LOCK = threading.Lock()
 _ENTRIES: dict = {}
-_ADDRESSES: dict = {}
 _GOMP_PARALLEL: int | None = None
 _RESOLVED = False
 
@@ -98,13 +97,13 @@ def _entry(work, args: tuple) -> int:
     work function and argument types (keyed like numba's dispatcher: ``typeof`` of a 17-tuple
     costs ~80 us, its fingerprint ~0.4 us)."""
     key = (work, compute_fingerprint(args))
-    hit = _ADDRESSES.get(key)
+    hit = _ENTRIES.get(key)
     if hit is not None:
-        return hit
+        return hit.address
     tup_type = typeof(args)
     with _LOCK:
-        if key in _ADDRESSES:
-            return _ADDRESSES[key]
+        if key in _ENTRIES:
+            return _ENTRIES[key].address
 
         @intrinsic
         def _load(typingctx, ptr):
@@ -121,7 +120,6 @@ def _entry(work, args: tuple) -> int:
             work(*_load(ptr))
 
         _ENTRIES[key] = entry  # keeps the compiled code alive
-        _ADDRESSES[key] = entry.address
         return entry.address
 
 
