@@ -95,7 +95,7 @@ def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "
         store.add_baseline(fp, ev.protocol, r.ppl, r.nll, r.n_tokens, r.seconds)
         base = store.baseline(fp, ev.protocol)
     features, provenance = probe_features(loaded, probe_windows(loaded, calib, exclude=ev, seed=seed), store=store,
-                                          seed=seed)
+                                          seed=seed, loss_windows=cal)
     return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store)
 
 

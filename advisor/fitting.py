@@ -52,9 +52,15 @@ def runs_table(store) -> pd.DataFrame:
 
 
 def _latest_probe(store, fp: str) -> dict[str, float] | None:
-    row = store._conn.execute("SELECT features FROM probes WHERE model_fp=? ORDER BY created_at DESC LIMIT 1",
-                              (fp,)).fetchone()
-    return json.loads(row["features"]) if row else None
+    """The model's probe features: every cached bundle merged (``advisor.probing``), the newest value of
+    each feature winning."""
+    rows = store._conn.execute("SELECT features FROM probes WHERE model_fp=? ORDER BY created_at", (fp,)).fetchall()
+    if not rows:
+        return None
+    out: dict[str, float] = {}
+    for row in rows:
+        out.update(json.loads(row["features"]))
+    return out
 
 
 def read_runs(path: str | Path) -> pd.DataFrame:

@@ -6,7 +6,7 @@ Order matters only for cost: ``fisher`` and ``sqnr`` before ``second_order`` sha
 """
 from probes.base import (DEFAULT_CALIB, DEFAULT_CALIB_SEQ_LEN, DEFAULT_N_CALIB, PROBES, FeatureRecord, Probe,
                          ProbeContext, ProbeResult, get_probe, resolve_all_settings, run_probes)
-from probes import hessian, fisher, perturbation, outliers, sqnr, second_order  # noqa: E402,F401 (registration)
+from probes import hessian, fisher, perturbation, outliers, sqnr, second_order, rtn_loss  # noqa: E402,F401 (registration)
 from probes._rtn import default_group
 from probes._util import spec_key
 

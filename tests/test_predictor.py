@@ -143,3 +143,45 @@ def test_scale_corrections_do_not_extrapolate():
     np.testing.assert_allclose(p.predict(far), p.predict(edge))
     q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
     np.testing.assert_allclose(q.predict(far), p.predict(far))
+
+
+def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime():
+    """With the rtn_loss probe, the physics term is measured on the model itself: a model whose losses are
+    100x those of every fitted model (a real LLM after a zoo of flat toys) is predicted within the
+    noise, while the second-order fallback, fitted where the loss stays quadratic, misses it."""
+    rng = np.random.default_rng(1)
+    shrink = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-outlier": 0.45, "nonuniform": 0.8}
+
+    def runs(models, scale_lo, scale_hi, rise):
+        rows = []
+        for m in models:
+            scale = rng.uniform(scale_lo, scale_hi)
+            for method in METHODS:
+                for bits in (2, 3, 4, 6, 8):
+                    so = scale * 10 ** (1.2 - 0.6 * bits)
+                    true_rtn = so * (1 + rise * so)  # the rise beyond the quadratic bowl, unseen at small scale
+                    se = 0.02 * true_rtn + 1e-5
+                    rows.append(dict(family=f"f{m % 3}", model=f"m{m}", method=method, bits=bits, log_so=np.log(so),
+                                     log_params=6.0, baseline_nll=3.0, noise_over_knee=0.5, sqnr_db=6.02 * bits,
+                                     group_size=128, dtype_family="int", rtn_dl=true_rtn + se * rng.normal(),
+                                     rtn_dl_se=se, dl=true_rtn * shrink[method] * np.exp(rng.normal(0, 0.08)),
+                                     baseline_ppl=20.0))
+        return pd.DataFrame(rows)
+
+    train = runs(range(12), 1e-4, 1e-2, rise=3.0)
+    test = runs([99], 1.0, 1.0, rise=3.0)
+    p = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
+    big = test[test["dl"] > 0.01]
+    rel = np.abs(p.predict(big) / big["dl"] - 1)
+    assert np.median(rel) < 0.12
+    mean, lo, up = p.predict_interval(big)
+    assert np.mean((big["dl"] >= lo) & (big["dl"] <= up)) > 0.8
+    # without the measurement the same rows fall back to the second-order term and miss the rise
+    blind = big.assign(rtn_dl=np.nan)
+    assert np.median(np.abs(p.predict(blind) / big["dl"] - 1)) > 2 * np.median(rel)
+    # a measurement lost in its noise (below MEASURED_Z standard errors) is not used
+    from advisor.predictor import measured_physics
+
+    noisy = big.head(4).assign(rtn_dl=1e-3, rtn_dl_se=1e-3)
+    assert not measured_physics(noisy).any()
+    np.testing.assert_allclose(p.predict(noisy), p.predict(big.head(4).assign(rtn_dl=np.nan)))

@@ -257,3 +257,40 @@ def test_stacked_rtn_errors_equal_layer_by_layer():
         stacked = sampled_rtn_errors(layers, rows, dtype, g)
         for li, r, e in zip(layers, rows, stacked):
             torch.testing.assert_close(e, rtn_error(li.module.weight.detach()[r], dtype, g), rtol=0, atol=0)
+
+
+def test_rtn_loss_equals_the_quantize_then_evaluate_reference():
+    """The probe's in-place RTN pass gives the loss increase of the real pipeline (quantize_model, then the
+    mean NLL) on the same windows, and leaves the weights bitwise untouched."""
+    from models.pipeline import quantize_model
+    from probes._util import mean_nll
+
+    model = _micro_llama()
+    loaded = _loaded(model)
+    calib = _calib(4, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rec = probes.run_probes(loaded, calib, names=["rtn_loss"],
+                            settings={"rtn_loss": {"keys": ["int4_g128", "int3_pc", "mxfp4", "int8_pc"]}})
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    base = mean_nll(model, calib.ids)
+    for key, spec in (("int4_g128", "rtn:int4:g128"), ("int3_pc", "rtn:int3"), ("mxfp4", "rtn:mxfp4")):
+        quantize_model(loaded, spec, None, pack=False, progress=False)
+        want = mean_nll(model, calib.ids) - base
+        model.load_state_dict(before)
+        assert rec.features[f"rtn_loss.{key}"] == pytest.approx(want, rel=1e-4, abs=1e-6), key
+        assert rec.features[f"rtn_loss.{key}_se"] > 0
+    f = rec.features
+    assert abs(f["rtn_loss.int8_pc"]) < abs(f["rtn_loss.int3_pc"])  # a random model: signs are random
+    frame = rec.per_layer["rtn_loss"]
+    assert list(frame["key"]) == ["int4_g128", "int3_pc", "mxfp4", "int8_pc"]
+    with pytest.raises(AdvisorError, match="unknown format keys"):
+        probes.run_probes(loaded, calib, names=["rtn_loss"], settings={"rtn_loss": {"keys": ["int4_g100"]}})
+
+
+def test_rtn_loss_formats_are_the_candidate_grids():
+    """The predictor reads rtn_loss at each candidate's format: the probed keys must cover the grid."""
+    from advisor.candidates import DEFAULT_SPECS
+    from advisor.features import RTN_LOSS_KEYS
+
+    assert list(RTN_LOSS_KEYS) == list(dict.fromkeys(probes.feature_key(s) for s in DEFAULT_SPECS))

@@ -51,5 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if r:
             print(f"{part}: median |err dL| {r['median_abs_err_dl']:.4f} nats, median rel err {r['median_rel_err_dl']:.1%}, "
                   f"coverage90 {r.get('coverage90', float('nan')):.1%}, forest {r['forest_median_abs_err_dl']:.4f}, "
-                  f"spearman {r['spearman']:.3f}, {r['n_runs']} runs / {r['n_families']} families")
+                  f"spearman {r['spearman']:.3f}, {r['n_runs']} runs / {r['n_families']} families; "
+                  f"median |err| / max(0.02, 15% dL) {r['median_err_over_target']:.2f} (target <= 1), "
+                  f"{r['within_target']:.0%} of runs within it")
     return 0
