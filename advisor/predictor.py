@@ -68,7 +68,12 @@ REQUIRED_COLUMNS = ("method", "bits", "log_so", "log_params", "baseline_nll", "n
 # Optional: the rtn_loss probe (NaN or absent = not run: the second-order fallback is used).
 PHYSICS_COLUMNS = ("rtn_dl", "rtn_dl_se")
 TARGET_ABS_DL, TARGET_REL_DL = 0.02, 0.15  # accuracy target: |err| <= max(0.02 nats, 15% of the measured dL)
-MEASURED_Z = 3.0  # a measured RTN loss is used when it is at least this many standard errors above 0
+MEASURED_Z = 3.0
+# Design alternatives, measured side by side by benchmarks/predictor_transfer_variants.py (shipped: both False/True
+# as below, the design fixed before SmolLM2's rtn_loss was measured; docs/predictor.md has the figures):
+FIXED_SLOPE = False  # True: log dL moves 1:1 with log RTN_dl (coefficient fixed at 1, only an offset fitted)
+SCALE_ON_MEASURED = True  # False: the scale corrections apply to the second-order fallback only
+MIN_MEASURED_RUNS = 10  # fewer fitted runs with a usable rtn_loss: the measured terms are not used  # a measured RTN loss is used when it is at least this many standard errors above 0
 
 
 class PredictorError(ValueError):
@@ -93,34 +98,55 @@ def measured_physics(df: pd.DataFrame) -> np.ndarray:
         return np.isfinite(dl) & (dl > DL_FLOOR) & (dl >= MEASURED_Z * se)
 
 
-def _design(df: pd.DataFrame, ranges: dict[str, list[float]] | None = None) -> np.ndarray:
+def _design(df: pd.DataFrame, ranges: dict[str, list[float]] | None = None, use_measured: bool = True) -> np.ndarray:
     """Design matrix rows for the log-space linear model (see module docstring).
 
     ``ranges``: {term: [lo, hi]} to clip the CLIPPED correction terms to (a fitted predictor's ``ranges_``).
+    ``use_measured``: False for a predictor fitted without (enough) rtn_loss rows: every row then takes the
+    second-order fallback, whatever its features hold.
     """
-    meas = measured_physics(df).astype(float)
+    meas = (measured_physics(df) & use_measured).astype(float)
     fb = 1.0 - meas
     rtn_dl = pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float) if "rtn_dl" in df.columns \
         else np.full(len(df), np.nan)
     log_meas = np.where(meas > 0, np.log(np.where(meas > 0, rtn_dl, 1.0)), 0.0)
-    cols = [meas, log_meas, fb, fb * df["log_so"].to_numpy(float)]
+    cols = [meas] + ([] if FIXED_SLOPE else [log_meas]) + [fb, fb * df["log_so"].to_numpy(float)]
     for m in METHODS[1:]:  # rtn is the reference level
         is_m = (df["method"] == m).to_numpy(float)
         cols += [is_m, is_m * df["bits"].to_numpy(float)]
-    scale = {"log_params": df["log_params"].to_numpy(float), "baseline_nll": df["baseline_nll"].to_numpy(float),
-             "hinge_noise_over_knee": np.maximum(0.0, np.log(np.maximum(df["noise_over_knee"].to_numpy(float), 1e-12)))}
+    scale = _scale_terms(df)
     for name in CLIPPED:
         if ranges and name in ranges:
             scale[name] = np.clip(scale[name], *ranges[name])
-        cols.append(scale[name] * fb if name == "hinge_noise_over_knee" else scale[name])
+        cols.append(scale[name] * fb if _fallback_only(name) else scale[name])
     return np.column_stack(cols)
 
 
+def _scale_terms(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The CLIPPED correction terms, unclipped."""
+    return {"log_params": df["log_params"].to_numpy(float), "baseline_nll": df["baseline_nll"].to_numpy(float),
+            "hinge_noise_over_knee": np.maximum(0.0, np.log(np.maximum(df["noise_over_knee"].to_numpy(float), 1e-12)))}
+
+
+def _fallback_only(term: str) -> bool:
+    return term == "hinge_noise_over_knee" or not SCALE_ON_MEASURED
+
+
+def _offset(df: pd.DataFrame, use_measured: bool = True) -> np.ndarray:
+    """The fixed part of log dL: log RTN_dl on measured rows (its coefficient is 1), else 0."""
+    meas = measured_physics(df) & use_measured
+    if not FIXED_SLOPE or not meas.any():
+        return np.zeros(len(df))
+    rtn_dl = pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float)
+    return np.where(meas, np.log(np.where(meas, rtn_dl, 1.0)), 0.0)
+
+
 def design_names() -> list[str]:
-    names = ["measured", "measured:log_rtn_dl", "fallback", "fallback:log_so"]
+    names = ["measured"] + ([] if FIXED_SLOPE else ["measured:log_rtn_dl"]) + ["fallback", "fallback:log_so"]
     for m in METHODS[1:]:
         names += [f"method[{m}]", f"method[{m}]:bits"]
-    return names + ["log_params", "baseline_nll", "fallback:hinge_noise_over_knee"]
+    pre = "" if SCALE_ON_MEASURED else "fallback:"
+    return names + [f"{pre}log_params", f"{pre}baseline_nll", "fallback:hinge_noise_over_knee"]
 
 
 def _target(dl: pd.Series | np.ndarray) -> np.ndarray:
@@ -146,16 +172,17 @@ def check_runs(df: pd.DataFrame, required: tuple[str, ...] = REQUIRED_COLUMNS + 
         raise PredictorError("; ".join(problems))
 
 
-def _mean_and_variance(A: np.ndarray, beta: np.ndarray, s2: float, k2: float) -> tuple[np.ndarray, np.ndarray]:
-    """The noise model's (D, v): median dL D = exp(A beta) and the variance v = s2 D^2 + k2 D of the
+def _mean_and_variance(A: np.ndarray, beta: np.ndarray, s2: float, k2: float, off: np.ndarray | float = 0.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The noise model's (D, v): median dL D = exp(off + A beta) and the variance v = s2 D^2 + k2 D of the
     measured dL (s2 = sigma_r^2, k2 = kappa^2)."""
-    D = np.exp(np.clip(A @ beta, -50.0, 10.0))
+    D = np.exp(np.clip(off + A @ beta, -50.0, 10.0))
     return D, s2 * D ** 2 + k2 * D + 1e-14
 
 
-def _joint_mle(A: np.ndarray, y: np.ndarray, beta0: np.ndarray, sr0: float, kappa0: float
-               ) -> tuple[np.ndarray, float, float]:
-    """Maximize the likelihood of y ~ N(D, sr^2 D^2 + kappa^2 D), D = exp(A beta), over (beta, sr, kappa).
+def _joint_mle(A: np.ndarray, y: np.ndarray, beta0: np.ndarray, sr0: float, kappa0: float,
+               off: np.ndarray | float = 0.0) -> tuple[np.ndarray, float, float]:
+    """Maximize the likelihood of y ~ N(D, sr^2 D^2 + kappa^2 D), D = exp(off + A beta), over (beta, sr, kappa).
 
     L-BFGS-B with the analytic gradient; sr >= SIGMA_FLOOR, kappa >= KAPPA_FLOOR.
     """
@@ -165,7 +192,7 @@ def _joint_mle(A: np.ndarray, y: np.ndarray, beta0: np.ndarray, sr0: float, kapp
 
     def f(x):
         s2, k2 = math.exp(2 * x[p]), math.exp(2 * x[p + 1])
-        D, v = _mean_and_variance(A, x[:p], s2, k2)
+        D, v = _mean_and_variance(A, x[:p], s2, k2, off)
         r = y - D
         g_v = 0.5 * (1.0 / v - r ** 2 / v ** 2)  # d nll / d v
         g_D = g_v * (2 * s2 * D + k2) - r / v  # d nll / d D
@@ -228,10 +255,18 @@ class Predictor:
         X = X.reset_index(drop=True)
         y = np.asarray(X["dl"] if y is None else y, float)
         check_runs(X.assign(dl=y))
-        A, t = _design(X), _target(y)
+        self.use_measured_ = bool(measured_physics(X).sum() >= MIN_MEASURED_RUNS)
+        A, t = _design(X, use_measured=self.use_measured_), _target(y)
+        off = _offset(X, self.use_measured_)
+        t = t - off  # the fixed part (log RTN_dl on measured rows) moves to the left-hand side
         names = design_names()
-        col = {n: names.index(n if n in names else f"fallback:{n}") for n in CLIPPED}
-        self.ranges_ = {n: [float(A[:, col[n]].min()), float(A[:, col[n]].max())] for n in CLIPPED}
+        # clipping ranges: each correction term's range over the runs it applies to
+        fb_rows = ~(measured_physics(X) & self.use_measured_)
+        raw = _scale_terms(X)
+        self.ranges_ = {}
+        for n in CLIPPED:
+            v = raw[n][fb_rows] if _fallback_only(n) and fb_rows.any() else raw[n]
+            self.ranges_[n] = [float(v.min()), float(v.max())]
         res = sm.OLS(t, A).fit(method="pinv")
         self.noise_kappa_ = 0.0
         if self.additive_noise:
@@ -244,7 +279,7 @@ class Predictor:
 
             sr, kappa = max(math.sqrt(res.scale), 0.05), 0.01
             for _ in range(4):
-                D = np.exp(A @ np.asarray(res.params))
+                D = np.exp(off + A @ np.asarray(res.params))
                 r2 = (y - D) ** 2
 
                 def nll(q, D=D, r2=r2):
@@ -261,8 +296,8 @@ class Predictor:
             # likelihood of (beta, sigma_r, kappa) for y ~ N(D, sigma_r^2 D^2 + kappa^2 D), with both
             # variance components bounded below (see SIGMA_FLOOR).
             beta, sr, kappa = _joint_mle(A, y, np.asarray(res.params, float), max(sr, SIGMA_FLOOR),
-                                         max(kappa, KAPPA_FLOOR))
-            D, v = _mean_and_variance(A, beta, sr ** 2, kappa ** 2)
+                                         max(kappa, KAPPA_FLOOR), off)
+            D, v = _mean_and_variance(A, beta, sr ** 2, kappa ** 2, off)
             # parameter covariance: inverse Fisher information of beta, sum_i D_i^2 a_i a_i^T / v_i
             self.cov_ = np.linalg.pinv(A.T @ (A * (D ** 2 / v)[:, None]), hermitian=True)
             self.coef_ = beta
@@ -286,13 +321,13 @@ class Predictor:
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         """Point prediction of dL (nats): the median of the log-space model."""
         self._check_fitted()
-        return np.exp(_design(X, self.ranges_) @ self.coef_)
+        return np.exp(_offset(X, self.use_measured_) + _design(X, self.ranges_, self.use_measured_) @ self.coef_)
 
     def _parts(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(D, sigma_log): point prediction and the log-space prediction sd (residual + parameter)."""
-        A = _design(X, self.ranges_)
+        A = _design(X, self.ranges_, self.use_measured_)
         var = self.resid_std_ ** 2 + np.einsum("ij,jk,ik->i", A, self.cov_, A)
-        return np.exp(A @ self.coef_), np.sqrt(var)
+        return np.exp(_offset(X, self.use_measured_) + A @ self.coef_), np.sqrt(var)
 
     def _multiplier(self, alpha: float) -> float:
         from scipy import stats
@@ -367,6 +402,7 @@ class Predictor:
                 "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
                 "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "additive_noise": self.additive_noise,
+                "use_measured": self.use_measured_,
                 "conformal": self.conformal_, "dl_floor": DL_FLOOR,
                 "conformal_scores": [float(v) for v in self.conformal_scores_]}
 
@@ -385,6 +421,7 @@ class Predictor:
                                  "`advisor fit --with-shipped --out PRED.json`")
         p = cls(additive_noise=bool(d.get("additive_noise", True)))
         p.noise_kappa_ = float(d["noise_kappa"])
+        p.use_measured_ = bool(d["use_measured"])
         p.ranges_ = {k: [float(a), float(b)] for k, (a, b) in d["ranges"].items()}
         p.coef_ = np.asarray(d["coef"], float)
         p.cov_ = np.asarray(d["cov"], float)

@@ -145,10 +145,16 @@ def test_scale_corrections_do_not_extrapolate():
     np.testing.assert_allclose(q.predict(far), p.predict(far))
 
 
-def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime():
+@pytest.mark.parametrize("fixed_slope,scale_on_measured", [(False, True), (True, False)])
+def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(monkeypatch, fixed_slope, scale_on_measured):
     """With the rtn_loss probe, the physics term is measured on the model itself: a model whose losses are
     100x those of every fitted model (a real LLM after a zoo of flat toys) is predicted within the
-    noise, while the second-order fallback, fitted where the loss stays quadratic, misses it."""
+    noise, while the second-order fallback, fitted where the loss stays quadratic, misses it. Both
+    designs (shipped, and slope fixed at 1 with fallback-only scale terms) hold on such data."""
+    import advisor.predictor as P
+
+    monkeypatch.setattr(P, "FIXED_SLOPE", fixed_slope)
+    monkeypatch.setattr(P, "SCALE_ON_MEASURED", scale_on_measured)
     rng = np.random.default_rng(1)
     shrink = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-outlier": 0.45, "nonuniform": 0.8}
 
@@ -185,3 +191,16 @@ def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime():
     noisy = big.head(4).assign(rtn_dl=1e-3, rtn_dl_se=1e-3)
     assert not measured_physics(noisy).any()
     np.testing.assert_allclose(p.predict(noisy), p.predict(big.head(4).assign(rtn_dl=np.nan)))
+
+
+def test_a_predictor_fitted_without_rtn_loss_ignores_it():
+    """Runs files from before the rtn_loss probe (or a user's without it) fit the second-order model
+    alone; rows that do carry a measurement are then predicted exactly as rows without one."""
+    df = synthetic_runs()
+    p = Predictor().fit(df)
+    assert not p.use_measured_
+    rows = df.head(5)
+    with_meas = rows.assign(rtn_dl=rows["dl"] * 3, rtn_dl_se=1e-6)
+    np.testing.assert_array_equal(p.predict(with_meas), p.predict(rows))
+    q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
+    np.testing.assert_array_equal(q.predict(with_meas), p.predict(rows))

@@ -17,7 +17,7 @@ from models.errors import AdvisorError
 from models.loading import LoadedModel, ModelSource
 from probes._util import double_backward_attention, grad_only, preserved_state, token_nll
 
-PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.")
+PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.", "rtn_loss.")
 # cheap settings for tests: a few dtypes, no extra corpus
 FAST = {
     "hessian": {"n_probes": 4, "power_iters": 2},
@@ -25,6 +25,7 @@ FAST = {
     "sqnr": {"dtypes": ["int4", "int8", "nf4", "mxfp4", "fp6_e3m2"]},
     "second_order": {"dtypes": ["int4", "int8", "nf4", "mxfp4", "fp6_e3m2"]},
     "perturbation": {"sigmas": [0.01, 0.05, 0.2]},
+    "rtn_loss": {"keys": ["int4_g128", "int8_pc"]},
 }
 
 
@@ -201,7 +202,7 @@ def test_all_probes_finite_prefixed_and_deterministic():
     d = a.to_dict()
     assert set(d) == {"features", "per_layer", "provenance", "seconds"}
     assert probes.FeatureRecord.from_dict(d).features == a.features
-    assert set(d["per_layer"]) == {"hessian", "fisher", "perturbation", "outliers", "sqnr", "second_order"}
+    assert set(d["per_layer"]) == {"hessian", "fisher", "perturbation", "outliers", "sqnr", "second_order", "rtn_loss"}
     # second-order estimates order the formats like their errors
     f = a.features
     assert f["second_order.int8_pc"] < f["second_order.fp6_e3m2_pc"] < f["second_order.int4_g128"]

@@ -11,8 +11,9 @@ from advisor.cli import main
 
 FAST = ["--set", 'sqnr.dtypes=["int4", "mxfp4"]', "--set", 'second_order.dtypes=["int4", "int8"]',
         "--set", "hessian.power_iters=1", "--set", "perturbation.sigmas=[0.01, 0.1]",
-        "--set", "outliers.extra_chars=5000", "--n-calib", "2", "--calib-seq-len", "16"]
-PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.")
+        "--set", "outliers.extra_chars=5000", "--set", 'rtn_loss.keys=["int4_g128"]',
+        "--n-calib", "2", "--calib-seq-len", "16"]
+PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.", "rtn_loss.")
 
 
 @pytest.fixture(autouse=True)
