@@ -107,8 +107,11 @@ def test_every_attempt_missing_exits_3(tiny_folder, common, predictor):
     import numpy as np
 
     optimistic = type(predictor).from_dict(predictor.to_dict())
+    from advisor.predictor import design_names
+
     optimistic.coef_ = np.zeros_like(optimistic.coef_)
-    optimistic.coef_[0] = math.log(1e-15)
+    for intercept in ("measured", "fallback"):  # the intercepts of both physics branches
+        optimistic.coef_[design_names().index(intercept)] = math.log(1e-15)
     optimistic.cov_ = np.zeros_like(optimistic.cov_)
     optimistic.resid_std_ = 1e-6
     rec = recommend(str(tiny_folder), max_ppl_delta=1e-7, predictor=optimistic, max_attempts=2,
