@@ -65,15 +65,14 @@ METHODS = ("rtn", "gptq", "awq", "quantease", "quantease-outlier", "nonuniform")
 FOREST_FEATURES = ("log_params", "baseline_nll", "sqnr_db", "bits", "group_log2", "is_int", "is_fp", "is_nf",
                    "is_mx", "m_rtn", "m_gptq", "m_awq", "m_quantease", "m_quantease-outlier", "m_nonuniform")
 REQUIRED_COLUMNS = ("method", "bits", "log_so", "log_params", "baseline_nll", "noise_over_knee")
-# Optional: the rtn_loss probe (NaN or absent = not run: the second-order fallback is used).
-PHYSICS_COLUMNS = ("rtn_dl", "rtn_dl_se")
+# Optional columns rtn_dl, rtn_dl_se: the rtn_loss probe (NaN or absent = not run: the second-order fallback).
 TARGET_ABS_DL, TARGET_REL_DL = 0.02, 0.15  # accuracy target: |err| <= max(0.02 nats, 15% of the measured dL)
-MEASURED_Z = 3.0
+MEASURED_Z = 3.0  # a measured RTN loss is used when it is at least this many standard errors above 0
 # Design alternatives, measured side by side by benchmarks/predictor_transfer_variants.py (shipped: both False/True
 # as below, the design fixed before SmolLM2's rtn_loss was measured; docs/predictor.md has the figures):
 FIXED_SLOPE = False  # True: log dL moves 1:1 with log RTN_dl (coefficient fixed at 1, only an offset fitted)
 SCALE_ON_MEASURED = True  # False: the scale corrections apply to the second-order fallback only
-MIN_MEASURED_RUNS = 10  # fewer fitted runs with a usable rtn_loss: the measured terms are not used  # a measured RTN loss is used when it is at least this many standard errors above 0
+MIN_MEASURED_RUNS = 10  # fewer fitted runs with a usable rtn_loss: the measured terms are not used
 
 
 class PredictorError(ValueError):

@@ -134,3 +134,21 @@ def test_unmeasured_formats_take_the_speed_of_measured_formats_with_the_same_bit
     assert candidate("rtn:mxfp4", shapes, 0, table).relative_speed == 1.8  # median of 1.6, 1.8, 2.0
     c = candidate("rtn:fp8_e5m2", shapes, 0, table)
     assert c.relative_speed == pytest.approx(16 / c.bits_per_weight)  # no 8-bit format measured
+
+
+def test_prepare_probes_both_bundles_once_and_reuses_them(tiny_folder, common):
+    """The landscape probes and rtn_loss (the predictor's physics) are stored as two records; a second
+    prepare reads both back, features identical, rtn_loss present for every grid format."""
+    from advisor.api import prepare
+    from advisor.features import RTN_LOSS_KEYS
+
+    a = prepare(str(tiny_folder), **common)
+    b = prepare(str(tiny_folder), **common)
+    assert b.provenance.get("cached") and b.provenance["rtn_loss"].get("cached")
+    assert a.features == b.features
+    for key in RTN_LOSS_KEYS:
+        assert f"rtn_loss.{key}" in b.features and f"rtn_loss.{key}_se" in b.features
+    assert any(k.startswith("second_order.") for k in b.features)
+    fp = b.loaded.source.fingerprint
+    n = common["store"]._conn.execute("SELECT COUNT(*) FROM probes WHERE model_fp=?", (fp,)).fetchone()[0]
+    assert n == 2
