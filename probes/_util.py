@@ -103,13 +103,25 @@ def token_nll(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor | None 
     return nll.view(ids.shape[0], -1).mean(dim=1)
 
 
+def _batched_window_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """``token_nll`` of ``ids`` in batches of ``batch_size`` windows, one (batch,) tensor per batch."""
+    dev = device_of(model)
+    for i in range(0, ids.shape[0], batch_size):
+        yield token_nll(model, ids[i : i + batch_size].to(dev))
+
+
+@torch.no_grad()
+def window_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """Mean token NLL of each window of ``ids``, float32 on the CPU (n,)."""
+    return torch.cat([part.cpu() for part in _batched_window_nll(model, ids, batch_size)])
+
+
 @torch.no_grad()
 def mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean token NLL over windows ``ids`` (all windows have equal length, so the mean of window means)."""
-    dev = device_of(model)
     total = 0.0
-    for i in range(0, ids.shape[0], batch_size):
-        total += float(token_nll(model, ids[i : i + batch_size].to(dev)).sum())
+    for part in _batched_window_nll(model, ids, batch_size):
+        total += float(part.sum())
     return total / ids.shape[0]
 
 

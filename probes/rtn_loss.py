@@ -29,16 +29,9 @@ import pandas as pd
 import torch
 
 from probes._rtn import configs, rtn_error
-from probes._util import device_of, first_windows, layer_infos, preserved_state, token_nll
+from probes._util import first_windows, layer_infos, preserved_state, window_nll
 from probes.base import Probe, ProbeContext, ProbeResult, register
 from models.errors import AdvisorError
-
-
-def _window_nll(model, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Mean token NLL of each window, float64 (n,)."""
-    dev = device_of(model)
-    parts = [token_nll(model, ids[i : i + batch_size].to(dev)).double().cpu() for i in range(0, ids.shape[0], batch_size)]
-    return torch.cat(parts)
 
 
 def format_table(keys: list[str] | None) -> list[tuple[str, int | None, str]]:
@@ -75,14 +68,14 @@ class RtnLossProbe(Probe):
         bs = max(1, int(settings["batch_size"]))
         rows = []
         with preserved_state(model), torch.no_grad():
-            base = _window_nll(model, ids, bs)
+            base = window_nll(model, ids, bs).double()
             originals = {li.name: li.module.weight.detach().clone() for li in layers}
             try:
                 for dtype, group, key in table:
                     for li in layers:
                         W = originals[li.name]
                         li.module.weight.copy_((W.float() + rtn_error(W, dtype, group).to(W.device)).to(W.dtype))
-                    diff = _window_nll(model, ids, bs) - base
+                    diff = window_nll(model, ids, bs).double() - base
                     n = diff.numel()
                     se = float(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
                     rows.append({"key": key, "dtype": dtype, "group_size": group, "dnll": float(diff.mean()),
