@@ -35,7 +35,7 @@ def runs_table(store) -> pd.DataFrame:
     runs = store.runs(status="ok")
     rows = []
     for (fp, name), part in runs.groupby(["model_fp", "model_name"], sort=False):
-        probe = _latest_probe(store, fp)
+        probe = stored_features(store, fp)
         if probe is None:
             continue
         family = part["family"].iloc[0]
@@ -51,7 +51,7 @@ def runs_table(store) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _latest_probe(store, fp: str) -> dict[str, float] | None:
+def stored_features(store, fp: str) -> dict[str, float] | None:
     """The model's probe features: every cached bundle merged (``advisor.probing``), the newest value of
     each feature winning."""
     rows = store._conn.execute("SELECT features FROM probes WHERE model_fp=? ORDER BY created_at", (fp,)).fetchall()

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +68,6 @@ REQUIRED_COLUMNS = ("method", "bits", "log_so", "log_params", "baseline_nll", "n
 # Optional columns rtn_dl, rtn_dl_se: the rtn_loss probe (NaN or absent = not run: the second-order fallback).
 TARGET_ABS_DL, TARGET_REL_DL = 0.02, 0.15  # accuracy target: |err| <= max(0.02 nats, 15% of the measured dL)
 MEASURED_Z = 3.0  # a measured RTN loss is used when it is at least this many standard errors above 0
-# Design alternatives, measured side by side by benchmarks/predictor_transfer_variants.py (shipped: both False/True
-# as below, the design fixed before SmolLM2's rtn_loss was measured; docs/predictor.md has the figures):
-FIXED_SLOPE = False  # True: log dL moves 1:1 with log RTN_dl (coefficient fixed at 1, only an offset fitted)
-SCALE_ON_MEASURED = True  # False: the scale corrections apply to the second-order fallback only
 MIN_MEASURED_RUNS = 10  # fewer fitted runs with a usable rtn_loss: the measured terms are not used
 
 
@@ -85,8 +81,8 @@ class PredictorError(ValueError):
 CLIPPED = ("log_params", "baseline_nll", "hinge_noise_over_knee")
 
 
-def measured_physics(df: pd.DataFrame) -> np.ndarray:
-    """Boolean per row: the ``rtn_loss`` measurement is usable (present and >= MEASURED_Z standard errors)."""
+def measured_physics(df: pd.DataFrame, z: float = MEASURED_Z) -> np.ndarray:
+    """Boolean per row: the ``rtn_loss`` measurement is usable (present and >= ``z`` standard errors)."""
     if "rtn_dl" not in df.columns:
         return np.zeros(len(df), bool)
     dl = pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float)
@@ -94,31 +90,60 @@ def measured_physics(df: pd.DataFrame) -> np.ndarray:
         else np.zeros(len(df))
     se = np.where(np.isfinite(se), se, 0.0)
     with np.errstate(invalid="ignore"):
-        return np.isfinite(dl) & (dl > DL_FLOOR) & (dl >= MEASURED_Z * se)
+        return np.isfinite(dl) & (dl > DL_FLOOR) & (dl >= z * se)
 
 
-def _design(df: pd.DataFrame, ranges: dict[str, list[float]] | None = None, use_measured: bool = True) -> np.ndarray:
-    """Design matrix rows for the log-space linear model (see module docstring).
+@dataclass(frozen=True)
+class Design:
+    """Which form of the log-space model (module docstring) a predictor fits.
 
-    ``ranges``: {term: [lo, hi]} to clip the CLIPPED correction terms to (a fitted predictor's ``ranges_``).
-    ``use_measured``: False for a predictor fitted without (enough) rtn_loss rows: every row then takes the
-    second-order fallback, whatever its features hold.
+    The default is the shipped design, fixed before SmolLM2's rtn_loss was measured; the alternatives
+    are measured side by side by benchmarks/predictor_transfer_variants.py (docs/predictor.md).
+
+    Args:
+        fixed_slope: log dL moves 1:1 with log RTN_dl (coefficient fixed at 1, only an offset fitted).
+        scale_on_measured: the scale corrections also apply to measured rows (False: fallback only).
+        measured_z: a measured RTN loss is used when it is at least this many standard errors above 0.
     """
-    meas = (measured_physics(df) & use_measured).astype(float)
-    fb = 1.0 - meas
-    rtn_dl = pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float) if "rtn_dl" in df.columns \
-        else np.full(len(df), np.nan)
-    log_meas = np.where(meas > 0, np.log(np.where(meas > 0, rtn_dl, 1.0)), 0.0)
-    cols = [meas] + ([] if FIXED_SLOPE else [log_meas]) + [fb, fb * df["log_so"].to_numpy(float)]
-    for m in METHODS[1:]:  # rtn is the reference level
-        is_m = (df["method"] == m).to_numpy(float)
-        cols += [is_m, is_m * df["bits"].to_numpy(float)]
-    scale = _scale_terms(df)
-    for name in CLIPPED:
-        if ranges and name in ranges:
-            scale[name] = np.clip(scale[name], *ranges[name])
-        cols.append(scale[name] * fb if _fallback_only(name) else scale[name])
-    return np.column_stack(cols)
+
+    fixed_slope: bool = False
+    scale_on_measured: bool = True
+    measured_z: float = MEASURED_Z
+
+    def fallback_only(self, term: str) -> bool:
+        return term == "hinge_noise_over_knee" or not self.scale_on_measured
+
+    def names(self) -> list[str]:
+        names = ["measured"] + ([] if self.fixed_slope else ["measured:log_rtn_dl"]) + ["fallback", "fallback:log_so"]
+        for m in METHODS[1:]:
+            names += [f"method[{m}]", f"method[{m}]:bits"]
+        pre = "" if self.scale_on_measured else "fallback:"
+        return names + [f"{pre}log_params", f"{pre}baseline_nll", "fallback:hinge_noise_over_knee"]
+
+    def matrix(self, df: pd.DataFrame, ranges: dict[str, list[float]] | None = None, use_measured: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A, offset, measured): design matrix rows, the fixed part of log dL, and which rows are measured.
+
+        ``ranges``: {term: [lo, hi]} to clip the CLIPPED correction terms to (a fitted predictor's ``ranges_``).
+        ``use_measured``: False for a predictor fitted without (enough) rtn_loss rows: every row then takes
+        the second-order fallback, whatever its features hold.
+        """
+        meas = measured_physics(df, self.measured_z) & use_measured
+        log_rtn = np.zeros(len(df))
+        if meas.any():
+            log_rtn[meas] = np.log(pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float)[meas])
+        m, fb = meas.astype(float), (~meas).astype(float)
+        cols = [m] + ([] if self.fixed_slope else [log_rtn]) + [fb, fb * df["log_so"].to_numpy(float)]
+        for method in METHODS[1:]:  # rtn is the reference level
+            is_m = (df["method"] == method).to_numpy(float)
+            cols += [is_m, is_m * df["bits"].to_numpy(float)]
+        scale = _scale_terms(df)
+        for name in CLIPPED:
+            if ranges and name in ranges:
+                scale[name] = np.clip(scale[name], *ranges[name])
+            cols.append(scale[name] * fb if self.fallback_only(name) else scale[name])
+        offset = log_rtn if self.fixed_slope else np.zeros(len(df))
+        return np.column_stack(cols), offset, meas
 
 
 def _scale_terms(df: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -127,25 +152,14 @@ def _scale_terms(df: pd.DataFrame) -> dict[str, np.ndarray]:
             "hinge_noise_over_knee": np.maximum(0.0, np.log(np.maximum(df["noise_over_knee"].to_numpy(float), 1e-12)))}
 
 
-def _fallback_only(term: str) -> bool:
-    return term == "hinge_noise_over_knee" or not SCALE_ON_MEASURED
+def _design(df: pd.DataFrame, ranges: dict[str, list[float]] | None = None, use_measured: bool = True,
+            design: Design = Design()) -> np.ndarray:
+    """Design matrix rows for the log-space linear model (``Design.matrix``'s first part)."""
+    return design.matrix(df, ranges, use_measured)[0]
 
 
-def _offset(df: pd.DataFrame, use_measured: bool = True) -> np.ndarray:
-    """The fixed part of log dL: log RTN_dl on measured rows (its coefficient is 1), else 0."""
-    meas = measured_physics(df) & use_measured
-    if not FIXED_SLOPE or not meas.any():
-        return np.zeros(len(df))
-    rtn_dl = pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float)
-    return np.where(meas, np.log(np.where(meas, rtn_dl, 1.0)), 0.0)
-
-
-def design_names() -> list[str]:
-    names = ["measured"] + ([] if FIXED_SLOPE else ["measured:log_rtn_dl"]) + ["fallback", "fallback:log_so"]
-    for m in METHODS[1:]:
-        names += [f"method[{m}]", f"method[{m}]:bits"]
-    pre = "" if SCALE_ON_MEASURED else "fallback:"
-    return names + [f"{pre}log_params", f"{pre}baseline_nll", "fallback:hinge_noise_over_knee"]
+def design_names(design: Design = Design()) -> list[str]:
+    return design.names()
 
 
 def _target(dl: pd.Series | np.ndarray) -> np.ndarray:
@@ -222,12 +236,14 @@ class Predictor:
 
     Args:
         additive_noise: model the first-order measurement noise (False: plain OLS, statsmodels' intervals).
+        design: the form of the model (``Design``; default: the shipped one).
     """
 
     additive_noise: bool = True
+    design: Design = Design()
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"additive_noise": self.additive_noise}
+        return {"additive_noise": self.additive_noise, "design": self.design}
 
     def set_params(self, **params: Any) -> "Predictor":
         for k, v in params.items():
@@ -254,17 +270,15 @@ class Predictor:
         X = X.reset_index(drop=True)
         y = np.asarray(X["dl"] if y is None else y, float)
         check_runs(X.assign(dl=y))
-        self.use_measured_ = bool(measured_physics(X).sum() >= MIN_MEASURED_RUNS)
-        A, t = _design(X, use_measured=self.use_measured_), _target(y)
-        off = _offset(X, self.use_measured_)
-        t = t - off  # the fixed part (log RTN_dl on measured rows) moves to the left-hand side
-        names = design_names()
+        self.use_measured_ = bool(measured_physics(X, self.design.measured_z).sum() >= MIN_MEASURED_RUNS)
+        A, off, meas = self.design.matrix(X, use_measured=self.use_measured_)
+        t = _target(y) - off  # the fixed part (log RTN_dl on measured rows) moves to the left-hand side
         # clipping ranges: each correction term's range over the runs it applies to
-        fb_rows = ~(measured_physics(X) & self.use_measured_)
+        fb_rows = ~meas
         raw = _scale_terms(X)
         self.ranges_ = {}
         for n in CLIPPED:
-            v = raw[n][fb_rows] if _fallback_only(n) and fb_rows.any() else raw[n]
+            v = raw[n][fb_rows] if self.design.fallback_only(n) and fb_rows.any() else raw[n]
             self.ranges_[n] = [float(v.min()), float(v.max())]
         res = sm.OLS(t, A).fit(method="pinv")
         self.noise_kappa_ = 0.0
@@ -320,13 +334,14 @@ class Predictor:
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         """Point prediction of dL (nats): the median of the log-space model."""
         self._check_fitted()
-        return np.exp(_offset(X, self.use_measured_) + _design(X, self.ranges_, self.use_measured_) @ self.coef_)
+        A, off, _ = self.design.matrix(X, self.ranges_, self.use_measured_)
+        return np.exp(off + A @ self.coef_)
 
     def _parts(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(D, sigma_log): point prediction and the log-space prediction sd (residual + parameter)."""
-        A = _design(X, self.ranges_, self.use_measured_)
+        A, off, _ = self.design.matrix(X, self.ranges_, self.use_measured_)
         var = self.resid_std_ ** 2 + np.einsum("ij,jk,ik->i", A, self.cov_, A)
-        return np.exp(_offset(X, self.use_measured_) + A @ self.coef_), np.sqrt(var)
+        return np.exp(off + A @ self.coef_), np.sqrt(var)
 
     def _multiplier(self, alpha: float) -> float:
         from scipy import stats
@@ -386,7 +401,7 @@ class Predictor:
             train, test = X[groups != g], X[groups == g]
             if len(train) < 10 or not len(test):
                 continue
-            scores += list(Predictor(additive_noise=self.additive_noise).fit(train).scores(test))
+            scores += list(Predictor(**self.get_params()).fit(train).scores(test))
         rs = np.sort(np.asarray(scores, float))
         self.conformal_scores_ = rs  # kept, so that every coverage (e.g. recommend's 0.7) is calibrated
         for a in alphas:
@@ -397,7 +412,8 @@ class Predictor:
     # -- persistence: JSON only ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         self._check_fitted()
-        return {"format_version": FORMAT_VERSION, "kind": "advisor.Predictor", "design": design_names(),
+        return {"format_version": FORMAT_VERSION, "kind": "advisor.Predictor", "design": self.design.names(),
+                "design_options": asdict(self.design),
                 "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
                 "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "additive_noise": self.additive_noise,
@@ -414,11 +430,16 @@ class Predictor:
     def from_dict(cls, d: dict[str, Any]) -> "Predictor":
         if d.get("kind") != "advisor.Predictor":
             raise PredictorError("not an advisor predictor file")
-        if d.get("format_version") != FORMAT_VERSION or d.get("design") != design_names():
+        try:
+            design = Design(**d.get("design_options", {}))
+        except TypeError as e:
+            raise PredictorError(f"predictor file has unknown design options ({e}); refit it with "
+                                 "`advisor fit --with-shipped --out PRED.json`") from None
+        if d.get("format_version") != FORMAT_VERSION or d.get("design") != design.names():
             raise PredictorError(f"predictor file format {d.get('format_version')} with terms {len(d.get('design', []))} "
                                  f"is incompatible with this advisor (format {FORMAT_VERSION}); refit it with "
                                  "`advisor fit --with-shipped --out PRED.json`")
-        p = cls(additive_noise=bool(d.get("additive_noise", True)))
+        p = cls(additive_noise=bool(d.get("additive_noise", True)), design=design)
         p.noise_kappa_ = float(d["noise_kappa"])
         p.use_measured_ = bool(d["use_measured"])
         p.ranges_ = {k: [float(a), float(b)] for k, (a, b) in d["ranges"].items()}
@@ -489,7 +510,7 @@ def error_report(measured_dl: np.ndarray, pred_dl: np.ndarray, lower: np.ndarray
 
 
 def leave_one_group_out(df: pd.DataFrame, group_col: str = "family", alpha: float = 0.1,
-                        with_forest: bool = True) -> dict[str, Any]:
+                        with_forest: bool = True, design: Design = Design()) -> dict[str, Any]:
     """Hold out each group in turn (refit + calibrate on the rest); pooled held-out error report."""
     preds, lows, ups, forest_preds, idx = [], [], [], [], []
     groups = df[group_col].to_numpy()
@@ -497,7 +518,7 @@ def leave_one_group_out(df: pd.DataFrame, group_col: str = "family", alpha: floa
         train, test = df[groups != g], df[groups == g]
         if len(train) < 10 or not len(test):
             continue
-        p = Predictor().fit(train).calibrate(train, train[group_col].to_numpy())
+        p = Predictor(design=design).fit(train).calibrate(train, train[group_col].to_numpy())
         mean, lo, up = p.predict_interval(test, alpha)
         preds.append(mean); lows.append(lo); ups.append(up); idx.append(test.index.to_numpy())
         if with_forest:

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -53,17 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from advisor import predictor as P
+    from advisor.fitting import stored_features
     from advisor.store import open_store
     from models.saving import atomic_write_text
 
     warnings.filterwarnings("ignore")
     store = open_store(args.store)
-    feats: dict[str, dict] = {}
-    with store.transaction() as c:  # every probe bundle of a model, merged (advisor.probing)
-        for fp, f in c.execute("SELECT model_fp, features FROM probes ORDER BY created_at"):
-            feats.setdefault(fp, {}).update(json.loads(f))
-    feats = {fp: f for fp, f in feats.items() if "perturbation.all_dnll_s20pct" in f}
     df = pd.read_csv(ROOT / "advisor" / "data" / "runs.csv")
+    feats = {fp: stored_features(store, fp) or {} for fp in df.model_fp.unique()}
+    feats = {fp: f for fp, f in feats.items() if "perturbation.all_dnll_s20pct" in f}
     missing = sorted(set(df.model) - set(df[df.model_fp.isin(feats)].model))
     if missing:
         print(f"no perturbation probe in the store for {missing}: run `advisor probe` on them first")
@@ -72,39 +71,35 @@ def main(argv: list[str] | None = None) -> int:
     zoo = df[df.prequantized_source == 0].reset_index(drop=True)
     real = df[df.prequantized_source == 1].reset_index(drop=True)
     no_meas = {"rtn_dl": np.nan, "rtn_dl_se": np.nan}
-    shipped = {"FIXED_SLOPE": P.FIXED_SLOPE, "SCALE_ON_MEASURED": P.SCALE_ON_MEASURED, "MEASURED_Z": P.MEASURED_Z}
     same = lambda d: d  # noqa: E731
-    # (name, predictor design flags, data transform); the first row is the shipped predictor
+    # (name, predictor design options, data transform); the first row is the shipped predictor
     variants = [
         ("rtn_loss (fitted slope, scale terms on both) + second_order fallback: shipped", {}, same),
-        ("  same, slope of log rtn_dl fixed at 1", {"FIXED_SLOPE": True}, same),
-        ("  same, scale terms on the fallback only", {"SCALE_ON_MEASURED": False}, same),
-        ("  same, both", {"FIXED_SLOPE": True, "SCALE_ON_MEASURED": False}, same),
-        ("  shipped design, rtn_dl used only at >= 10 se", {"MEASURED_Z": 10.0}, same),
-        ("  slope fixed, fallback-only scale, >= 10 se", {"FIXED_SLOPE": True, "SCALE_ON_MEASURED": False,
-                                                           "MEASURED_Z": 10.0}, same),
+        ("  same, slope of log rtn_dl fixed at 1", {"fixed_slope": True}, same),
+        ("  same, scale terms on the fallback only", {"scale_on_measured": False}, same),
+        ("  same, both", {"fixed_slope": True, "scale_on_measured": False}, same),
+        ("  shipped design, rtn_dl used only at >= 10 se", {"measured_z": 10.0}, same),
+        ("  slope fixed, fallback-only scale, >= 10 se", {"fixed_slope": True, "scale_on_measured": False,
+                                                           "measured_z": 10.0}, same),
         ("second_order alone (before 2026-11-24)", {}, lambda d: d.assign(**no_meas)),
         ("perturbation curve", {}, lambda d: d.assign(log_so=d.log_pert, **no_meas)),
         ("mean of second_order and curve", {}, lambda d: d.assign(log_so=0.5 * (d.log_so + d.log_pert), **no_meas)),
     ]
     rows = []
-    for name, flags, variant in variants:
-        for k, v in {**shipped, **flags}.items():
-            setattr(P, k, v)
+    for name, options, variant in variants:
+        design = P.Design(**options)
         z, r = variant(zoo), variant(real)
-        lofo = P.leave_one_group_out(z, with_forest=False)
-        pred = P.Predictor().fit(z).calibrate(z, z.family.to_numpy())
+        lofo = P.leave_one_group_out(z, with_forest=False, design=design)
+        pred = P.Predictor(design=design).fit(z).calibrate(z, z.family.to_numpy())
         mean, lo, up = pred.predict_interval(r, 0.1)
         transfer = P.error_report(r.dl.to_numpy(), mean, lo, up)
-        rows.append({"variant": name.strip(), "flags": {**shipped, **flags}, "lofo": lofo, "transfer": transfer,
+        rows.append({"variant": name.strip(), "flags": asdict(design), "lofo": lofo, "transfer": transfer,
                      "transfer_pred_dl": dict(zip(r.spec, np.round(mean, 4).tolist()))})
         print(f"{name:78s} LOFO mae {lofo['median_abs_err_dl'] * 1e3:.2f} milli-nats, cov "
               f"{lofo['coverage90']:.3f} | transfer mae {transfer['median_abs_err_dl']:.3f} nats, rel "
               f"{transfer['median_rel_err_dl']:.2f}, cov {transfer['coverage90']:.2f}, "
               f"Spearman {transfer['spearman']:.2f}, median err/target {transfer['median_err_over_target']:.2f}, "
               f"within target {transfer['within_target']:.0%}")
-    for k, v in shipped.items():
-        setattr(P, k, v)
     atomic_write_text(args.out, json.dumps({"command": "python benchmarks/predictor_transfer_variants.py",
                                             "variants": rows}, indent=1, default=float))
     return 0

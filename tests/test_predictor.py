@@ -147,15 +147,14 @@ def test_scale_corrections_do_not_extrapolate():
 
 
 @pytest.mark.parametrize("fixed_slope,scale_on_measured", [(False, True), (True, False)])
-def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(monkeypatch, fixed_slope, scale_on_measured):
+def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(fixed_slope, scale_on_measured):
     """With the rtn_loss probe, the physics term is measured on the model itself: a model whose losses are
     100x those of every fitted model (a real LLM after a zoo of flat toys) is predicted within the
     noise, while the second-order fallback, fitted where the loss stays quadratic, misses it. Both
     designs (shipped, and slope fixed at 1 with fallback-only scale terms) hold on such data."""
-    import advisor.predictor as P
+    from advisor.predictor import Design
 
-    monkeypatch.setattr(P, "FIXED_SLOPE", fixed_slope)
-    monkeypatch.setattr(P, "SCALE_ON_MEASURED", scale_on_measured)
+    design = Design(fixed_slope=fixed_slope, scale_on_measured=scale_on_measured)
     rng = np.random.default_rng(1)
     shrink = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-outlier": 0.45, "nonuniform": 0.8}
 
@@ -177,7 +176,7 @@ def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(monkeypatch
 
     train = runs(range(12), 1e-4, 1e-2, rise=3.0)
     test = runs([99], 1.0, 1.0, rise=3.0)
-    p = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
+    p = Predictor(design=design).fit(train).calibrate(train, train["family"].to_numpy())
     big = test[test["dl"] > 0.01]
     rel = np.abs(p.predict(big) / big["dl"] - 1)
     assert np.median(rel) < 0.12
@@ -192,6 +191,10 @@ def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(monkeypatch
     noisy = big.head(4).assign(rtn_dl=1e-3, rtn_dl_se=1e-3)
     assert not measured_physics(noisy).any()
     np.testing.assert_allclose(p.predict(noisy), p.predict(big.head(4).assign(rtn_dl=np.nan)))
+    # the design travels with the predictor file
+    q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert q.design == design
+    np.testing.assert_array_equal(q.predict(big), p.predict(big))
 
 
 def test_a_predictor_fitted_without_rtn_loss_ignores_it():
