@@ -69,13 +69,17 @@ def row_fraction(layers: list[LayerInfo], max_elements: int | None) -> float:
     return max_elements / total
 
 
-def rtn_error(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
-    """``Q(W) - W`` for round-to-nearest, float32 (rows, in), through the quantizers' RTN method."""
+def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
+    """``Q(W)``: the round-to-nearest weights, float32 (rows, in), through the quantizers' RTN method."""
     from quantizers import LayerStats, QuantSpec, get_method
 
     spec = QuantSpec("rtn", dtype, group_size)
-    W = W.detach().float()
-    return get_method("rtn").quantize(W, spec, LayerStats()).dequantize() - W
+    return get_method("rtn").quantize(W.detach().float(), spec, LayerStats()).dequantize()
+
+
+def rtn_error(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
+    """``Q(W) - W`` for round-to-nearest, float32 (rows, in), through the quantizers' RTN method."""
+    return rtn_weight(W, dtype, group_size) - W.detach().float()
 
 
 def layer_rows(layers: list[LayerInfo], max_elements: int | None, min_rows: int, seed: int) -> list[torch.Tensor]:

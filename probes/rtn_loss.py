@@ -28,7 +28,7 @@ import math
 import pandas as pd
 import torch
 
-from probes._rtn import configs, rtn_error
+from probes._rtn import configs, rtn_weight
 from probes._util import first_windows, layer_infos, preserved_state, window_nll
 from probes.base import Probe, ProbeContext, ProbeResult, register
 from models.errors import AdvisorError
@@ -73,16 +73,13 @@ class RtnLossProbe(Probe):
             try:
                 for dtype, group, key in table:
                     for li in layers:
-                        W = originals[li.name]
-                        li.module.weight.copy_((W.float() + rtn_error(W, dtype, group).to(W.device)).to(W.dtype))
+                        li.module.weight.copy_(rtn_weight(originals[li.name], dtype, group))
                     diff = window_nll(model, ids, bs).double() - base
                     n = diff.numel()
                     se = float(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
                     rows.append({"key": key, "dtype": dtype, "group_size": group, "dnll": float(diff.mean()),
                                  "se": se, "n_windows": n})
-                    for li in layers:
-                        li.module.weight.copy_(originals[li.name])
-            finally:
+            finally:  # every format overwrites every layer from the originals, so one restore at the end
                 for li in layers:
                     li.module.weight.copy_(originals[li.name])
         frame = pd.DataFrame(rows)
