@@ -115,8 +115,8 @@ def report(df: pd.DataFrame, alpha: float = 0.1) -> dict[str, Any]:
         pd.Series(False, index=df.index)
     zoo = df[~is_transfer]
     out: dict[str, Any] = {"lofo": leave_one_group_out(zoo, "group", alpha)}
+    pred = fit(zoo)  # what `advisor fit` saves: the transfer model(s) left out
     if is_transfer.any():
-        pred = fit(zoo)
         test = df[is_transfer]
         mean, lo, up = pred.predict_interval(test, alpha)
         t = error_report(test["dl"].to_numpy(), mean, lo, up, test["baseline_ppl"].to_numpy())
@@ -127,13 +127,7 @@ def report(df: pd.DataFrame, alpha: float = 0.1) -> dict[str, Any]:
         out["transfer"] = t
     else:
         out["transfer"] = None
-    final = fit(df, exclude_transfer=False)
-    out["coefficients"] = dict(zip(_names(), final.coef_.tolist()))
-    out["conformal"] = final.conformal_
+    out["coefficients"] = dict(zip(pred.design.names(), pred.coef_.tolist()))
+    out["rtn_prior"] = pred.rtn_prior_
+    out["conformal"] = pred.conformal_
     return out
-
-
-def _names() -> list[str]:
-    from advisor.predictor import design_names
-
-    return design_names()

@@ -1,6 +1,7 @@
 """Build the predictor's shipped fitting data: sweep, table, fit, report.
 
     python benchmarks/build_shipped_data.py [--models zoo:all smollm2-135m] [--specs default] [--jobs 2]
+    python benchmarks/build_shipped_data.py --refit-only   # steps 3-4 from the committed runs.csv
 
 1. `advisor sweep` over the models and specs (resumable; the store is ADVISOR_HOME/measurements.sqlite
    unless --store is given), with probes;
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=None)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--skip-sweep", action="store_true", help="only rebuild the table and fit from the store")
+    p.add_argument("--refit-only", action="store_true",
+                   help="refit and report from the committed advisor/data/runs.csv (a change of the predictor's "
+                        "design; no store or model needed)")
     args = p.parse_args(argv)
 
     from advisor.commands.sweep import expand_models, expand_specs
@@ -36,14 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.sweep import Protocol, run_sweep
     from models.saving import atomic_write_text
 
-    store = open_store(args.store)
     t0 = time.perf_counter()
-    if not args.skip_sweep:
-        summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, Protocol(), jobs=args.jobs,
-                            on_model=store_probes)
-        print(json.dumps(summary.to_dict(), indent=1), file=sys.stderr)
-    df = runs_table(store)
-    atomic_write_text(SHIPPED_RUNS, df.to_csv(index=False))
+    if args.refit_only:
+        import pandas as pd
+
+        df = pd.read_csv(SHIPPED_RUNS)
+    else:
+        store = open_store(args.store)
+        if not args.skip_sweep:
+            summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, Protocol(),
+                                jobs=args.jobs, on_model=store_probes)
+            print(json.dumps(summary.to_dict(), indent=1), file=sys.stderr)
+        df = runs_table(store)
+        atomic_write_text(SHIPPED_RUNS, df.to_csv(index=False))
     predictor = fit(df)
     predictor.save(SHIPPED_PREDICTOR)
     rep = report(df)

@@ -146,15 +146,16 @@ def test_scale_corrections_do_not_extrapolate():
     np.testing.assert_allclose(q.predict(far), p.predict(far))
 
 
-@pytest.mark.parametrize("fixed_slope,scale_on_measured", [(False, True), (True, False)])
-def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(fixed_slope, scale_on_measured):
+@pytest.mark.parametrize("options", [{}, {"calibrated": False, "fixed_slope": False},
+                                     {"calibrated": False, "scale_on_measured": False}])
+def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(options):
     """With the rtn_loss probe, the physics term is measured on the model itself: a model whose losses are
     100x those of every fitted model (a real LLM after a zoo of flat toys) is predicted within the
-    noise, while the second-order fallback, fitted where the loss stays quadratic, misses it. Both
-    designs (shipped, and slope fixed at 1 with fallback-only scale terms) hold on such data."""
+    noise, while the second-order fallback, fitted where the loss stays quadratic, misses it. The shipped
+    design (regression-calibrated measurement, slope 1) and the format-3 threshold designs hold on such data."""
     from advisor.predictor import Design
 
-    design = Design(fixed_slope=fixed_slope, scale_on_measured=scale_on_measured)
+    design = Design(**options)
     rng = np.random.default_rng(1)
     shrink = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-outlier": 0.45, "nonuniform": 0.8}
 
@@ -185,12 +186,14 @@ def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(fixed_slope
     # without the measurement the same rows fall back to the second-order term and miss the rise
     blind = big.assign(rtn_dl=np.nan)
     assert np.median(np.abs(p.predict(blind) / big["dl"] - 1)) > 2 * np.median(rel)
-    # a measurement lost in its noise (below MEASURED_Z standard errors) is not used
+    # a measurement lost in its noise is not used: below MEASURED_Z standard errors (threshold designs);
+    # with a standard error far beyond the prior's width, the calibrated loss is the prior c * SO
     from advisor.predictor import measured_physics
 
-    noisy = big.head(4).assign(rtn_dl=1e-3, rtn_dl_se=1e-3)
-    assert not measured_physics(noisy).any()
-    np.testing.assert_allclose(p.predict(noisy), p.predict(big.head(4).assign(rtn_dl=np.nan)))
+    noisy = big.head(4).assign(rtn_dl=1e-3, rtn_dl_se=1e-3 if not design.calibrated else 1e6)
+    if not design.calibrated:
+        assert not measured_physics(noisy).any()
+    np.testing.assert_allclose(p.predict(noisy), p.predict(big.head(4).assign(rtn_dl=np.nan)), rtol=1e-9)
     # the design travels with the predictor file
     q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
     assert q.design == design
@@ -208,3 +211,35 @@ def test_a_predictor_fitted_without_rtn_loss_ignores_it():
     np.testing.assert_array_equal(p.predict(with_meas), p.predict(rows))
     q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
     np.testing.assert_array_equal(q.predict(with_meas), p.predict(rows))
+
+
+def test_calibrated_rtn_loss_is_the_posterior_mean_and_the_prior_is_recovered():
+    """The closed form of calibrated_rtn_loss equals the posterior mean of the RTN loss computed by
+    numerical integration (normal prior N(c SO, (tau c SO)^2) x normal measurement N(D, se^2)), and
+    fit_rtn_prior recovers (c, tau) from measurements drawn from that model."""
+    from advisor.predictor import calibrated_rtn_loss, fit_rtn_prior
+
+    c, tau = 1.3, 0.6
+    so = np.array([1e-3, 1e-3, 0.5, 2.0, 0.01])
+    rtn = np.array([3e-3, -1e-3, 0.9, 2.2, np.nan])
+    se = np.array([2e-3, 5e-3, 0.01, 1.0, np.nan])
+    df = pd.DataFrame({"log_so": np.log(so), "rtn_dl": rtn, "rtn_dl_se": se})
+    got = calibrated_rtn_loss(df, (c, tau))
+    for i in range(4):
+        m, sp = c * so[i], tau * c * so[i]
+        grid = np.linspace(m - 12 * sp, m + 12 * sp, 200001)
+        logw = -0.5 * ((grid - m) / sp) ** 2 - 0.5 * ((rtn[i] - grid) / se[i]) ** 2
+        w = np.exp(logw - logw.max())
+        assert got[i] == pytest.approx(np.sum(w * grid) / np.sum(w), rel=1e-6, abs=1e-12)
+    assert got[4] == pytest.approx(c * so[4])  # no measurement: the prior mean
+    assert got[2] == pytest.approx(0.9, rel=0.01)  # a precise measurement stands
+
+    rng = np.random.default_rng(0)
+    so = np.exp(rng.uniform(-8, 0, 400))
+    true = c * so * (1 + tau * rng.normal(size=so.size))
+    se = 0.3 * c * so * rng.uniform(0.1, 1, so.size)
+    rows = pd.DataFrame({"log_so": np.log(so), "rtn_dl": true + se * rng.normal(size=so.size), "rtn_dl_se": se})
+    c_hat, tau_hat = fit_rtn_prior(rows, tau_floor=0.0)
+    assert c_hat == pytest.approx(c, rel=0.1) and tau_hat == pytest.approx(tau, rel=0.15)
+    assert fit_rtn_prior(rows, tau_floor=2.0)[1] == 2.0
+    assert fit_rtn_prior(rows.head(5)) is None  # too few measurements: the fallback design
