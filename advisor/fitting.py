@@ -63,12 +63,37 @@ def stored_features(store, fp: str) -> dict[str, float] | None:
     return out
 
 
+def export_runs_table(store, path: str | Path) -> tuple[Path, int, int]:
+    """Write ``runs_table(store)`` (what ``advisor fit --runs`` reads) to CSV or parquet (by suffix), atomically.
+
+    Returns (path, rows written, ok runs left out because their model has no stored probes).
+    """
+    from models.saving import atomic_write_text
+
+    path = Path(path)
+    df = runs_table(store)
+    left_out = int(len(store.runs(status="ok")) - len(df))
+    if path.suffix == ".parquet":
+        tmp = path.with_name(f".{path.name}.tmp")
+        df.to_parquet(tmp, index=False)
+        tmp.replace(path)
+    else:
+        atomic_write_text(path, df.to_csv(index=False))
+    return path, int(len(df)), left_out
+
+
 def read_runs(path: str | Path) -> pd.DataFrame:
-    """A runs CSV with predictor columns; refused (with row numbers) if columns are missing or NaN."""
+    """A runs file (CSV or parquet) with predictor columns; refused (with row numbers) if columns are
+    missing or NaN, and with what to do instead if it is a raw store export (no probe features)."""
     path = Path(path)
     if not path.is_file():
         raise PredictorError(f"runs file {path} not found; make one with `advisor sweep --export RUNS.csv`")
-    df = pd.read_csv(path)
+    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if "model_name" in df.columns and "log_so" not in df.columns:
+        raise PredictorError(f"runs file {path} is a raw store export (runs without their models' probe features); "
+                             "write the fitting table with `advisor sweep --models ... --store STORE --export RUNS.csv` "
+                             "(it measures nothing already in the store), or fit straight from the store with "
+                             "`advisor fit --store STORE`")
     if "group" not in df.columns:
         if "model" not in df.columns:
             raise PredictorError(f"runs file {path} has neither a 'group' nor a 'model' column")

@@ -9,6 +9,7 @@ import pytest
 
 from advisor.cli import main
 from advisor.fitting import SHIPPED_RUNS
+from tests.conftest import PTB
 
 
 def _cli(capsys, argv):
@@ -51,3 +52,27 @@ def test_bad_runs_file_is_refused_with_rows(capsys, tmp_path, damage, message):
     df.to_csv(path, index=False)
     code, _, err = _cli(capsys, ["fit", "--runs", str(path)])
     assert code != 0 and message in err, err
+
+
+@pytest.mark.skipif(not PTB.exists(), reason="needs ../shared")
+def test_sweep_export_feeds_fit_and_a_raw_export_is_refused_with_what_to_do(capsys, tmp_path, tiny_folder):
+    """The documented refit workflow end to end on a real (tiny) model: `advisor sweep --export` writes the
+    fitting table (runs joined with their model's probe features), which `advisor fit --runs` reads; the
+    store's raw export (`--export-raw`, no features) is refused with the command that makes the table."""
+    store, table, raw = tmp_path / "m.sqlite", tmp_path / "mine.csv", tmp_path / "raw.csv"
+    specs = ["rtn:int8", "rtn:int4:g128", "gptq:int4:g128"]
+    code, out, _ = _cli(capsys, ["sweep", "--models", str(tiny_folder), "--specs", *specs, "--eval", f"file:{PTB}",
+                                 "--calib", f"file:{PTB}", "--seq-len", "32", "--max-windows", "3", "--n-calib", "2",
+                                 "--calib-seq-len", "32", "--store", str(store), "--export", str(table),
+                                 "--export-raw", str(raw), "--json"])
+    assert code == 0
+    info = json.loads(out)
+    assert info["done"] == 3 and info["exported_rows"] == 3 and info["exported_left_out"] == 0
+    rows = pd.read_csv(table)
+    assert sorted(rows["spec"]) == sorted(specs) and rows["rtn_dl"].notna().all() and rows["log_so"].notna().all()
+    code, out, _ = _cli(capsys, ["fit", "--runs", str(table), "--with-shipped", "--out", str(tmp_path / "p.json"),
+                                 "--json"])
+    assert code == 0 and json.loads(out)["n_runs"] == len(pd.read_csv(SHIPPED_RUNS)) + 3
+    code, _, err = _cli(capsys, ["fit", "--runs", str(raw), "--out", str(tmp_path / "q.json")])
+    assert code != 0 and "raw store export" in err and "--export RUNS.csv" in err
+    assert not (tmp_path / "q.json").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--retry-failed", action="store_true", help="re-measure pairs recorded as failed")
     p.add_argument("--no-probes", action="store_true", help="do not run and store probe features")
-    p.add_argument("--export", default=None, help="after the sweep, export all runs to this CSV/parquet file")
+    p.add_argument("--export", default=None,
+                   help="after the sweep, write the fitting table (every ok run with its model's probe features: "
+                        "what `advisor fit --runs` reads) to this CSV/parquet file")
+    p.add_argument("--export-raw", default=None,
+                   help="after the sweep, export the store's runs as recorded (every status, no features) to this "
+                        "CSV/parquet file")
     p.add_argument("--json", action="store_true")
 
 
@@ -65,9 +71,17 @@ def run(args: argparse.Namespace) -> int:
         on_model = store_probes
     summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, protocol, jobs=args.jobs,
                         retry_failed=args.retry_failed, on_model=on_model)
-    if args.export:
-        store.export(args.export)
     out = dict(summary.to_dict(), store=str(store.path), runs_in_store=store.count_runs())
+    if args.export:
+        from advisor.fitting import export_runs_table
+
+        path, n, left_out = export_runs_table(store, args.export)
+        out.update(export=str(path), exported_rows=n, exported_left_out=left_out)
+        if left_out:
+            print(f"export: {left_out} runs left out: their models have no stored probes (swept with "
+                  "--no-probes?); rerun the sweep without --no-probes to probe them", file=sys.stderr)
+    if args.export_raw:
+        out["export_raw"] = str(store.export(args.export_raw))
     if args.json:
         emit_json(out)
     else:
