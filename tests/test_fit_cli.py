@@ -34,6 +34,8 @@ def test_refit_with_a_new_family_moves_its_predictions(capsys, tmp_path):
     assert code == 0
     info = json.loads(out)
     assert info["n_runs"] == len(shipped) + len(new) and info["seconds"] > 0
+    # SmolLM2's runs (pre-quantized at the source) are read but never fitted: the transfer test
+    assert info["n_fitted"] == int((shipped["prequantized_source"] == 0).sum()) + len(new)
     before = Predictor.load(SHIPPED_RUNS.with_name("predictor.json")).predict(new)
     after = Predictor.load(tmp_path / "p.json").predict(new)
     big = new["dl"].to_numpy() > 0.01

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     out: dict = {"n_runs": int(len(df)), "n_groups": int(df["group"].nunique())}
     predictor = fit(df)
     out["seconds"] = time.perf_counter() - t0  # fit + conformal calibration (not the report)
+    out["n_fitted"] = int(predictor.n_train_)  # runs of models pre-quantized at the source are transfer tests only
     if args.out:
         out["saved_to"] = str(predictor.save(args.out))
     if args.report:
@@ -44,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(out)
         return 0
-    print(f"fitted on {out['n_runs']} runs from {out['n_groups']} groups" +
+    held = out["n_runs"] - out["n_fitted"]
+    print(f"fitted on {out['n_fitted']} of {out['n_runs']} runs" +
+          (f" ({held} runs of models pre-quantized at the source are kept out: transfer tests only)" if held else "") +
           (f"; saved to {out['saved_to']}" if args.out else ""))
     for part in ("lofo", "transfer"):
         r = out.get(part)
