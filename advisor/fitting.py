@@ -68,18 +68,11 @@ def export_runs_table(store, path: str | Path) -> tuple[Path, int, int]:
 
     Returns (path, rows written, ok runs left out because their model has no stored probes).
     """
-    from models.saving import atomic_write_text
+    from models.saving import atomic_write_table
 
-    path = Path(path)
     df = runs_table(store)
     left_out = int(len(store.runs(status="ok")) - len(df))
-    if path.suffix == ".parquet":
-        tmp = path.with_name(f".{path.name}.tmp")
-        df.to_parquet(tmp, index=False)
-        tmp.replace(path)
-    else:
-        atomic_write_text(path, df.to_csv(index=False))
-    return path, int(len(df)), left_out
+    return atomic_write_table(path, df), int(len(df)), left_out
 
 
 def read_runs(path: str | Path) -> pd.DataFrame:
@@ -134,13 +127,17 @@ def load_default_predictor() -> Predictor:
     return fit(shipped_runs())
 
 
-def report(df: pd.DataFrame, alpha: float = 0.1) -> dict[str, Any]:
-    """Leave-one-family-out on the zoo runs; transfer to the held-out real model(s)."""
+def report(df: pd.DataFrame, alpha: float = 0.1, predictor: Predictor | None = None) -> dict[str, Any]:
+    """Leave-one-family-out on the zoo runs; transfer to the held-out real model(s).
+
+    ``predictor``: ``fit(df)``, when the caller already has it (it is the one the transfer test and the
+    coefficients are reported for); fitted here otherwise.
+    """
     is_transfer = df["prequantized_source"].fillna(0).astype(int) == 1 if "prequantized_source" in df else \
         pd.Series(False, index=df.index)
     zoo = df[~is_transfer]
     out: dict[str, Any] = {"lofo": leave_one_group_out(zoo, "group", alpha)}
-    pred = fit(zoo)  # what `advisor fit` saves: the transfer model(s) left out
+    pred = predictor if predictor is not None else fit(df)  # what `advisor fit` saves: transfer models left out
     if is_transfer.any():
         test = df[is_transfer]
         mean, lo, up = pred.predict_interval(test, alpha)

@@ -93,13 +93,20 @@ class PredictorError(ValueError):
 CLIPPED = ("log_params", "baseline_nll", "hinge_noise_over_knee")
 
 
+def rtn_measurement(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(rtn_dl, rtn_dl_se) per row as floats: NaN where the ``rtn_loss`` probe was not run (no column or
+    empty), standard error 0 where the file has no ``rtn_dl_se`` column."""
+    def column(name: str, missing: float) -> np.ndarray:
+        if name not in df.columns:
+            return np.full(len(df), missing)
+        return pd.to_numeric(df[name], errors="coerce").to_numpy(float)
+
+    return column("rtn_dl", math.nan), column("rtn_dl_se", 0.0)
+
+
 def measured_physics(df: pd.DataFrame, z: float = MEASURED_Z) -> np.ndarray:
     """Boolean per row: the ``rtn_loss`` measurement is usable (present and >= ``z`` standard errors)."""
-    if "rtn_dl" not in df.columns:
-        return np.zeros(len(df), bool)
-    dl = pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float)
-    se = pd.to_numeric(df["rtn_dl_se"], errors="coerce").to_numpy(float) if "rtn_dl_se" in df.columns \
-        else np.zeros(len(df))
+    dl, se = rtn_measurement(df)
     se = np.where(np.isfinite(se), se, 0.0)
     with np.errstate(invalid="ignore"):
         return np.isfinite(dl) & (dl > DL_FLOOR) & (dl >= z * se)
@@ -112,13 +119,10 @@ def fit_rtn_prior(df: pd.DataFrame, tau_floor: float = PRIOR_TAU_FLOOR) -> tuple
     MIN_MEASURED_RUNS."""
     from scipy import optimize
 
-    if "rtn_dl" not in df.columns:
-        return None
-    cols = ["log_so", "rtn_dl", "rtn_dl_se"] if "rtn_dl_se" in df.columns else ["log_so", "rtn_dl"]
-    u = df[cols].apply(pd.to_numeric, errors="coerce").drop_duplicates()  # one row per (model, format)
-    x = u["rtn_dl"].to_numpy(float)
-    se = u["rtn_dl_se"].to_numpy(float) if "rtn_dl_se" in u.columns else np.zeros(len(u))
-    so = np.exp(u["log_so"].to_numpy(float))
+    x, se = rtn_measurement(df)
+    u = pd.DataFrame({"log_so": pd.to_numeric(df["log_so"], errors="coerce").to_numpy(float), "x": x, "se": se}
+                     ).drop_duplicates()  # one row per (model, format)
+    x, se, so = u["x"].to_numpy(), u["se"].to_numpy(), np.exp(u["log_so"].to_numpy())
     ok = np.isfinite(x) & np.isfinite(se) & np.isfinite(so) & (se >= 0)
     if ok.sum() < MIN_MEASURED_RUNS:
         return None
@@ -144,10 +148,7 @@ def calibrated_rtn_loss(df: pd.DataFrame, prior: tuple[float, float]) -> np.ndar
     """
     c, tau = prior
     m = c * np.exp(df["log_so"].to_numpy(float))
-    x = pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float) if "rtn_dl" in df.columns \
-        else np.full(len(df), np.nan)
-    se = pd.to_numeric(df["rtn_dl_se"], errors="coerce").to_numpy(float) if "rtn_dl_se" in df.columns \
-        else np.zeros(len(df))
+    x, se = rtn_measurement(df)
     ok = np.isfinite(x) & np.isfinite(se) & (se >= 0)
     vp = (tau * m) ** 2
     w = np.where(ok, vp / (vp + np.where(ok, se, 1.0) ** 2 + 1e-300), 0.0)
@@ -209,7 +210,7 @@ class Design:
         else:
             meas = measured_physics(df, self.measured_z) & use_measured
             if meas.any():
-                log_rtn[meas] = np.log(pd.to_numeric(df["rtn_dl"], errors="coerce").to_numpy(float)[meas])
+                log_rtn[meas] = np.log(rtn_measurement(df)[0][meas])
         m, fb = meas.astype(float), (~meas).astype(float)
         cols = [m] + ([] if self.fixed_slope else [log_rtn]) + [fb, fb * df["log_so"].to_numpy(float)]
         for method in METHODS[1:]:  # rtn is the reference level

@@ -259,16 +259,9 @@ class Store:
 
     def export(self, path: str | Path) -> Path:
         """Write all runs to CSV or parquet (by suffix), atomically."""
-        from models.saving import atomic_write_text
+        from models.saving import atomic_write_table
 
-        path = Path(path)
-        df = self.runs(status=None)
-        if path.suffix == ".parquet":
-            tmp = path.with_name(f".{path.name}.tmp")
-            df.to_parquet(tmp, index=False)
-            tmp.replace(path)
-            return path
-        return atomic_write_text(path, df.to_csv(index=False))
+        return atomic_write_table(path, self.runs(status=None))
 
 
 def default_store_path() -> Path:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(SHIPPED_RUNS, df.to_csv(index=False))
     predictor = fit(df)
     predictor.save(SHIPPED_PREDICTOR)
-    rep = report(df)
+    rep = report(df, predictor=predictor)
     rep["seconds"] = time.perf_counter() - t0
     rep["n_runs"] = int(len(df))
     rep["models"] = sorted(df["model"].unique().tolist())

@@ -44,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=None)
     args = p.parse_args(argv)
 
-    import numpy as np
-
     from advisor.candidates import DEFAULT_SPECS
     from advisor.fitting import load_default_predictor, runs_table
     from advisor.predictor import error_report
@@ -67,13 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     predictor = load_default_predictor()
     mean, lo, up = predictor.predict_interval(df, 0.1)
     rep = error_report(df["dl"].to_numpy(), mean, lo, up, df["baseline_ppl"].to_numpy())
-    target = np.maximum(0.02, 0.15 * np.abs(df["dl"].to_numpy()))
-    err = np.abs(mean - df["dl"].to_numpy())
     is_rtn = (df["method"] == "rtn").to_numpy()
     for name, mask in (("rtn", is_rtn), ("methods", ~is_rtn)):
         if mask.any():
-            rep[f"{name}_median_err_over_target"] = float(np.median(err[mask] / target[mask]))
-            rep[f"{name}_within_target"] = float(np.mean(err[mask] <= target[mask]))
+            part = error_report(df["dl"].to_numpy()[mask], mean[mask])
+            rep[f"{name}_median_err_over_target"] = part["median_err_over_target"]
+            rep[f"{name}_within_target"] = part["within_target"]
     runs = [{"spec": s, "dl": float(d), "pred_dl": float(m), "lower": float(a), "upper": float(b),
              "rtn_dl": float(r), "rtn_dl_se": float(e), "inside": bool(a <= d <= b)}
             for s, d, m, a, b, r, e in zip(df["spec"], df["dl"], mean, lo, up, df["rtn_dl"], df["rtn_dl_se"])]

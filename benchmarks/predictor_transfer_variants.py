@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     df = pd.read_csv(ROOT / "advisor" / "data" / "runs.csv")
-    feats = {fp: stored_features(open_store(args.store), fp) or {} for fp in df.model_fp.unique()}
+    store = open_store(args.store)
+    feats = {fp: stored_features(store, fp) or {} for fp in df.model_fp.unique()}
     feats = {fp: f for fp, f in feats.items() if "perturbation.all_dnll_s20pct" in f}
     missing = sorted(set(df.model) - set(df[df.model_fp.isin(feats)].model))
     if missing:

@@ -44,6 +44,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def atomic_write_table(path: str | Path, df) -> Path:
+    """Write a pandas DataFrame atomically: parquet when ``path`` ends in ``.parquet``, else CSV (no index)."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        return atomic_write_text(path, df.to_csv(index=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def check_output_dir(out_dir: str | Path) -> Path:
     """Fail early (before hours of work) if ``out_dir`` cannot be created and written.
 

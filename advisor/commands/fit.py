@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out["saved_to"] = str(predictor.save(args.out))
     if args.report:
-        out.update(report(df, alpha=1 - args.confidence))
+        out.update(report(df, alpha=1 - args.confidence, predictor=predictor))
     if args.json:
         emit_json(out)
         return 0
