@@ -31,11 +31,18 @@ def group_of(model_name: str, family: str | None) -> str:
 
 
 def runs_table(store) -> pd.DataFrame:
-    """Every ok run in ``store`` joined with its model's probe features, as predictor rows."""
+    """Every ok run in ``store`` joined with its model's probe features, as predictor rows.
+
+    A run takes the probes made on its own calibration text (a model swept on two corpora in one
+    store has a probe bundle per corpus); runs whose model has no probes on that text are left out.
+    """
     runs = store.runs(status="ok")
-    rows = []
-    for (fp, name), part in runs.groupby(["model_fp", "model_name"], sort=False):
-        probe = stored_features(store, fp)
+    rows: list[dict[str, Any]] = []
+    if runs.empty:
+        return pd.DataFrame(rows)
+    runs = runs.assign(_calib_text=[_text_of(c) for c in runs["calibration"]])
+    for (fp, name, text), part in runs.groupby(["model_fp", "model_name", "_calib_text"], sort=False, dropna=False):
+        probe = stored_features(store, fp, calib_text=None if pd.isna(text) else text)
         if probe is None:
             continue
         family = part["family"].iloc[0]
@@ -46,15 +53,48 @@ def runs_table(store) -> pd.DataFrame:
                        bits_per_weight=float(r["bits_per_weight"]), n_params=int(r["n_params"]),
                        non_embedding_params=int(r["non_embedding_params"]), packed=int(r["packed"] or 0),
                        protocol_hash=r["protocol_hash"], calib_hash=r["calib_hash"], seconds=float(r["seconds"]),
-                       prequantized_source=int(name in TRANSFER_MODELS))
+                       eval_data=protocol_label(r["protocol"]), prequantized_source=int(name in TRANSFER_MODELS))
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def stored_features(store, fp: str) -> dict[str, float] | None:
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A protocol record as stored (a dict, or its JSON text); {} when unreadable."""
+    if isinstance(value, dict):
+        return value
+    try:
+        out = json.loads(value or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _text_of(calibration: Any) -> str | None:
+    """The identity of a calibration text (sha256 of the corpus) in a run's or probe's protocol record."""
+    return _as_dict(calibration).get("text_sha256")
+
+
+def protocol_label(protocol: Any) -> str:
+    """A readable name of an evaluation protocol's text: ``stdlib-code:eval``, ``wiki.test.raw``."""
+    p = _as_dict(protocol)
+    if p.get("dataset") in (None, "", "file"):
+        return str(p.get("source") or "unknown")
+    return f"{p['dataset']}:{p['split']}" if p.get("split") else str(p["dataset"])
+
+
+def stored_features(store, fp: str, calib_text: str | None = None) -> dict[str, float] | None:
     """The model's probe features: every cached bundle merged (``advisor.probing``), the newest value of
-    each feature winning."""
-    rows = store._conn.execute("SELECT features FROM probes WHERE model_fp=? ORDER BY created_at", (fp,)).fetchall()
+    each feature winning.
+
+    ``calib_text``: only the bundles probed on that calibration text (the ``text_sha256`` their provenance
+    records); bundles that record no text are used only when none does.
+    """
+    rows = store._conn.execute("SELECT features, provenance FROM probes WHERE model_fp=? ORDER BY created_at",
+                               (fp,)).fetchall()
+    if calib_text is not None:
+        texts = [_text_of(_as_dict(row["provenance"]).get("calibration")) for row in rows]
+        if any(texts):
+            rows = [row for row, t in zip(rows, texts) if t == calib_text]
     if not rows:
         return None
     out: dict[str, float] = {}

@@ -17,7 +17,9 @@ and disjoint from the evaluation windows), with the probes on that text's calibr
 
 Default specs: every RTN spec of the default grid (19) and the 3-bit GPTQ, AWQ and QuantEase specs
 plus GPTQ int4 g128 (the method runs cost minutes each here).
-Writes benchmarks/results/predictor_blind_<name>.json.
+Writes benchmarks/results/predictor_blind_<name>.json, and the fitting table of its runs (features and
+measured dL: what ``advisor fit --runs`` reads) to benchmarks/results/predictor_blind_<name>_runs.csv, so a
+later predictor can be checked on the same runs without measuring them again.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.store import open_store
     from advisor.sweep import Protocol, run_sweep
     from models.paths import advisor_home
-    from models.saving import atomic_write_text
+    from models.saving import atomic_write_table, atomic_write_text
 
     specs = args.specs or [s for s in DEFAULT_SPECS if s.startswith("rtn:")] + METHOD_SPECS
     store = open_store(args.store or advisor_home() / f"predictor_blind_{args.name}.sqlite")
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
            "model": args.model, "protocol": protocol.to_dict(), "predictor": "advisor/data/predictor.json",
            "report": rep, "runs": runs, "seconds": time.perf_counter() - t0, "sweep": summary.to_dict()}
     path = ROOT / "benchmarks" / "results" / f"predictor_blind_{args.name}.json"
+    atomic_write_table(path.with_name(f"predictor_blind_{args.name}_runs.csv"), df)
     atomic_write_text(path, json.dumps(out, indent=1, default=float))
     for r in runs:
         print(f"{r['spec']:28s} measured {r['dl']:8.4f}  predicted {r['pred_dl']:8.4f} "

@@ -9,7 +9,7 @@ import pytest
 
 from advisor.cli import main
 from advisor.fitting import SHIPPED_RUNS
-from tests.conftest import PTB
+from tests.conftest import PTB, WIKITEXT
 
 
 def _cli(capsys, argv):
@@ -78,3 +78,21 @@ def test_sweep_export_feeds_fit_and_a_raw_export_is_refused_with_what_to_do(caps
     code, _, err = _cli(capsys, ["fit", "--runs", str(raw), "--out", str(tmp_path / "q.json")])
     assert code != 0 and "raw store export" in err and "--export RUNS.csv" in err
     assert not (tmp_path / "q.json").exists()
+
+
+@pytest.mark.skipif(not (PTB.exists() and WIKITEXT.exists()), reason="needs ../shared")
+def test_runs_on_two_calibration_texts_keep_their_own_probes(capsys, tmp_path, tiny_folder):
+    """A model swept on two corpora in one store has a probe bundle per calibration text: each run is joined
+    with the probes of its own text (not the newest bundle), and the table names each run's evaluation text."""
+    store, first, both = tmp_path / "m.sqlite", tmp_path / "first.csv", tmp_path / "both.csv"
+    common = ["--models", str(tiny_folder), "--specs", "rtn:int4:g128", "--seq-len", "32", "--max-windows", "3",
+              "--n-calib", "2", "--calib-seq-len", "32", "--store", str(store), "--json"]
+    assert _cli(capsys, ["sweep", *common, "--eval", f"file:{PTB}", "--calib", f"file:{PTB}",
+                         "--export", str(first)])[0] == 0
+    assert _cli(capsys, ["sweep", *common, "--eval", f"file:{WIKITEXT}", "--calib", f"file:{WIKITEXT}",
+                         "--export", str(both)])[0] == 0
+    before, after = pd.read_csv(first), pd.read_csv(both).set_index("eval_data")
+    assert len(after) == 2 and set(after.index) == {"ptb.valid.txt", "wiki.test.raw"}
+    for col in ("rtn_dl", "log_so", "sqnr_db"):
+        assert after.loc["ptb.valid.txt", col] == pytest.approx(before[col].iloc[0], rel=1e-12)
+    assert after.loc["wiki.test.raw", "rtn_dl"] != pytest.approx(after.loc["ptb.valid.txt", "rtn_dl"], rel=1e-6)
