@@ -2,12 +2,17 @@
 
     python benchmarks/build_shipped_data.py [--models zoo:all smollm2-135m] [--specs default] [--jobs 2]
     python benchmarks/build_shipped_data.py --refit-only   # steps 3-4 from the committed runs.csv
+    python benchmarks/build_shipped_data.py --refit-only --add-runs benchmarks/results/predictor_blind_ptb_runs.csv
 
 1. `advisor sweep` over the models and specs (resumable; the store is ADVISOR_HOME/measurements.sqlite
    unless --store is given), with probes;
 2. `advisor.fitting.runs_table` -> advisor/data/runs.csv (columns: advisor/data/runs_columns.md);
 3. fit + conformal calibration -> advisor/data/predictor.json;
 4. the leave-one-family-out and transfer report -> benchmarks/results/predictor.json.
+
+``--add-runs``: fitting tables measured elsewhere (``advisor sweep --export``, the blind benchmarks'
+``*_runs.csv``) join the runs; a run already present (same model, spec, calibration and protocol) is
+kept once. Rows of a transfer model (SmolLM2) are reported, never fitted on.
 """
 from __future__ import annotations
 
@@ -31,10 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refit-only", action="store_true",
                    help="refit and report from the committed advisor/data/runs.csv (a change of the predictor's "
                         "design; no store or model needed)")
+    p.add_argument("--add-runs", nargs="+", default=[], metavar="RUNS.csv",
+                   help="fitting tables to add to the runs (e.g. a blind benchmark's *_runs.csv)")
     args = p.parse_args(argv)
 
     from advisor.commands.sweep import expand_models, expand_specs
-    from advisor.fitting import SHIPPED_PREDICTOR, SHIPPED_RUNS, fit, report, runs_table
+    import pandas as pd
+
+    from advisor.fitting import SHIPPED_PREDICTOR, SHIPPED_RUNS, fit, read_runs, report, runs_table
     from advisor.probing import store_probes
     from advisor.store import open_store
     from advisor.sweep import Protocol, run_sweep
@@ -42,8 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     if args.refit_only:
-        import pandas as pd
-
         df = pd.read_csv(SHIPPED_RUNS)
     else:
         store = open_store(args.store)
@@ -55,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     # zoo:default is the embedded copy of zoo:llama-xs (demos and tests measure it under its own
     # fingerprint): its runs would count llama-xs twice
     df = df[df["model"] != "zoo:default"].reset_index(drop=True)
+    if args.add_runs:
+        df = pd.concat([df] + [read_runs(f) for f in args.add_runs], ignore_index=True)
+        df = df.drop_duplicates(["model_fp", "spec", "calib_hash", "protocol_hash"]).reset_index(drop=True)
     atomic_write_text(SHIPPED_RUNS, df.to_csv(index=False))
     predictor = fit(df)
     predictor.save(SHIPPED_PREDICTOR)

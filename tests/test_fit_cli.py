@@ -42,6 +42,28 @@ def test_refit_with_a_new_family_moves_its_predictions(capsys, tmp_path):
     assert np.median(after[big] / before[big]) > 1.2  # moved towards the new family's larger dL
 
 
+CONTRACT_FIELDS = {"median_abs_err_dl", "median_rel_err_dl", "coverage90", "forest_median_abs_err_dl", "spearman",
+                   "n_runs", "n_families"}
+
+
+def test_report_contract_on_the_shipped_data(capsys):
+    """`advisor fit --report --json` on the shipped data: leave-one-family-out over the zoo's three families
+    and the transfer to SmolLM2 (never fitted on), every run of it, with a breakdown per evaluation text."""
+    shipped = pd.read_csv(SHIPPED_RUNS)
+    code, out, _ = _cli(capsys, ["fit", "--report", "--json"])
+    assert code == 0
+    rep = json.loads(out)
+    lofo, transfer = rep["lofo"], rep["transfer"]
+    assert CONTRACT_FIELDS <= set(lofo) and CONTRACT_FIELDS <= set(transfer)
+    assert lofo["n_families"] == 3 and lofo["n_runs"] == int((shipped["prequantized_source"] == 0).sum())
+    assert transfer["models"] == ["smollm2-135m"] and transfer["n_runs"] == int(shipped["prequantized_source"].sum())
+    for r in (lofo, transfer):
+        assert 0 <= r["coverage90"] <= 1 and -1 <= r["spearman"] <= 1 and r["median_abs_err_dl"] >= 0
+    texts = transfer["by_eval_data"]
+    assert set(texts) == set(shipped.loc[shipped["prequantized_source"] == 1, "eval_data"]) and len(texts) >= 2
+    assert sum(t["n_runs"] for t in texts.values()) == transfer["n_runs"]
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda df: df.drop(columns=["log_so"]), "missing columns ['log_so']"),
     (lambda df: df.assign(dl=[np.nan] + list(df["dl"].iloc[1:])), "column 'dl' is NaN/non-numeric in rows [0]"),

@@ -57,4 +57,8 @@ def run(args: argparse.Namespace) -> int:
                   f"spearman {r['spearman']:.3f}, {r['n_runs']} runs / {r['n_families']} families; "
                   f"median |err| / max(0.02, 15% dL) {r['median_err_over_target']:.2f} (target <= 1), "
                   f"{r['within_target']:.0%} of runs within it")
+            for text, t in (r.get("by_eval_data") or {}).items():
+                print(f"  {part} on {text}: {t['n_runs']} runs, median |err dL| {t['median_abs_err_dl']:.4f} nats, "
+                      f"median rel err {t['median_rel_err_dl']:.1%}, coverage90 {t['coverage90']:.1%}, "
+                      f"median |err| / target {t['median_err_over_target']:.2f}")
     return 0
