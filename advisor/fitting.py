@@ -188,10 +188,11 @@ def report(df: pd.DataFrame, alpha: float = 0.1, predictor: Predictor | None = N
         t["models"] = sorted(test["model"].unique().tolist())
         if "eval_data" in test and test["eval_data"].nunique() > 1:  # the same model on several texts
             texts = test["eval_data"].fillna("unknown").to_numpy()
-            t["by_eval_data"] = {
-                str(e): error_report(test["dl"].to_numpy()[texts == e], mean[texts == e], lo[texts == e],
-                                     up[texts == e], test["baseline_ppl"].to_numpy()[texts == e])
-                for e in sorted(set(texts))}
+            dl, base = test["dl"].to_numpy(), test["baseline_ppl"].to_numpy()
+            t["by_eval_data"] = {}
+            for e in sorted(set(texts)):
+                m = texts == e
+                t["by_eval_data"][str(e)] = error_report(dl[m], mean[m], lo[m], up[m], base[m])
         out["transfer"] = t
     else:
         out["transfer"] = None

@@ -118,28 +118,18 @@ def test_packed_model_perplexity_equals_fake_quant(spec):
 @pytest.mark.parametrize("spec", ["gptq:int3:g16", "awq:int4:g16", "quantease:int3:g16", "quantease-outlier:int3:g16",
                                   "nonuniform:int3"])
 def test_same_inputs_give_identical_quantized_weights(spec):
-    """Determinism (issue 9): every solver is a pure function of weights, calibration and seed."""
-    a, b = _loaded("llama"), _loaded("llama")
-    quantize_model(a, spec, _calib(), pack=False, progress=False)
-    quantize_model(b, spec, _calib(), pack=False, progress=False)
-    for (name, la), (_, lb) in zip(a.adapter.linear_layers(), b.adapter.linear_layers()):
-        assert torch.equal(la.weight, lb.weight), name
-
-
-@pytest.mark.parametrize("spec", ["gptq:int3:g16", "awq:int3:g16", "quantease:int3:g16"])
-def test_calibrated_methods_are_deterministic_within_an_environment(spec):
-    """Two runs on the same weights and calibration give bitwise the same model, with 1 or 2 threads. (Across
-    machines or library builds they need not: docs/predictor.md measures that spread on SmolLM2.)"""
+    """Determinism (issue 9): every solver is a pure function of weights, calibration and seed, with 1 or 2
+    threads. (Across machines or library builds it need not be: docs/predictor.md measures that spread.)"""
+    a, b, fresh = _loaded("llama"), _loaded("llama"), _loaded("llama")
     threads = torch.get_num_threads()
-    weights = []
     try:
-        for n in (1, 2, 1):
+        for run, n in ((a, 1), (b, 2)):
             torch.set_num_threads(n)
-            run = _loaded("llama")
-            quantize_model(run, spec, _calib(4, 32), pack=False, progress=False)
-            weights.append([layer.weight.data.clone() for _, layer in run.adapter.linear_layers()])
+            quantize_model(run, spec, _calib(), pack=False, progress=False)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for w in weights[1:] for a, b in zip(weights[0], w))
-    fresh = [layer.weight.data for _, layer in _loaded("llama").adapter.linear_layers()]
-    assert not any(torch.equal(a, b) for a, b in zip(weights[0], fresh))  # every layer was quantized
+    for (name, la), (_, lb), (_, lf) in zip(a.adapter.linear_layers(), b.adapter.linear_layers(),
+                                            fresh.adapter.linear_layers()):
+        assert torch.equal(la.weight, lb.weight), name
+        assert not torch.equal(la.weight, lf.weight), name  # every layer was quantized
+
