@@ -17,6 +17,11 @@ estimate. The statistical model works in log space and corrects the physics with
   ``perturbation`` probe): the step-like rise once noise passes the flat region, which a measured
   RTN loss already contains, so it only corrects the second-order fallback.
 
+*Changed 2026-12-03 (format 5):* a method's gain over RTN is not extrapolated beyond the RTN losses it
+was fitted on (``Design.method_guard``): past the largest R of a method's fitted runs, its interval reaches
+up to at least RTN's prediction. The zoo's method runs reach R = 0.03-0.3 nats; a real LLM collapses at
+2 bits whatever the solver, and QuantEase gained there about half what the zoo says (docs/predictor.md).
+
 *Changed 2026-12-02 (format 4):* the raw measurement was used where it was >= 3 se above 0, with a
 fitted slope (``Design(calibrated=False, fixed_slope=False)``). That threshold selects zoo measurements
 whose noise is positive; the fitted slope (1.21) and intercept were artefacts of milli-nat noise and,
@@ -60,7 +65,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # The noise model's variance components are bounded below: on the zoo alone (13 models, few runs
 # with a large dL) the likelihood is flat in sigma_r and drove it to 0; real measurements have both
 # a model error and first-order noise (fitted: sigma_r ~0.3, kappa ~0.04 sqrt-nats).
@@ -170,6 +175,9 @@ class Design:
         scale_on_measured: the scale corrections also apply to measured rows (False: fallback only).
         measured_z: with ``calibrated=False``, the threshold in standard errors.
         prior_tau_floor: with ``calibrated``, the least relative width of the second-order prior.
+        method_guard: a method's gain over RTN is not extrapolated beyond the RTN losses it was fitted on:
+            where a row's physics term R exceeds the largest R among the fitted runs of its method, the
+            interval's upper bound is at least RTN's prediction at the same format (``Predictor.method_range_``).
     """
 
     calibrated: bool = True
@@ -177,6 +185,7 @@ class Design:
     scale_on_measured: bool = True
     measured_z: float = MEASURED_Z
     prior_tau_floor: float = PRIOR_TAU_FLOOR
+    method_guard: bool = True
 
     def fallback_only(self, term: str) -> bool:
         return term == "hinge_noise_over_knee" or not self.scale_on_measured
@@ -188,6 +197,25 @@ class Design:
         pre = "" if self.scale_on_measured else "fallback:"
         return names + [f"{pre}log_params", f"{pre}baseline_nll", "fallback:hinge_noise_over_knee"]
 
+    def physics(self, df: pd.DataFrame, use_measured: bool = True,
+                rtn_prior: tuple[float, float] | None = None) -> np.ndarray:
+        """The measured physics term R per row (nats): the calibrated RTN loss, or with ``calibrated=False``
+        the raw measurement where it is usable; NaN on rows that take the second-order fallback."""
+        rtn = np.full(len(df), math.nan)
+        if not use_measured:
+            return rtn
+        if self.calibrated:
+            if rtn_prior is None:
+                raise PredictorError("a calibrated design needs the fitted RTN prior (c, tau)")
+            r = calibrated_rtn_loss(df, rtn_prior)
+            # below the dL floor a loss is unmeasurable (evaluation noise): the fitted fallback curve
+            ok = r > DL_FLOOR
+        else:
+            ok = measured_physics(df, self.measured_z)
+            r = rtn_measurement(df)[0]
+        rtn[ok] = r[ok]
+        return rtn
+
     def matrix(self, df: pd.DataFrame, ranges: dict[str, list[float]] | None = None, use_measured: bool = True,
                rtn_prior: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(A, offset, measured): design matrix rows, the fixed part of log dL, and which rows are measured.
@@ -197,20 +225,9 @@ class Design:
         the second-order fallback, whatever its features hold.
         ``rtn_prior``: (c, tau) of ``calibrated_rtn_loss`` (required when ``calibrated`` and ``use_measured``).
         """
-        log_rtn = np.zeros(len(df))
-        if self.calibrated:
-            meas = np.zeros(len(df), bool)
-            if use_measured:
-                if rtn_prior is None:
-                    raise PredictorError("a calibrated design needs the fitted RTN prior (c, tau)")
-                rtn = calibrated_rtn_loss(df, rtn_prior)
-                # below the dL floor a loss is unmeasurable (evaluation noise): the fitted fallback curve
-                meas = rtn > DL_FLOOR
-                log_rtn[meas] = np.log(rtn[meas])
-        else:
-            meas = measured_physics(df, self.measured_z) & use_measured
-            if meas.any():
-                log_rtn[meas] = np.log(rtn_measurement(df)[0][meas])
+        rtn = self.physics(df, use_measured, rtn_prior)
+        meas = np.isfinite(rtn)
+        log_rtn = np.where(meas, np.log(np.where(meas, rtn, 1.0)), 0.0)
         m, fb = meas.astype(float), (~meas).astype(float)
         cols = [m] + ([] if self.fixed_slope else [log_rtn]) + [fb, fb * df["log_so"].to_numpy(float)]
         for method in METHODS[1:]:  # rtn is the reference level
@@ -365,6 +382,13 @@ class Predictor:
         for n in CLIPPED:
             v = raw[n][fb_rows] if self.design.fallback_only(n) and fb_rows.any() else raw[n]
             self.ranges_[n] = [float(v.min()), float(v.max())]
+        # each method's range of the physics term R over its fitted runs (``Design.method_guard``)
+        r_fit = self.design.physics(X, self.use_measured_, self.rtn_prior_)
+        self.method_range_ = {}
+        for method in METHODS[1:]:
+            rm = r_fit[(X["method"] == method).to_numpy() & np.isfinite(r_fit)]
+            if len(rm):
+                self.method_range_[method] = [float(rm.min()), float(rm.max())]
         res = sm.OLS(t, A).fit(method="pinv")
         self.noise_kappa_ = 0.0
         if self.additive_noise:
@@ -428,6 +452,37 @@ class Predictor:
         var = self.resid_std_ ** 2 + np.einsum("ij,jk,ik->i", A, self.cov_, A)
         return np.exp(off + A @ self.coef_), np.sqrt(var)
 
+    def extrapolated_methods(self, X: pd.DataFrame) -> np.ndarray:
+        """Boolean per row: a method (not RTN) whose physics term R is beyond the largest R of that method's
+        fitted runs, so its gain over RTN is an extrapolation (``Design.method_guard``).
+
+        On the shipped zoo the method runs reach R = 0.03 nats at 3-4 bits and 0.3 at 2 bits; a real LLM's
+        4-bit RTN loss is 0.2-0.7 nats and its 2-bit one 9-13 (the model collapses, whatever the solver)."""
+        if not self.design.method_guard:
+            return np.zeros(len(X), bool)
+        r = self.design.physics(X, self.use_measured_, self.rtn_prior_)
+        top = X["method"].map(lambda m: self.method_range_.get(m, [math.inf, -math.inf])[1]).to_numpy(float)
+        with np.errstate(invalid="ignore"):
+            return (X["method"] != "rtn").to_numpy() & np.isfinite(r) & (r > top)
+
+    def _interval_parts(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(D, sigma_log, floor_up): the row's point prediction and log-space sd, and the least upper bound:
+        on rows whose method gain is extrapolated, RTN's point prediction at the same format (elsewhere -inf)."""
+        D, sl = self._parts(X)
+        guarded = self.extrapolated_methods(X)
+        floor_up = np.full(len(X), -math.inf)
+        if guarded.any():
+            floor_up[guarded] = self.predict(X[guarded].assign(method="rtn"))
+        return D, sl, floor_up
+
+    def _guarded_bounds(self, parts: tuple[np.ndarray, ...], s) -> tuple[np.ndarray, np.ndarray]:
+        """The interval at multiplier ``s``. Where a method's gain over RTN is extrapolated, its gain lies
+        somewhere between the fitted one and none: the interval reaches up to at least RTN's prediction
+        ("no gain" is not excluded). Monotone in ``s``, as conformal scoring needs."""
+        D, sl, floor_up = parts
+        lo, up = self._bounds(D, sl, self.noise_kappa_, s)
+        return lo, np.maximum(up, floor_up)
+
     def _multiplier(self, alpha: float) -> float:
         from scipy import stats
 
@@ -449,25 +504,25 @@ class Predictor:
         The lower bound may be negative: within the measurement noise, a quantized model can score better.
         """
         self._check_fitted()
-        D, sl = self._parts(X)
-        lo, up = self._bounds(D, sl, self.noise_kappa_, self._multiplier(alpha))
-        return D, lo, up
+        parts = self._interval_parts(X)
+        lo, up = self._guarded_bounds(parts, self._multiplier(alpha))
+        return parts[0], lo, up
 
     def scores(self, X: pd.DataFrame) -> np.ndarray:
         """Conformity score of each run: the smallest multiplier ``s`` whose interval contains its dL."""
         self._check_fitted()
         y = np.asarray(X["dl"], float)
-        D, sl = self._parts(X)
+        parts = self._interval_parts(X)
         lo, hi = np.zeros(len(y)), np.full(len(y), 1.0)
         while True:  # grow the bracket until every run is inside
-            l, u = self._bounds(D, sl, self.noise_kappa_, hi)
+            l, u = self._guarded_bounds(parts, hi)
             out = ~((y >= l) & (y <= u))
             if not out.any() or hi.max() > 1e4:
                 break
             hi = np.where(out, hi * 4, hi)
         for _ in range(50):  # bisection: the interval grows monotonically with s
             mid = (lo + hi) / 2
-            l, u = self._bounds(D, sl, self.noise_kappa_, mid)
+            l, u = self._guarded_bounds(parts, mid)
             inside = (y >= l) & (y <= u)
             hi, lo = np.where(inside, mid, hi), np.where(inside, lo, mid)
         return hi
@@ -501,7 +556,7 @@ class Predictor:
                 "design_options": asdict(self.design),
                 "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
-                "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "additive_noise": self.additive_noise,
+                "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "method_range": self.method_range_, "additive_noise": self.additive_noise,
                 "use_measured": self.use_measured_,
                 "rtn_prior": None if self.rtn_prior_ is None else list(self.rtn_prior_),
                 "conformal": self.conformal_, "dl_floor": DL_FLOOR,
@@ -531,6 +586,7 @@ class Predictor:
         prior = d.get("rtn_prior")
         p.rtn_prior_ = None if prior is None else (float(prior[0]), float(prior[1]))
         p.ranges_ = {k: [float(a), float(b)] for k, (a, b) in d["ranges"].items()}
+        p.method_range_ = {k: [float(a), float(b)] for k, (a, b) in d.get("method_range", {}).items()}
         p.coef_ = np.asarray(d["coef"], float)
         p.cov_ = np.asarray(d["cov"], float)
         p.resid_std_, p.df_resid_, p.n_train_ = d["resid_std"], d["df_resid"], d["n_train"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -133,6 +134,28 @@ def test_same_data_gives_identical_predictions():
     assert a.conformal_ == b.conformal_
     np.testing.assert_array_equal(fit_forest(df).predict(forest_matrix(df)), fit_forest(df).predict(forest_matrix(df)))
 
+SHRINK = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-outlier": 0.45, "nonuniform": 0.8}
+
+
+def measured_runs(rng, models, scale_lo, scale_hi, rise, shrink=SHRINK) -> pd.DataFrame:
+    """Runs with the rtn_loss probe: RTN's loss rises beyond the quadratic bowl (``rise``) and each method
+    multiplies it by ``shrink[method]``; ``scale`` sets the size of the losses (a zoo toy vs a real LLM)."""
+    rows = []
+    for m in models:
+        scale = rng.uniform(scale_lo, scale_hi)
+        for method in METHODS:
+            for bits in (2, 3, 4, 6, 8):
+                so = scale * 10 ** (1.2 - 0.6 * bits)
+                true_rtn = so * (1 + rise * so)  # the rise beyond the quadratic bowl, unseen at small scale
+                se = 0.02 * true_rtn + 1e-5
+                rows.append(dict(family=f"f{m % 3}", model=f"m{m}", method=method, bits=bits, log_so=np.log(so),
+                                 log_params=6.0, baseline_nll=3.0, noise_over_knee=0.5, sqnr_db=6.02 * bits,
+                                 group_size=128, dtype_family="int", rtn_dl=true_rtn + se * rng.normal(),
+                                 rtn_dl_se=se, dl=true_rtn * shrink[method] * np.exp(rng.normal(0, 0.08)),
+                                 baseline_ppl=20.0))
+    return pd.DataFrame(rows)
+
+
 
 def test_scale_corrections_do_not_extrapolate():
     """A model far outside the fitted scale range is predicted with its corrections clipped to that range."""
@@ -157,23 +180,7 @@ def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(options):
 
     design = Design(**options)
     rng = np.random.default_rng(1)
-    shrink = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-outlier": 0.45, "nonuniform": 0.8}
-
-    def runs(models, scale_lo, scale_hi, rise):
-        rows = []
-        for m in models:
-            scale = rng.uniform(scale_lo, scale_hi)
-            for method in METHODS:
-                for bits in (2, 3, 4, 6, 8):
-                    so = scale * 10 ** (1.2 - 0.6 * bits)
-                    true_rtn = so * (1 + rise * so)  # the rise beyond the quadratic bowl, unseen at small scale
-                    se = 0.02 * true_rtn + 1e-5
-                    rows.append(dict(family=f"f{m % 3}", model=f"m{m}", method=method, bits=bits, log_so=np.log(so),
-                                     log_params=6.0, baseline_nll=3.0, noise_over_knee=0.5, sqnr_db=6.02 * bits,
-                                     group_size=128, dtype_family="int", rtn_dl=true_rtn + se * rng.normal(),
-                                     rtn_dl_se=se, dl=true_rtn * shrink[method] * np.exp(rng.normal(0, 0.08)),
-                                     baseline_ppl=20.0))
-        return pd.DataFrame(rows)
+    runs = functools.partial(measured_runs, rng)
 
     train = runs(range(12), 1e-4, 1e-2, rise=3.0)
     test = runs([99], 1.0, 1.0, rise=3.0)
@@ -243,3 +250,39 @@ def test_calibrated_rtn_loss_is_the_posterior_mean_and_the_prior_is_recovered():
     assert c_hat == pytest.approx(c, rel=0.1) and tau_hat == pytest.approx(tau, rel=0.15)
     assert fit_rtn_prior(rows, tau_floor=2.0)[1] == 2.0
     assert fit_rtn_prior(rows.head(5)) is None  # too few measurements: the fallback design
+
+
+def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
+    """Fitted where every method shrinks RTN's loss by 30-55% (a zoo of toys), predicted on a model whose
+    losses are 100x larger and where the methods gain only 10% (a real LLM collapsing at 2 bits): without the
+    guard the method intervals exclude the measurement; with it their upper bound reaches RTN's prediction
+    ("no gain" is not excluded), while the point predictions and every row inside the fitted range stay as
+    they were. (A method with no gain at all sits at the edge: half its runs lie above RTN's prediction.)"""
+    from dataclasses import asdict
+
+    from advisor.predictor import Design
+
+    rng = np.random.default_rng(2)
+    train = measured_runs(rng, range(12), 1e-4, 1e-2, rise=3.0)
+    test = measured_runs(rng, [99], 1.0, 1.0, rise=3.0, shrink={m: 1.0 if m == "rtn" else 0.9 for m in METHODS})
+    guarded = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
+    d = guarded.to_dict()
+    unguarded = Predictor.from_dict({**d, "design_options": {**asdict(guarded.design), "method_guard": False}})
+    big = test[(test["dl"] > 0.3) & (test["method"] != "rtn")]
+    assert len(big) >= 5 and guarded.extrapolated_methods(big).all()
+    mean_g, lo_g, up_g = guarded.predict_interval(big)
+    mean_u, lo_u, up_u = unguarded.predict_interval(big)
+    np.testing.assert_array_equal(mean_g, mean_u)
+    np.testing.assert_array_equal(lo_g, lo_u)
+    assert np.mean(big["dl"] <= up_u) < 0.5  # the fitted gain, extrapolated, excludes what was measured
+    assert (up_g >= guarded.predict(big.assign(method="rtn")) * (1 - 1e-12)).all()
+    assert np.mean((big["dl"] >= lo_g) & (big["dl"] <= up_g)) > 0.8
+    # inside the range each method was fitted on, the guard changes nothing
+    inside = train[train["method"] != "rtn"]
+    assert not guarded.extrapolated_methods(inside).any()
+    np.testing.assert_array_equal(np.column_stack(guarded.predict_interval(inside)),
+                                  np.column_stack(unguarded.predict_interval(inside)))
+    # the ranges travel with the predictor file
+    q = Predictor.from_dict(json.loads(json.dumps(d)))
+    assert q.method_range_ == guarded.method_range_
+    np.testing.assert_array_equal(np.column_stack(q.predict_interval(big)), np.column_stack(guarded.predict_interval(big)))
