@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from advisor.features import spec_row
-from advisor.predictor import Predictor, PredictorError, check_runs, error_report, fit_forest, forest_matrix, leave_one_group_out
+from advisor.predictor import Design, Predictor, PredictorError, check_runs, error_report, fit_forest, forest_matrix, leave_one_group_out
 
 DATA = Path(__file__).with_name("data")
 SHIPPED_RUNS = DATA / "runs.csv"
@@ -152,12 +152,12 @@ def shipped_runs() -> pd.DataFrame:
     return read_runs(SHIPPED_RUNS)
 
 
-def fit(df: pd.DataFrame, exclude_transfer: bool = True) -> Predictor:
+def fit(df: pd.DataFrame, exclude_transfer: bool = True, design: Design = Design()) -> Predictor:
     """Fit and conformally calibrate on ``df`` (transfer models left out unless asked)."""
     train = df[df["prequantized_source"].fillna(0).astype(int) == 0] if exclude_transfer and "prequantized_source" in df else df
     if len(train) < 10:
         raise PredictorError(f"only {len(train)} runs to fit on; need at least 10")
-    return Predictor().fit(train).calibrate(train, train["group"].to_numpy())
+    return Predictor(design=design).fit(train).calibrate(train, train["group"].to_numpy())
 
 
 def load_default_predictor() -> Predictor:

@@ -10,6 +10,11 @@ cheaper plausible candidates after a verified pass. It matched the real benchmar
 agreement 0.923 with the default: decide at 0.9, explore where the median passes), so it is a cheap
 stand-in for rerunning benchmarks/recommend.py at other settings. Cost order here is bits per weight
 then solver compute, which equals recommend's byte order within one model.
+
+``--transfer`` also replays the real model held out of fitting (SmolLM2-135M: the predictor fitted on
+the whole zoo, as shipped), each evaluation text a separate case set. ``--no-method-guard`` replays the
+intervals of predictor format 4 (no guard on extrapolated method gains, ``Design.method_guard``), so the
+guard's effect on decisions is measured on the same cases. ``--out`` records the table as JSON.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="after a verified pass, try cheaper candidates whose upper bound at this coverage "
                         "meets the budget (0: the median, recommend's default; -1: no exploration)")
     p.add_argument("--max-attempts", type=int, default=3)
+    p.add_argument("--transfer", action="store_true", help="also replay the transfer model (fitted on the zoo)")
+    p.add_argument("--no-method-guard", action="store_true", help="predictor format 4's intervals")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
 
@@ -41,46 +49,62 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.api import search_cheapest_verified
     from advisor.candidates import METHOD_COMPUTE_RANK
     from advisor.fitting import SHIPPED_RUNS, fit, read_runs
+    from advisor.predictor import Design
 
+    design = Design(method_guard=not args.no_method_guard)
     df = read_runs(args.runs or SHIPPED_RUNS)
-    zoo = df[df["prequantized_source"].fillna(0).astype(int) == 0]
+    transfer = df["prequantized_source"].fillna(0).astype(int) == 1
+    zoo = df[~transfer]
+    splits = [(zoo[zoo["group"] != g], zoo[zoo["group"] == g]) for g in zoo["group"].unique()]
+    case_sets = {"zoo": zoo}
+    if args.transfer and transfer.any():
+        held = df[transfer]
+        splits.append((zoo, held))
+        case_sets["transfer"] = held
     upper = {}
-    for g in zoo["group"].unique():
-        pred, test = fit(zoo[zoo["group"] != g]), zoo[zoo["group"] == g]
+    for train, test in splits:
+        pred = fit(train, design=design)
         for conf in set(args.confidences) | set(args.explore):
             if conf >= 0:  # coverage 0: the interval shrinks to the median prediction
                 for i, u in zip(test.index, pred.predict_interval(test, 1 - conf)[2] if conf > 0 else pred.predict(test)):
                     upper[(i, conf)] = u
-    out = []
-    for conf in args.confidences:
-        for explore in args.explore:
-            agree = first_ok = n = n_attempts = 0
-            for _, t in zoo.groupby("model"):
-                t = t.assign(rank=t["method"].map(METHOD_COMPUTE_RANK)).sort_values(["bits_per_weight", "rank", "spec"])
-                t = t.reset_index()
-                dl = t["dl"].to_numpy()
-                up = np.array([upper[(i, conf)] for i in t["index"]])
-                plaus = np.array([upper[(i, explore)] for i in t["index"]]) if 0 <= explore < conf else None
-                for frac in args.budgets:
-                    max_dl = math.log1p(frac)
-                    brute = t[t["dl"] <= max_dl].head(1)
-                    tried = []
+    def replay(cases, conf: float, explore: float) -> dict:
+        """recommend's search on every (model, evaluation text) x budget of ``cases``."""
+        agree = first_ok = n = n_attempts = 0
+        by = ["model", "eval_data"] if "eval_data" in cases else ["model"]
+        for _, t in cases.groupby(by, dropna=False):
+            t = t.assign(rank=t["method"].map(METHOD_COMPUTE_RANK)).sort_values(["bits_per_weight", "rank", "spec"])
+            t = t.reset_index()
+            dl = t["dl"].to_numpy()
+            up = np.array([upper[(i, conf)] for i in t["index"]])
+            plaus = np.array([upper[(i, explore)] for i in t["index"]]) if 0 <= explore < conf else None
+            for frac in args.budgets:
+                max_dl = math.log1p(frac)
+                brute = t[t["dl"] <= max_dl].head(1)
+                tried = []
 
-                    def measure(pos, reason, max_dl=max_dl, tried=tried):  # the sweep's measurement
-                        tried.append(dl[pos] <= max_dl)
-                        return tried[-1]
+                def measure(pos, reason, max_dl=max_dl, tried=tried):  # the sweep's measurement
+                    tried.append(dl[pos] <= max_dl)
+                    return tried[-1]
 
-                    plausible = plaus <= max_dl if plaus is not None else np.zeros(len(up), bool)
-                    best = search_cheapest_verified(up <= max_dl, plausible, args.max_attempts, plaus is not None,
-                                                    measure)
-                    first_ok += bool(tried and tried[0])
-                    rec = t["spec"].iloc[best] if best is not None else None
-                    n += 1
-                    n_attempts += len(tried)
-                    agree += bool(len(brute) and rec == brute["spec"].iloc[0])
-            out.append({"confidence": conf, "explore_confidence": explore, "agreement": agree / n,
-                        "first_attempt_pass_rate": first_ok / n, "mean_attempts": n_attempts / n, "cases": n})
+                plausible = plaus <= max_dl if plaus is not None else np.zeros(len(up), bool)
+                best = search_cheapest_verified(up <= max_dl, plausible, args.max_attempts, plaus is not None, measure)
+                first_ok += bool(tried and tried[0])
+                rec = t["spec"].iloc[best] if best is not None else None
+                n += 1
+                n_attempts += len(tried)
+                agree += bool(len(brute) and rec == brute["spec"].iloc[0])
+        return {"confidence": conf, "explore_confidence": explore, "agreement": agree / n,
+                "first_attempt_pass_rate": first_ok / n, "mean_attempts": n_attempts / n, "cases": n}
+
+    out = [{"models": name, **replay(cases, conf, explore), "method_guard": design.method_guard}
+           for name, cases in case_sets.items() for conf in args.confidences for explore in args.explore]
     print(json.dumps(out, indent=1))
+    if args.out:
+        from models.saving import atomic_write_text
+
+        cmd = "python benchmarks/recommend_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        atomic_write_text(args.out, json.dumps({"command": cmd, "results": out}, indent=1))
     return 0
 
 
