@@ -113,6 +113,8 @@ def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence:
     mean, lower, upper = predictor.predict_interval(rows, alpha=1 - confidence)
     df = pd.DataFrame([c.to_dict() for c in cands])
     df["pred_dl"], df["pred_dl_lower"], df["pred_dl_upper"] = mean, lower, upper
+    # the method's gain over RTN is beyond the losses it was fitted on: the upper bound allows no gain
+    df["method_gain_extrapolated"] = predictor.extrapolated_methods(rows)
     bp = ctx.baseline_ppl
     df["pred_dppl"] = bp * np.expm1(mean)
     df["pred_dppl_lower"] = bp * np.expm1(lower)

@@ -152,3 +152,38 @@ def test_prepare_probes_both_bundles_once_and_reuses_them(tiny_folder, common):
     fp = b.loaded.source.fingerprint
     n = common["store"]._conn.execute("SELECT COUNT(*) FROM probes WHERE model_fp=?", (fp,)).fetchone()[0]
     assert n == 2
+
+
+def test_extrapolated_method_gains_are_flagged_and_allow_no_gain(tiny_folder, common, tmp_path, capsys):
+    """The shipped predictor with every method's fitted range emptied: each method candidate with a measured
+    RTN loss is flagged, its upper bound reaches RTN's prediction at the same format, its mean is unchanged;
+    `advisor predict --json` reports the flag per candidate."""
+    import numpy as np
+
+    from advisor.cli import main
+    from advisor.fitting import load_default_predictor
+    from advisor.predictor import Predictor
+
+    shipped = load_default_predictor()
+    narrow = Predictor.from_dict({**shipped.to_dict(), "method_range": {}})
+    narrow.save(tmp_path / "narrow.json")
+    df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=narrow, **common).set_index("spec")
+    base = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=shipped, **common).set_index("spec")
+    flagged = df.index[df["method_gain_extrapolated"]]
+    assert len(flagged) >= 3 and not any(s.startswith("rtn:") for s in flagged)
+    np.testing.assert_allclose(df["pred_dl"], base.loc[df.index, "pred_dl"])
+    checked = 0
+    for spec in flagged:
+        assert df.loc[spec, "pred_dl_upper"] >= base.loc[spec, "pred_dl_upper"] * (1 - 1e-9)
+        same_format = "rtn:" + spec.split(":", 1)[1]
+        if same_format in df.index:
+            assert df.loc[spec, "pred_dl_upper"] >= df.loc[same_format, "pred_dl"] * (1 - 1e-9)
+            checked += 1
+    assert checked >= 3
+    capsys.readouterr()
+    code = main(["predict", "--model", str(tiny_folder), "--calib", common["calib"], "--eval", common["eval"],
+                 "--seq-len", "32", "--max-windows", "4", "--store", str(common["store"].path),
+                 "--predictor", str(tmp_path / "narrow.json"), "--json"])
+    rows = json.loads(capsys.readouterr().out)["candidates"]
+    cli_flagged = {r["spec"] for r in rows if r["method_gain_extrapolated"]}  # its own calibration settings
+    assert code == 0 and cli_flagged and not any(s.startswith("rtn:") for s in cli_flagged)

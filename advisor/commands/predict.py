@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"spec": r["spec"], "bits_per_weight": r["bits_per_weight"], "bytes": int(r["bytes"]),
              "dl": {"mean": r["pred_dl"], "lower": r["pred_dl_lower"], "upper": r["pred_dl_upper"]},
              "dppl": {"mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"]},
-             "mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"]}
+             "mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"],
+             "method_gain_extrapolated": bool(r["method_gain_extrapolated"])}
             for _, r in df.iterrows()]
     if args.json:
         emit_json(dict(rows[0], baseline_ppl=ctx.baseline_ppl) if args.spec else
@@ -44,5 +45,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"baseline ppl {ctx.baseline_ppl:.4f}")
     for r in rows:
-        print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]")
+        mark = " *" if r["method_gain_extrapolated"] else ""
+        print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
+    if any(r["method_gain_extrapolated"] for r in rows):
+        print("* the method's gain over RTN is extrapolated beyond the losses it was fitted on: the mean keeps "
+              "it, the upper bound allows no gain (docs/predictor.md)")
     return 0
