@@ -3,7 +3,7 @@ order, the perturbation curve.
 
     python benchmarks/predictor_transfer_variants.py [--store PATH]
 
-The predictor (format 4; format 5 adds a guard on method intervals, the last row) starts from the regression-calibrated RTN loss: the ``rtn_loss``
+The shipped predictor (format 4) starts from the regression-calibrated RTN loss: the ``rtn_loss``
 probe's measurement (RTN's loss increase on calibration windows) shrunk toward the second-order
 estimate by its standard error (``advisor.predictor.calibrated_rtn_loss``), with log dL moving 1:1 with
 it. Format 3 (2026-11-24) used the raw measurement where it was >= 3 standard errors above 0, with a
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     same = lambda d: d  # noqa: E731
     thr = {"calibrated": False}  # format 3's threshold designs
     # (name, predictor design options, data transform, needs the perturbation probe); first row: shipped
-    # Every variant of the physics term is compared without the format-5 guard on extrapolated method gains
-    # (it changes no point prediction), as it was run on 2026-12-02; the guard is the last row.
+    # Every variant of the physics term is compared without the guard on extrapolated method gains (it
+    # changes no point prediction), as it was run on 2026-12-02; the guard (tried, not shipped) is the last row.
     variants = [
         ("calibrated rtn_loss (slope 1, scale terms on both), second_order below 1e-4 nats: format 4", {}, same, 0),
         ("  same, fitted slope", {"fixed_slope": False}, same, 0),
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ("perturbation curve", {}, lambda d: d.assign(log_so=d.log_pert, **no_meas), 1),
         ("mean of second_order and curve", {}, lambda d: d.assign(log_so=0.5 * (d.log_so + d.log_pert), **no_meas),
          1),
-        ("format 4 + the guard on extrapolated method gains: format 5, shipped 2026-12-03", {"method_guard": True},
+        ("format 4 + the guard on extrapolated method gains (2026-12-03, not shipped)", {"method_guard": True},
          same, 0),
     ]
     rows = []

@@ -12,9 +12,9 @@ stand-in for rerunning benchmarks/recommend.py at other settings. Cost order her
 then solver compute, which equals recommend's byte order within one model.
 
 ``--transfer`` also replays the real model held out of fitting (SmolLM2-135M: the predictor fitted on
-the whole zoo, as shipped), each evaluation text a separate case set. ``--no-method-guard`` replays the
-intervals of predictor format 4 (no guard on extrapolated method gains, ``Design.method_guard``), so the
-guard's effect on decisions is measured on the same cases. ``--out`` records the table as JSON.
+the whole zoo, as shipped), each evaluation text a separate case set. ``--method-guard`` replays the
+intervals of ``Design(method_guard=True)`` (tried 2026-12-03, not shipped: docs/predictor.md), so its
+effect on decisions is measured on the same cases. ``--out`` records the table as JSON.
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                         "meets the budget (0: the median, recommend's default; -1: no exploration)")
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--transfer", action="store_true", help="also replay the transfer model (fitted on the zoo)")
-    p.add_argument("--no-method-guard", action="store_true", help="predictor format 4's intervals")
+    p.add_argument("--method-guard", action="store_true",
+                   help="intervals of Design(method_guard=True) (not the shipped design)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.fitting import SHIPPED_RUNS, fit, read_runs
     from advisor.predictor import Design
 
-    design = Design(method_guard=not args.no_method_guard)
+    design = Design(method_guard=args.method_guard)
     df = read_runs(args.runs or SHIPPED_RUNS)
     transfer = df["prequantized_source"].fillna(0).astype(int) == 1
     zoo = df[~transfer]

@@ -253,11 +253,13 @@ def test_calibrated_rtn_loss_is_the_posterior_mean_and_the_prior_is_recovered():
 
 
 def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
-    """Fitted where every method shrinks RTN's loss by 30-55% (a zoo of toys), predicted on a model whose
-    losses are 100x larger and where the methods gain only 10% (a real LLM collapsing at 2 bits): without the
-    guard the method intervals exclude the measurement; with it their upper bound reaches RTN's prediction
-    ("no gain" is not excluded), while the point predictions and every row inside the fitted range stay as
-    they were. (A method with no gain at all sits at the edge: half its runs lie above RTN's prediction.)"""
+    """``Design(method_guard=True)`` (tried, not shipped: docs/predictor.md). Fitted where every method shrinks
+    RTN's loss by 30-55% (a zoo of toys), predicted on a model whose losses are 100x larger and where the
+    methods gain only 10% (a real LLM collapsing at 2 bits): both designs flag those rows as extrapolated;
+    without the guard the method intervals exclude the measurement; with it their upper bound reaches RTN's
+    prediction ("no gain" is not excluded), while the point predictions and every row inside the fitted
+    range stay as they were. (A method with no gain at all sits at the edge: half its runs lie above RTN's
+    prediction.)"""
     from dataclasses import asdict
 
     from advisor.predictor import Design
@@ -265,11 +267,11 @@ def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
     rng = np.random.default_rng(2)
     train = measured_runs(rng, range(12), 1e-4, 1e-2, rise=3.0)
     test = measured_runs(rng, [99], 1.0, 1.0, rise=3.0, shrink={m: 1.0 if m == "rtn" else 0.9 for m in METHODS})
-    guarded = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
+    guarded = Predictor(design=Design(method_guard=True)).fit(train).calibrate(train, train["family"].to_numpy())
     d = guarded.to_dict()
     unguarded = Predictor.from_dict({**d, "design_options": {**asdict(guarded.design), "method_guard": False}})
     big = test[(test["dl"] > 0.3) & (test["method"] != "rtn")]
-    assert len(big) >= 5 and guarded.extrapolated_methods(big).all()
+    assert len(big) >= 5 and guarded.extrapolated_methods(big).all() and unguarded.extrapolated_methods(big).all()
     mean_g, lo_g, up_g = guarded.predict_interval(big)
     mean_u, lo_u, up_u = unguarded.predict_interval(big)
     np.testing.assert_array_equal(mean_g, mean_u)

@@ -154,10 +154,13 @@ def test_prepare_probes_both_bundles_once_and_reuses_them(tiny_folder, common):
     assert n == 2
 
 
-def test_extrapolated_method_gains_are_flagged_and_allow_no_gain(tiny_folder, common, tmp_path, capsys):
+def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, capsys):
     """The shipped predictor with every method's fitted range emptied: each method candidate with a measured
-    RTN loss is flagged, its upper bound reaches RTN's prediction at the same format, its mean is unchanged;
-    `advisor predict --json` reports the flag per candidate."""
+    RTN loss is flagged as extrapolated, never an RTN row, and the shipped design's intervals are unchanged;
+    with ``method_guard`` (tried, not shipped) the flagged upper bounds reach RTN's prediction at the same
+    format. `advisor predict --json` reports the flag per candidate."""
+    from dataclasses import asdict
+
     import numpy as np
 
     from advisor.cli import main
@@ -165,19 +168,25 @@ def test_extrapolated_method_gains_are_flagged_and_allow_no_gain(tiny_folder, co
     from advisor.predictor import Predictor
 
     shipped = load_default_predictor()
-    narrow = Predictor.from_dict({**shipped.to_dict(), "method_range": {}})
+    d = {**shipped.to_dict(), "method_range": {}}
+    narrow = Predictor.from_dict(d)
+    guarded = Predictor.from_dict({**d, "design_options": {**asdict(shipped.design), "method_guard": True}})
     narrow.save(tmp_path / "narrow.json")
-    df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=narrow, **common).set_index("spec")
     base = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=shipped, **common).set_index("spec")
+    df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=narrow, **common).set_index("spec")
+    gd = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=guarded, **common).set_index("spec")
     flagged = df.index[df["method_gain_extrapolated"]]
     assert len(flagged) >= 3 and not any(s.startswith("rtn:") for s in flagged)
-    np.testing.assert_allclose(df["pred_dl"], base.loc[df.index, "pred_dl"])
+    assert list(gd.index[gd["method_gain_extrapolated"]]) == list(flagged)
+    cols = ["pred_dl", "pred_dl_lower", "pred_dl_upper"]
+    np.testing.assert_allclose(df[cols], base.loc[df.index, cols])
+    np.testing.assert_allclose(gd[cols[:2]], base.loc[gd.index, cols[:2]])
     checked = 0
     for spec in flagged:
-        assert df.loc[spec, "pred_dl_upper"] >= base.loc[spec, "pred_dl_upper"] * (1 - 1e-9)
+        assert gd.loc[spec, "pred_dl_upper"] >= base.loc[spec, "pred_dl_upper"] * (1 - 1e-9)
         same_format = "rtn:" + spec.split(":", 1)[1]
-        if same_format in df.index:
-            assert df.loc[spec, "pred_dl_upper"] >= df.loc[same_format, "pred_dl"] * (1 - 1e-9)
+        if same_format in gd.index:
+            assert gd.loc[spec, "pred_dl_upper"] >= gd.loc[same_format, "pred_dl"] * (1 - 1e-9)
             checked += 1
     assert checked >= 3
     capsys.readouterr()

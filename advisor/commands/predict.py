@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
         mark = " *" if r["method_gain_extrapolated"] else ""
         print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
     if any(r["method_gain_extrapolated"] for r in rows):
-        print("* the method's gain over RTN is extrapolated beyond the losses it was fitted on: the mean keeps "
-              "it, the upper bound allows no gain (docs/predictor.md)")
+        widened = predictor is not None and predictor.design.method_guard
+        print("* the method's gain over RTN is extrapolated beyond the losses it was fitted on: "
+              + ("the upper bound allows no gain" if widened else
+                 "the interval assumes the gain holds, which on a real LLM at 2-3 bits it often does not")
+              + " (docs/predictor.md)")
     return 0
