@@ -560,8 +560,8 @@ class Predictor:
                 "design_options": asdict(self.design),
                 "coef": self.coef_.tolist(), "cov": self.cov_.tolist(),
                 "resid_std": self.resid_std_, "df_resid": self.df_resid_, "n_train": self.n_train_,
-                "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "method_range": self.method_range_, "additive_noise": self.additive_noise,
-                "use_measured": self.use_measured_,
+                "noise_kappa": self.noise_kappa_, "ranges": self.ranges_, "method_range": self.method_range_,
+                "additive_noise": self.additive_noise, "use_measured": self.use_measured_,
                 "rtn_prior": None if self.rtn_prior_ is None else list(self.rtn_prior_),
                 "conformal": self.conformal_, "dl_floor": DL_FLOOR,
                 "conformal_scores": [float(v) for v in self.conformal_scores_]}
