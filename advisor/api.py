@@ -113,7 +113,7 @@ def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence:
     mean, lower, upper = predictor.predict_interval(rows, alpha=1 - confidence)
     df = pd.DataFrame([c.to_dict() for c in cands])
     df["pred_dl"], df["pred_dl_lower"], df["pred_dl_upper"] = mean, lower, upper
-    # the method's gain over RTN is beyond the losses it was fitted on: the upper bound allows no gain
+    # the method's gain over RTN is extrapolated beyond the losses it was fitted on (docs/predictor.md)
     df["method_gain_extrapolated"] = predictor.extrapolated_methods(rows)
     bp = ctx.baseline_ppl
     df["pred_dppl"] = bp * np.expm1(mean)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             if name.strip() in previous:
                 rows.append({**previous[name.strip()], "carried_over": "from an earlier run with the probe store"})
             continue
-        design = P.Design(**{"method_guard": False, **options})
+        design = P.Design(**options)
         z, r = variant(zoo), variant(real)
         lofo = P.leave_one_group_out(z, with_forest=False, design=design)
         pred = P.Predictor(design=design).fit(z).calibrate(z, z.family.to_numpy())

@@ -132,4 +132,3 @@ def test_same_inputs_give_identical_quantized_weights(spec):
                                             fresh.adapter.linear_layers()):
         assert torch.equal(la.weight, lb.weight), name
         assert not torch.equal(la.weight, lf.weight), name  # every layer was quantized
-

@@ -134,6 +134,7 @@ def test_same_data_gives_identical_predictions():
     assert a.conformal_ == b.conformal_
     np.testing.assert_array_equal(fit_forest(df).predict(forest_matrix(df)), fit_forest(df).predict(forest_matrix(df)))
 
+
 SHRINK = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-outlier": 0.45, "nonuniform": 0.8}
 
 
@@ -154,7 +155,6 @@ def measured_runs(rng, models, scale_lo, scale_hi, rise, shrink=SHRINK) -> pd.Da
                                  rtn_dl_se=se, dl=true_rtn * shrink[method] * np.exp(rng.normal(0, 0.08)),
                                  baseline_ppl=20.0))
     return pd.DataFrame(rows)
-
 
 
 def test_scale_corrections_do_not_extrapolate():
