@@ -181,6 +181,11 @@ class Design:
             where a row's physics term R exceeds the largest R among the fitted runs of its method, the
             interval's upper bound is at least RTN's prediction at the same format (``Predictor.method_range_``).
             Off in the shipped design: on the pre-registered blind check it over-covered (docs/predictor.md).
+        method_log_r: each method's gain over RTN may change with the RTN loss: one more term per method,
+            ``[method = m] log R`` on measured rows, so a gain fitted at the zoo's milli-nat losses is not
+            assumed constant up to a real model's nats, and the slope's uncertainty widens the interval
+            where R is extrapolated. Off in the shipped design until its pre-registered blind check
+            (docs/predictor.md, fourth blind check) says otherwise.
     """
 
     calibrated: bool = True
@@ -189,6 +194,7 @@ class Design:
     measured_z: float = MEASURED_Z
     prior_tau_floor: float = PRIOR_TAU_FLOOR
     method_guard: bool = False
+    method_log_r: bool = False
 
     def fallback_only(self, term: str) -> bool:
         return term == "hinge_noise_over_knee" or not self.scale_on_measured
@@ -198,7 +204,8 @@ class Design:
         for m in METHODS[1:]:
             names += [f"method[{m}]", f"method[{m}]:bits"]
         pre = "" if self.scale_on_measured else "fallback:"
-        return names + [f"{pre}log_params", f"{pre}baseline_nll", "fallback:hinge_noise_over_knee"]
+        names += [f"{pre}log_params", f"{pre}baseline_nll", "fallback:hinge_noise_over_knee"]
+        return names + ([f"method[{m}]:log_rtn" for m in METHODS[1:]] if self.method_log_r else [])
 
     def physics(self, df: pd.DataFrame, use_measured: bool = True,
                 rtn_prior: tuple[float, float] | None = None) -> np.ndarray:
@@ -241,6 +248,8 @@ class Design:
             if ranges and name in ranges:
                 scale[name] = np.clip(scale[name], *ranges[name])
             cols.append(scale[name] * fb if self.fallback_only(name) else scale[name])
+        if self.method_log_r:  # log_rtn is 0 on fallback rows: there the method terms stay constant
+            cols += [(df["method"] == method).to_numpy(float) * log_rtn for method in METHODS[1:]]
         offset = log_rtn if self.fixed_slope else np.zeros(len(df))
         return np.column_stack(cols), offset, meas
 
