@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--specs", nargs="+", default=None)
     p.add_argument("--name", default="wikitext2")
     p.add_argument("--store", default=None)
+    p.add_argument("--method-log-r", action="store_true",
+                   help="predict with Design(method_log_r=True) refit on the shipped runs instead of the shipped "
+                        "predictor (results to predictor_blind_<name>_method_log_r.json)")
     args = p.parse_args(argv)
 
     from advisor.candidates import DEFAULT_SPECS
-    from advisor.fitting import load_default_predictor, runs_table
-    from advisor.predictor import error_report
+    from advisor.fitting import fit, load_default_predictor, runs_table, shipped_runs
+    from advisor.predictor import Design, error_report
     from advisor.probing import store_probes
     from advisor.store import open_store
     from advisor.sweep import Protocol, run_sweep
@@ -64,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{summary.failed} runs failed: {summary.errors}", file=sys.stderr)
     df = runs_table(store)
     df = df[df["spec"].isin(specs)].reset_index(drop=True)
-    predictor = load_default_predictor()
+    if args.method_log_r:
+        predictor, predictor_name = fit(shipped_runs(), design=Design(method_log_r=True)), \
+            "Design(method_log_r=True) refit on advisor/data/runs.csv (transfer runs left out)"
+    else:
+        predictor, predictor_name = load_default_predictor(), "advisor/data/predictor.json"
     mean, lo, up = predictor.predict_interval(df, 0.1)
     rep = error_report(df["dl"].to_numpy(), mean, lo, up, df["baseline_ppl"].to_numpy())
     is_rtn = (df["method"] == "rtn").to_numpy()
@@ -77,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
              "rtn_dl": float(r), "rtn_dl_se": float(e), "inside": bool(a <= d <= b)}
             for s, d, m, a, b, r, e in zip(df["spec"], df["dl"], mean, lo, up, df["rtn_dl"], df["rtn_dl_se"])]
     out = {"command": "python benchmarks/predictor_blind_protocol.py " + " ".join(argv or sys.argv[1:]),
-           "model": args.model, "protocol": protocol.to_dict(), "predictor": "advisor/data/predictor.json",
+           "model": args.model, "protocol": protocol.to_dict(), "predictor": predictor_name,
            "report": rep, "runs": runs, "seconds": time.perf_counter() - t0, "sweep": summary.to_dict()}
     path = ROOT / "benchmarks" / "results" / f"predictor_blind_{args.name}.json"
     atomic_write_table(path.with_name(f"predictor_blind_{args.name}_runs.csv"), df)
+    if args.method_log_r:
+        path = path.with_name(f"predictor_blind_{args.name}_method_log_r.json")
     atomic_write_text(path, json.dumps(out, indent=1, default=float))
     for r in runs:
         print(f"{r['spec']:28s} measured {r['dl']:8.4f}  predicted {r['pred_dl']:8.4f} "
