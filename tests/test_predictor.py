@@ -288,3 +288,44 @@ def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
     q = Predictor.from_dict(json.loads(json.dumps(d)))
     assert q.method_range_ == guarded.method_range_
     np.testing.assert_array_equal(np.column_stack(q.predict_interval(big)), np.column_stack(guarded.predict_interval(big)))
+
+
+def test_a_method_gain_that_fades_with_the_loss_is_fitted_and_carried_to_larger_losses():
+    """``Design(method_log_r=True)`` (pre-registered, not shipped yet: docs/predictor.md). Fitted on models whose
+    RTN losses span three decades and where each method's gain fades as the loss grows (dL_m = R * k_m * R^0.3),
+    it recovers the slope and predicts a model with 30x larger losses inside its intervals, where the constant
+    gain of the default design is too optimistic. RTN rows carry no slope; the terms travel with the file."""
+    from advisor.predictor import Design
+
+    rng = np.random.default_rng(5)
+    fade = 0.3
+
+    def runs(models, lo, hi):
+        df = measured_runs(rng, models, lo, hi, rise=0.0, shrink={m: 1.0 for m in METHODS})
+        is_m = df["method"] != "rtn"
+        k = df["method"].map(SHRINK).to_numpy(float)
+        df.loc[is_m, "dl"] = (df["dl"] * k * np.maximum(df["rtn_dl"], 1e-9) ** fade / 0.01 ** fade)[is_m]
+        return df[df["rtn_dl"] > 1e-3]  # measurable losses: below the floor the fallback curve stands in
+
+    train, test = runs(range(12), 1e-4, 1e-1), runs([99], 3.0, 3.0)
+    sloped = Predictor(design=Design(method_log_r=True)).fit(train).calibrate(train, train["family"].to_numpy())
+    flat = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
+    names = sloped.design.names()
+    assert names[:len(flat.design.names())] == flat.design.names()
+    slopes = [sloped.coef_[names.index(f"method[{m}]:log_rtn")] for m in METHODS[1:]]
+    np.testing.assert_allclose(slopes, fade, atol=0.08)
+    big = test[(test["method"] != "rtn") & (test["dl"] > 1e-3)]
+    mean_s, lo_s, up_s = sloped.predict_interval(big)
+    mean_f, lo_f, up_f = flat.predict_interval(big)
+    assert np.mean((big["dl"] >= lo_s) & (big["dl"] <= up_s)) > 0.8
+    assert np.mean(big["dl"] <= up_f) < 0.5  # a constant gain, extrapolated 30x, is too optimistic
+    # RTN rows: no slope column is non-zero, so the two designs differ there only by their refitted shared terms
+    rtn = test[test["method"] == "rtn"]
+    A, _, _ = sloped.design.matrix(rtn, sloped.ranges_, True, sloped.rtn_prior_)
+    assert not A[:, len(flat.design.names()):].any()
+    q = Predictor.from_dict(json.loads(json.dumps(sloped.to_dict())))
+    np.testing.assert_array_equal(np.column_stack(q.predict_interval(big)), np.column_stack(sloped.predict_interval(big)))
+    # a file written without the option (the shipped format 4) still loads as the default design
+    d = flat.to_dict()
+    d["design_options"].pop("method_log_r")
+    assert Predictor.from_dict(d).design == Design()
