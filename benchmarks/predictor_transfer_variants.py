@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     thr = {"calibrated": False}  # format 3's threshold designs
     # (name, predictor design options, data transform, needs the perturbation probe); first row: shipped
     # Every variant of the physics term is compared without the guard on extrapolated method gains (it
-    # changes no point prediction), as it was run on 2026-12-02; the guard (tried, not shipped) is the last row.
+    # changes no point prediction), as it was run on 2026-12-02; then the guard (tried, not shipped) and the
+    # per-method slope on log R (docs/predictor.md, fourth blind check).
     variants = [
         ("calibrated rtn_loss (slope 1, scale terms on both), second_order below 1e-4 nats: format 4", {}, same, 0),
         ("  same, fitted slope", {"fixed_slope": False}, same, 0),
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
          1),
         ("format 4 + the guard on extrapolated method gains (2026-12-03, not shipped)", {"method_guard": True},
          same, 0),
+        ("format 4 + a per-method slope on log R (2026-12-03, pre-registered for the Vim-manual blind check)",
+         {"method_log_r": True}, same, 0),
     ]
     rows = []
     previous = {}  # rows this run cannot reproduce are carried over from the results file, marked as such
