@@ -14,7 +14,8 @@ then solver compute, which equals recommend's byte order within one model.
 ``--transfer`` also replays the real model held out of fitting (SmolLM2-135M: the predictor fitted on
 the whole zoo, as shipped), each evaluation text a separate case set. ``--method-guard`` replays the
 intervals of ``Design(method_guard=True)`` (tried 2026-12-03, not shipped: docs/predictor.md), so its
-effect on decisions is measured on the same cases. ``--out`` records the table as JSON.
+effect on decisions is measured on the same cases; ``--method-log-r`` likewise for
+``Design(method_log_r=True)`` (pre-registered the same day). ``--out`` records the table as JSON.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--transfer", action="store_true", help="also replay the transfer model (fitted on the zoo)")
     p.add_argument("--method-guard", action="store_true",
                    help="intervals of Design(method_guard=True) (not the shipped design)")
+    p.add_argument("--method-log-r", action="store_true",
+                   help="intervals of Design(method_log_r=True) (pre-registered 2026-12-03: docs/predictor.md)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.fitting import SHIPPED_RUNS, fit, read_runs
     from advisor.predictor import Design
 
-    design = Design(method_guard=args.method_guard)
+    design = Design(method_guard=args.method_guard, method_log_r=args.method_log_r)
     df = read_runs(args.runs or SHIPPED_RUNS)
     transfer = df["prequantized_source"].fillna(0).astype(int) == 1
     zoo = df[~transfer]
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"confidence": conf, "explore_confidence": explore, "agreement": agree / n,
                 "first_attempt_pass_rate": first_ok / n, "mean_attempts": n_attempts / n, "cases": n}
 
-    out = [{"models": name, **replay(cases, conf, explore), "method_guard": design.method_guard}
+    out = [{"models": name, **replay(cases, conf, explore), "method_guard": design.method_guard,
+            "method_log_r": design.method_log_r}
            for name, cases in case_sets.items() for conf in args.confidences for explore in args.explore]
     print(json.dumps(out, indent=1))
     if args.out:
