@@ -291,7 +291,7 @@ def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
 
 
 def test_a_method_gain_that_fades_with_the_loss_is_fitted_and_carried_to_larger_losses():
-    """``Design(method_log_r=True)`` (pre-registered, not shipped yet: docs/predictor.md). Fitted on models whose
+    """``Design(method_log_r=True)`` (tried, not shipped: docs/predictor.md). Fitted on models whose
     RTN losses span three decades and where each method's gain fades as the loss grows (dL_m = R * k_m * R^0.3),
     it recovers the slope and predicts a model with 30x larger losses inside its intervals, where the constant
     gain of the default design is too optimistic. RTN rows carry no slope; the terms travel with the file."""
