@@ -607,11 +607,13 @@ def _offset_term(srow, zrow, add, xsum):
 
 @njit(inline="always", fastmath=True)
 def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                       T, tpg, o0, o1, srow, zrow):
+                       T, tpg, o0, o1):
     """Batch 1: y[o] = sum_g (scale_g mult) <codes_g, x_g> + (scale_g add + offset_g) sum(x_g),
     with the per-group dot kept in vector lanes and folded into a vector row accumulator
     (one horizontal sum per row)."""
     ng = scales.shape[1]
+    srow = np.empty(ng, np.float32)
+    zrow = np.empty(ng, np.float32)
     n_tiles = xp.shape[1] // T
     x = xp[0]
     for o in range(o0, o1):
@@ -631,7 +633,7 @@ def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
 
 @njit(inline="always", fastmath=True)
 def _gemv_rows_simd_bn(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                       T, tpg, o0, o1, srow, zrow, wbuf):
+                       T, tpg, o0, o1):
     """Batch 2..8, explicit SIMD: per pass of up to four tokens, each tile is decoded once into
     ``wbuf`` (L1, :func:`_vdecode_tile`) and multiplied into four vector accumulators; the group
     scale is folded in per group as in :func:`_gemv_rows_simd_b1`. A pass of fewer than four
@@ -639,6 +641,9 @@ def _gemv_rows_simd_bn(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
     scalar decode and per-tile reductions ran at ~2.5 multiply-adds per cycle."""
     B = xp.shape[0]
     ng = scales.shape[1]
+    srow = np.empty(ng, np.float32)
+    zrow = np.empty(ng, np.float32)
+    wbuf = np.empty(T, np.float32)
     n_tiles = xp.shape[1] // T
     for o in range(o0, o1):
         vt = _vrow_table(vdec, o if per_row else 0)
@@ -753,10 +758,12 @@ def _wide_step6(ra, rb, tb, T, j, vt, x, pa, pb):
 
 @njit(inline="always", fastmath=True)
 def _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1, srow, zrow):
+                       o0, o1):
     """Batch 1 FP6 (split6), one row at a time so the code streams are read sequentially.
     Needs T % 128 == 0 and xp phase-ordered with ``WIDE_UNIT``."""
     ng = scales.shape[1]
+    srow = np.empty(ng, np.float32)
+    zrow = np.empty(ng, np.float32)
     n_tiles = xp.shape[1] // T
     Q = T // WIDE_UNIT
     x = xp[0]
@@ -780,36 +787,17 @@ def _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xs
 
 # --------------------------------------------------------------------------------- row kernels
 @njit(inline="always", fastmath=True)
-def _gemv_rows_body(layout, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add,
-                    xp, xsum, y, T, tpg, o0, o1):
-    B = xp.shape[0]
-    ng = scales.shape[1]
-    srow = np.empty(ng, np.float32)
-    zrow = np.empty(ng, np.float32)
-    if B == 1 and simd == 2 and layout == 4:
-        _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                           tpg, o0, o1, srow, zrow)
-    elif B == 1 and simd == 1:
-        _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum,
-                           y, T, tpg, o0, o1, srow, zrow)
-    elif simd == 1:
-        _gemv_rows_simd_bn(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum,
-                           y, T, tpg, o0, o1, srow, zrow, np.empty(T, np.float32))
-    else:
-        wbuf = np.empty(T, np.float32)
-        cbuf = np.empty(T // 8 + 1, np.int32)
-        acc = np.zeros(B, np.float32)
-        _gemv_rows_scalar(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp,
-                          xsum, y, T, tpg, o0, o1, wbuf, cbuf, acc, srow, zrow)
-
-
-@njit(inline="always", fastmath=True)
 def _gemv_rows_scalar(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum,
-                      y, T, tpg, o0, o1, wbuf, cbuf, acc, srow, zrow):
+                      y, T, tpg, o0, o1):
     """Auto-vectorized loops: batch 1 fused decode + dot, batch 2..8 decode a tile once into
     ``wbuf`` and reuse it for four tokens per pass."""
     B = xp.shape[0]
     ng = scales.shape[1]
+    srow = np.empty(ng, np.float32)
+    zrow = np.empty(ng, np.float32)
+    wbuf = np.empty(T, np.float32)
+    cbuf = np.empty(T // 8 + 1, np.int32)
+    acc = np.zeros(B, np.float32)
     n_pad = xp.shape[1]
     n_tiles = n_pad // T
     nb_plane = n_pad // 8
@@ -900,25 +888,53 @@ def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult
 # other layouts' branches before LLVM sees them, which measured 2x faster than a runtime id
 # (a numba.literally() specialization did not get the same pruning). The row functions are
 # separate (non-parallel) functions so their scratch buffers are private to each task.
+# Each kernel path (batch-1 SIMD, batch-n SIMD, loops, wide FP6) is its own compiled function
+# per layout, called once per task of ROWS_PER_TASK rows, rather than all paths inlined into one
+# row function: numba's inliner deep-copies the callee's IR once per block, with the whole
+# variable scope each time, so inlining the ~3000-statement union of all paths cost ~12 s of a
+# ~34 s cold compile (int4, measured with NUMBA_CACHE_DIR empty). The loops path does not take
+# the vector decode table, so its compiled code is shared by specializations that differ only
+# in that table (the batch-1 wide FP6 table vs the 16-lane one).
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                     o0, o1):
-    _gemv_rows_body(0, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                    o0, o1)
+def _gemv_b1_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_b1(0, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_bn_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_bn(0, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_loops_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1):
+    _gemv_rows_scalar(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                      tpg, o0, o1)
 
 
 @njit(nogil=True, cache=True)
-def _gemv_work_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                tpg, ctr):
+def _gemv_work_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
+                      T, tpg, ctr):
+    B = xp.shape[0]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     while True:
         k = _atomic_add(ctr, 0, 1)
         if k >= n_tasks:
             break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
-                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
+        if B == 1 and simd == 1:
+            _gemv_b1_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                            o0, o1)
+        elif simd == 1:
+            _gemv_bn_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                            o0, o1)
+        else:
+            _gemv_loops_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                               T, tpg, o0, o1)
         _atomic_add(ctr, 1, 1)
 
 
@@ -939,23 +955,44 @@ def _qdequant_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, 
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+def _gemv_b1_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_b1(1, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_bn_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_bn(1, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_loops_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
                      o0, o1):
-    _gemv_rows_body(1, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                    o0, o1)
+    _gemv_rows_scalar(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                      tpg, o0, o1)
 
 
 @njit(nogil=True, cache=True)
-def _gemv_work_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                tpg, ctr):
+def _gemv_work_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
+                    T, tpg, ctr):
+    B = xp.shape[0]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     while True:
         k = _atomic_add(ctr, 0, 1)
         if k >= n_tasks:
             break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
-                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
+        if B == 1 and simd == 1:
+            _gemv_b1_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                          o0, o1)
+        elif simd == 1:
+            _gemv_bn_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                          o0, o1)
+        else:
+            _gemv_loops_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                             T, tpg, o0, o1)
         _atomic_add(ctr, 1, 1)
 
 
@@ -976,23 +1013,44 @@ def _qdequant_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T,
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                     o0, o1):
-    _gemv_rows_body(2, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                    o0, o1)
+def _gemv_b1_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_b1(2, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_bn_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_bn(2, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_loops_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                      o0, o1):
+    _gemv_rows_scalar(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                      tpg, o0, o1)
 
 
 @njit(nogil=True, cache=True)
-def _gemv_work_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                tpg, ctr):
+def _gemv_work_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
+                     T, tpg, ctr):
+    B = xp.shape[0]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     while True:
         k = _atomic_add(ctr, 0, 1)
         if k >= n_tasks:
             break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
-                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
+        if B == 1 and simd == 1:
+            _gemv_b1_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                           o0, o1)
+        elif simd == 1:
+            _gemv_bn_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                           o0, o1)
+        else:
+            _gemv_loops_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                              T, tpg, o0, o1)
         _atomic_add(ctr, 1, 1)
 
 
@@ -1013,23 +1071,44 @@ def _qdequant_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                     o0, o1):
-    _gemv_rows_body(3, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                    o0, o1)
+def _gemv_b1_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_b1(3, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_bn_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_bn(3, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_loops_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1):
+    _gemv_rows_scalar(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                      tpg, o0, o1)
 
 
 @njit(nogil=True, cache=True)
-def _gemv_work_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                tpg, ctr):
+def _gemv_work_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
+                      T, tpg, ctr):
+    B = xp.shape[0]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     while True:
         k = _atomic_add(ctr, 0, 1)
         if k >= n_tasks:
             break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
-                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
+        if B == 1 and simd == 1:
+            _gemv_b1_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                            o0, o1)
+        elif simd == 1:
+            _gemv_bn_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                            o0, o1)
+        else:
+            _gemv_loops_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                               T, tpg, o0, o1)
         _atomic_add(ctr, 1, 1)
 
 
@@ -1050,23 +1129,53 @@ def _qdequant_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, 
 
 
 @njit(fastmath=True, cache=True)
-def _gemv_rows_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                     o0, o1):
-    _gemv_rows_body(4, bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                    o0, o1)
+def _gemv_b1_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_b1(4, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_bn_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_simd_bn(4, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_loops_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                       o0, o1):
+    _gemv_rows_scalar(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
+                      tpg, o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_wide_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
+    _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0,
+                       o1)
 
 
 @njit(nogil=True, cache=True)
-def _gemv_work_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                tpg, ctr):
+def _gemv_work_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
+                      T, tpg, ctr):
+    B = xp.shape[0]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     while True:
         k = _atomic_add(ctr, 0, 1)
         if k >= n_tasks:
             break
         o0 = k * ROWS_PER_TASK
-        _gemv_rows_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum,
-                        y, T, tpg, o0, min(y.shape[1], o0 + ROWS_PER_TASK))
+        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
+        if B == 1 and simd == 2:
+            _gemv_wide_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                              o0, o1)
+        elif B == 1 and simd == 1:
+            _gemv_b1_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                            o0, o1)
+        elif simd == 1:
+            _gemv_bn_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
+                            o0, o1)
+        else:
+            _gemv_loops_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
+                               T, tpg, o0, o1)
         _atomic_add(ctr, 1, 1)
 
 
