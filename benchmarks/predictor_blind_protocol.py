@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     df = runs_table(store)
     df = df[df["spec"].isin(specs)].reset_index(drop=True)
     if args.method_log_r:
-        predictor, predictor_name = fit(shipped_runs(), design=Design(method_log_r=True)), \
-            "Design(method_log_r=True) refit on advisor/data/runs.csv (transfer runs left out)"
+        predictor, predictor_name = fit(shipped_runs(), design=Design(method_guard=False, method_log_r=True)), \
+            "Design(method_guard=False, method_log_r=True) refit on advisor/data/runs.csv (transfer runs left out)"
     else:
         predictor, predictor_name = load_default_predictor(), "advisor/data/predictor.json"
     mean, lo, up = predictor.predict_interval(df, 0.1)

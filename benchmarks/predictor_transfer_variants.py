@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     thr = {"calibrated": False}  # format 3's threshold designs
     # (name, predictor design options, data transform, needs the perturbation probe); first row: shipped
     # Every variant of the physics term is compared without the guard on extrapolated method gains (it
-    # changes no point prediction), as it was run on 2026-12-02; then the guard (tried, not shipped) and the
-    # per-method slope on log R (docs/predictor.md, fourth blind check).
+    # changes no point prediction), as it was run on 2026-12-02; then the guard (shipped as format 6 on
+    # 2026-12-03) and the per-method slope on log R (docs/predictor.md, fourth blind check).
     variants = [
         ("calibrated rtn_loss (slope 1, scale terms on both), second_order below 1e-4 nats: format 4", {}, same, 0),
         ("  same, fitted slope", {"fixed_slope": False}, same, 0),
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ("perturbation curve", {}, lambda d: d.assign(log_so=d.log_pert, **no_meas), 1),
         ("mean of second_order and curve", {}, lambda d: d.assign(log_so=0.5 * (d.log_so + d.log_pert), **no_meas),
          1),
-        ("format 4 + the guard on extrapolated method gains (2026-12-03, not shipped)", {"method_guard": True},
+        ("format 4 + the guard on extrapolated method gains: format 6, shipped 2026-12-03", {"method_guard": True},
          same, 0),
         ("format 4 + a per-method slope on log R (2026-12-03, pre-registered for the Vim-manual blind check)",
          {"method_log_r": True}, same, 0),
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if name.strip() in previous:
                 rows.append({**previous[name.strip()], "carried_over": "from an earlier run with the probe store"})
             continue
-        design = P.Design(**options)
+        design = P.Design(**{"method_guard": False, **options})  # format 4 unless the row says
         z, r = variant(zoo), variant(real)
         lofo = P.leave_one_group_out(z, with_forest=False, design=design)
         pred = P.Predictor(design=design).fit(z).calibrate(z, z.family.to_numpy())

@@ -12,10 +12,11 @@ stand-in for rerunning benchmarks/recommend.py at other settings. Cost order her
 then solver compute, which equals recommend's byte order within one model.
 
 ``--transfer`` also replays the real model held out of fitting (SmolLM2-135M: the predictor fitted on
-the whole zoo, as shipped), each evaluation text a separate case set. ``--method-guard`` replays the
-intervals of ``Design(method_guard=True)`` (tried 2026-12-03, not shipped: docs/predictor.md), so its
-effect on decisions is measured on the same cases; ``--method-log-r`` likewise for
-``Design(method_log_r=True)`` (pre-registered the same day). ``--out`` records the table as JSON.
+the whole zoo, as shipped), each evaluation text a separate case set. The shipped design (format 6)
+guards extrapolated method gains; ``--no-method-guard`` replays format 4's intervals instead
+(``Design(method_guard=False)``, shipped until 2026-12-03: docs/predictor.md), so the guard's effect on
+decisions is measured on the same cases; ``--method-log-r`` replays format 4 with
+``Design(method_log_r=True)`` (tried the same day, not shipped). ``--out`` records the table as JSON.
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                         "meets the budget (0: the median, recommend's default; -1: no exploration)")
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--transfer", action="store_true", help="also replay the transfer model (fitted on the zoo)")
-    p.add_argument("--method-guard", action="store_true",
-                   help="intervals of Design(method_guard=True) (not the shipped design)")
+    p.add_argument("--no-method-guard", action="store_true",
+                   help="intervals of format 4, Design(method_guard=False) (shipped until 2026-12-03)")
     p.add_argument("--method-log-r", action="store_true",
-                   help="intervals of Design(method_log_r=True) (pre-registered 2026-12-03: docs/predictor.md)")
+                   help="intervals of format 4 with Design(method_log_r=True) (tried 2026-12-03, not shipped)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.fitting import SHIPPED_RUNS, fit, read_runs
     from advisor.predictor import Design
 
-    design = Design(method_guard=args.method_guard, method_log_r=args.method_log_r)
+    design = Design(method_guard=not (args.no_method_guard or args.method_log_r), method_log_r=args.method_log_r)
     df = read_runs(args.runs or SHIPPED_RUNS)
     transfer = df["prequantized_source"].fillna(0).astype(int) == 1
     zoo = df[~transfer]

@@ -253,7 +253,7 @@ def test_calibrated_rtn_loss_is_the_posterior_mean_and_the_prior_is_recovered():
 
 
 def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
-    """``Design(method_guard=True)`` (tried, not shipped: docs/predictor.md). Fitted where every method shrinks
+    """``Design(method_guard=True)`` (shipped since format 6: docs/predictor.md). Fitted where every method shrinks
     RTN's loss by 30-55% (a zoo of toys), predicted on a model whose losses are 100x larger and where the
     methods gain only 10% (a real LLM collapsing at 2 bits): both designs flag those rows as extrapolated;
     without the guard the method intervals exclude the measurement; with it their upper bound reaches RTN's
@@ -294,7 +294,7 @@ def test_a_method_gain_that_fades_with_the_loss_is_fitted_and_carried_to_larger_
     """``Design(method_log_r=True)`` (tried, not shipped: docs/predictor.md). Fitted on models whose
     RTN losses span three decades and where each method's gain fades as the loss grows (dL_m = R * k_m * R^0.3),
     it recovers the slope and predicts a model with 30x larger losses inside its intervals, where the constant
-    gain of the default design is too optimistic. RTN rows carry no slope; the terms travel with the file."""
+    gain of format 4's design is too optimistic. RTN rows carry no slope; the terms travel with the file."""
     from advisor.predictor import Design
 
     rng = np.random.default_rng(5)
@@ -308,8 +308,10 @@ def test_a_method_gain_that_fades_with_the_loss_is_fitted_and_carried_to_larger_
         return df[df["rtn_dl"] > 1e-3]  # measurable losses: below the floor the fallback curve stands in
 
     train, test = runs(range(12), 1e-4, 1e-1), runs([99], 3.0, 3.0)
-    sloped = Predictor(design=Design(method_log_r=True)).fit(train).calibrate(train, train["family"].to_numpy())
-    flat = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
+    # both without the guard (format 4, the design this option was tested against)
+    sloped = Predictor(design=Design(method_guard=False, method_log_r=True)).fit(train).calibrate(
+        train, train["family"].to_numpy())
+    flat = Predictor(design=Design(method_guard=False)).fit(train).calibrate(train, train["family"].to_numpy())
     names = sloped.design.names()
     assert names[:len(flat.design.names())] == flat.design.names()
     slopes = [sloped.coef_[names.index(f"method[{m}]:log_rtn")] for m in METHODS[1:]]
@@ -325,7 +327,7 @@ def test_a_method_gain_that_fades_with_the_loss_is_fitted_and_carried_to_larger_
     assert not A[:, len(flat.design.names()):].any()
     q = Predictor.from_dict(json.loads(json.dumps(sloped.to_dict())))
     np.testing.assert_array_equal(np.column_stack(q.predict_interval(big)), np.column_stack(sloped.predict_interval(big)))
-    # a file written without the option (the shipped format 4) still loads as the default design
+    # a file written without the option (as format 4 was) loads with the option off
     d = flat.to_dict()
     d["design_options"].pop("method_log_r")
-    assert Predictor.from_dict(d).design == Design()
+    assert Predictor.from_dict(d).design == Design(method_guard=False)

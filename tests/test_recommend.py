@@ -156,9 +156,9 @@ def test_prepare_probes_both_bundles_once_and_reuses_them(tiny_folder, common):
 
 def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, capsys):
     """The shipped predictor with every method's fitted range emptied: each method candidate with a measured
-    RTN loss is flagged as extrapolated, never an RTN row, and the shipped design's intervals are unchanged;
-    with ``method_guard`` (tried, not shipped) the flagged upper bounds reach RTN's prediction at the same
-    format. `advisor predict --json` reports the flag per candidate."""
+    RTN loss is flagged as extrapolated, never an RTN row. Without ``method_guard`` the intervals are the
+    shipped ones; with it (shipped since format 6) the flagged upper bounds reach RTN's prediction at the
+    same format, means and lower bounds unchanged. `advisor predict --json` reports the flag per candidate."""
     from dataclasses import asdict
 
     import numpy as np
@@ -170,11 +170,13 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
     from advisor.predictor import Predictor
 
     shipped = load_default_predictor()
+    assert shipped.design.method_guard
     d = {**shipped.to_dict(), "method_range": {}}
-    narrow = Predictor.from_dict(d)
-    guarded = Predictor.from_dict({**d, "design_options": {**asdict(shipped.design), "method_guard": True}})
-    narrow.save(tmp_path / "narrow.json")
+    narrow = Predictor.from_dict({**d, "design_options": {**asdict(shipped.design), "method_guard": False}})
+    guarded = Predictor.from_dict(d)
+    guarded.save(tmp_path / "narrow.json")
     base = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=shipped, **common).set_index("spec")
+    assert not base["method_gain_extrapolated"].any()  # the tiny model's losses are inside the fitted ranges
     df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=narrow, **common).set_index("spec")
     gd = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=guarded, **common).set_index("spec")
     flagged = df.index[df["method_gain_extrapolated"]]

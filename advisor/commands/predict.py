@@ -48,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
         mark = " *" if r["method_gain_extrapolated"] else ""
         print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
     if any(r["method_gain_extrapolated"] for r in rows):
-        widened = predictor is not None and predictor.design.method_guard
+        if predictor is None:
+            from advisor.fitting import load_default_predictor
+
+            predictor = load_default_predictor()  # what predict_candidates used
+        widened = predictor.design.method_guard
         print("* the method's gain over RTN is extrapolated beyond the losses it was fitted on: "
               + ("the upper bound allows no gain" if widened else
                  "the interval assumes the gain holds, which on a real LLM at 2-3 bits it often does not")
