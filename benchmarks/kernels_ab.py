@@ -89,10 +89,10 @@ def _run(args) -> None:
     out = {"command": "python benchmarks/kernels_ab.py " + " ".join(sys.argv[1:]),
            "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "threads": torch.get_num_threads(),
            "rows": rows}
-    path = os.path.join(ROOT, "benchmarks", "results", "kernels_ab.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    from models.saving import atomic_write_text
+
+    atomic_write_text(os.path.join(ROOT, "benchmarks", "results", "kernels_ab.json"), json.dumps(out, indent=1))
+    print("wrote benchmarks/results/kernels_ab.json")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 FORMATS = ["int4", "int3", "nf4", "fp6_e3m2"]
 
 CHILD = r"""
@@ -97,10 +98,10 @@ def main() -> None:
            "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "machine": {"cpus": os.cpu_count(), "processor": platform.processor()},
            "rows": rows, "total_cold_s": total}
-    path = os.path.join(ROOT, "benchmarks", "results", "kernels_compile.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {os.path.relpath(path, ROOT)}")
+    from models.saving import atomic_write_text
+
+    atomic_write_text(os.path.join(ROOT, "benchmarks", "results", "kernels_compile.json"), json.dumps(out, indent=1))
+    print("wrote benchmarks/results/kernels_compile.json")
 
 
 if __name__ == "__main__":
