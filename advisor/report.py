@@ -12,10 +12,15 @@ def candidates_table(rec, top: int = 12) -> str:
     """The cheapest candidates with predicted dPPL intervals, and the attempts, as plain text."""
     lines = [f"baseline ppl {rec.baseline_ppl:.4f}; budget {rec.budget} (dPPL <= {rec.max_ppl_delta:.4f})", "",
              f"{'spec':<30} {'bits/w':>7} {'MB':>9} {'speed':>6} {'pred dPPL':>10} {'interval':>21} pass"]
-    for c in rec.candidates[:top]:
+    shown = rec.candidates[:top]
+    for c in shown:
         passes = "yes" if c.get("passes") else "no"
+        mark = " *" if c.get("method_gain_extrapolated") else ""
         lines.append(f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {c['relative_speed']:6.2f} "
-                     f"{c['pred_dppl']:10.4f} [{c['pred_dppl_lower']:9.4f},{c['pred_dppl_upper']:9.4f}] {passes}")
+                     f"{c['pred_dppl']:10.4f} [{c['pred_dppl_lower']:9.4f},{c['pred_dppl_upper']:9.4f}] {passes}{mark}")
+    if any(c.get("method_gain_extrapolated") for c in shown):
+        lines.append("* the method's gain over RTN is extrapolated beyond the RTN losses it was fitted on: do not "
+                     "count on it (the shipped predictor's upper bound allows no gain there; docs/predictor.md)")
     if rec.attempts:
         lines += ["", "attempts (predicted vs measured dPPL):"]
         for a in rec.attempts:

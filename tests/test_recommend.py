@@ -198,6 +198,15 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
         same_format = "rtn:" + spec.split(":", 1)[1]
         if same_format in gd.index:
             assert gd.loc[spec, "pred_dl_upper"] >= gd.loc[same_format, "pred_dl"] * (1 - 1e-9)
+    # recommend's table marks them too (an impossible budget: exit 2 before any quantization)
+    from advisor.report import candidates_table
+
+    rec = recommend(str(tiny_folder), max_ppl_delta=1e-12, predictor=guarded, **common)
+    table = candidates_table(rec, top=100)
+    marked = {line.split()[0] for line in table.splitlines() if line.endswith(" *")}
+    assert rec.exit_code == 2 and marked == set(flagged) and "* the method's gain over RTN" in table
+    assert not any(line.endswith(" *") for line in candidates_table(
+        recommend(str(tiny_folder), max_ppl_delta=1e-12, predictor=shipped, **common), top=100).splitlines())
     capsys.readouterr()
     code = main(["predict", "--model", str(tiny_folder), "--calib", common["calib"], "--eval", common["eval"],
                  "--seq-len", "32", "--max-windows", "4", "--store", str(common["store"].path),
