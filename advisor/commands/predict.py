@@ -25,11 +25,14 @@ def run(args: argparse.Namespace) -> int:
     from quantizers import QuantSpec
 
     specs = [str(QuantSpec.parse(args.spec))] if args.spec else None
-    predictor = None
     if args.predictor:
         from advisor.predictor import Predictor
 
         predictor = Predictor.load(args.predictor)
+    else:
+        from advisor.fitting import load_default_predictor
+
+        predictor = load_default_predictor()
     ctx = prepare(args.model, calib=args.calib, eval=args.eval, seq_len=args.seq_len, max_windows=args.max_windows,
                   device=args.device, store=args.store)
     df = predict_candidates(ctx, specs, args.confidence, predictor)
@@ -48,10 +51,6 @@ def run(args: argparse.Namespace) -> int:
         mark = " *" if r["method_gain_extrapolated"] else ""
         print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
     if any(r["method_gain_extrapolated"] for r in rows):
-        if predictor is None:
-            from advisor.fitting import load_default_predictor
-
-            predictor = load_default_predictor()  # what predict_candidates used
         widened = predictor.design.method_guard
         print("* the method's gain over RTN is extrapolated beyond the losses it was fitted on: "
               + ("the upper bound allows no gain" if widened else
