@@ -209,8 +209,9 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
         recommend(str(tiny_folder), max_ppl_delta=1e-12, predictor=shipped, **common), top=100).splitlines())
     capsys.readouterr()
     code = main(["predict", "--model", str(tiny_folder), "--calib", common["calib"], "--eval", common["eval"],
-                 "--seq-len", "32", "--max-windows", "4", "--store", str(common["store"].path),
-                 "--predictor", str(tmp_path / "narrow.json"), "--json"])
+                 "--seq-len", "32", "--max-windows", "4", "--n-calib", str(common["n_calib"]),
+                 "--store", str(common["store"].path), "--predictor", str(tmp_path / "narrow.json"), "--json"])
     rows = json.loads(capsys.readouterr().out)["candidates"]
-    cli_flagged = {r["spec"] for r in rows if r["method_gain_extrapolated"]}  # its own calibration settings
-    assert code == 0 and cli_flagged and not any(s.startswith("rtn:") for s in cli_flagged)
+    # the same protocol as plan's: the same features, so the same flags (with its default --n-calib the tiny
+    # model's RTN losses may all sit under the dL floor, which flags nothing: CI's machine did so)
+    assert code == 0 and {r["spec"] for r in rows if r["method_gain_extrapolated"]} == set(flagged)

@@ -13,6 +13,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", default="stdlib-code:eval")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=20)
+    p.add_argument("--n-calib", type=int, default=16, help="calibration windows for the probes (default 16, as recommend)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--predictor", default=None, help="predictor JSON (default: shipped)")
     p.add_argument("--store", default=None)
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
         predictor = load_default_predictor()
     ctx = prepare(args.model, calib=args.calib, eval=args.eval, seq_len=args.seq_len, max_windows=args.max_windows,
-                  device=args.device, store=args.store)
+                  n_calib=args.n_calib, seed=args.seed, device=args.device, store=args.store)
     df = predict_candidates(ctx, specs, args.confidence, predictor)
     rows = [{"spec": r["spec"], "bits_per_weight": r["bits_per_weight"], "bytes": int(r["bytes"]),
              "dl": {"mean": r["pred_dl"], "lower": r["pred_dl_lower"], "upper": r["pred_dl_upper"]},
