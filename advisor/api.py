@@ -249,6 +249,10 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         check_output_dir(Path(out) / "model")
     ctx = prepare(model, progress=progress, **prepare_kwargs)
     budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
+    if predictor is None:
+        from advisor.fitting import load_default_predictor
+
+        predictor = load_default_predictor()
     df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df["passes"] = df["pred_dl_upper"] <= budget.max_dl
     df["plausible"] = df["pred_dl"] <= budget.max_dl  # the median prediction meets the budget
@@ -256,7 +260,8 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     common = dict(baseline_ppl=ctx.baseline_ppl, budget=budget.description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
                   candidates=tuple(df.to_dict("records")), features=ctx.features,
                   protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
-                  provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint))
+                  provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint,
+                                  predictor=predictor.describe()))
     if passing.empty:
         best = df.loc[df["pred_dl_upper"].idxmin()]
         msg = (f"no candidate is predicted to meet {budget.description} at {confidence:.0%} confidence; the best "

@@ -163,8 +163,12 @@ def fit(df: pd.DataFrame, exclude_transfer: bool = True, design: Design = Design
 def load_default_predictor() -> Predictor:
     """The shipped predictor (JSON), or one refit from the shipped runs when no JSON is shipped."""
     if SHIPPED_PREDICTOR.exists():
-        return Predictor.load(SHIPPED_PREDICTOR)
-    return fit(shipped_runs())
+        p = Predictor.load(SHIPPED_PREDICTOR)
+        p.source_ = f"shipped ({SHIPPED_PREDICTOR.name})"
+    else:
+        p = fit(shipped_runs())
+        p.source_ = "refit from the shipped runs"
+    return p
 
 
 def report(df: pd.DataFrame, alpha: float = 0.1, predictor: Predictor | None = None) -> dict[str, Any]:

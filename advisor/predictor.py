@@ -577,6 +577,12 @@ class Predictor:
                 "conformal": self.conformal_, "dl_floor": DL_FLOOR,
                 "conformal_scores": [float(v) for v in self.conformal_scores_]}
 
+    def describe(self) -> dict[str, Any]:
+        """What identifies this predictor in a report: format, design options and training size."""
+        self._check_fitted()
+        return {"source": getattr(self, "source_", "fitted in this process"), "format_version": FORMAT_VERSION,
+                "design_options": asdict(self.design), "n_train": self.n_train_}
+
     def save(self, path: str | Path) -> Path:
         from models.saving import atomic_write_text
 
@@ -616,7 +622,9 @@ class Predictor:
             d = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise PredictorError(f"predictor file {path} is not valid JSON ({e}); refit it with `advisor fit`") from e
-        return cls.from_dict(d)
+        p = cls.from_dict(d)
+        p.source_ = str(path)
+        return p
 
 
 # -- the published-approach baseline ------------------------------------------------------------------

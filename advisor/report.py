@@ -8,6 +8,16 @@ from typing import Any
 from models.saving import atomic_write_text
 
 
+def extrapolation_footnote(method_guard: bool | None) -> str:
+    """The footnote for candidates marked `*` (method gain extrapolated); ``None``: the predictor is unknown."""
+    bound = {True: "the predictor's upper bound allows no gain there",
+             False: "this predictor's interval assumes the gain holds, which on a real LLM at 2-3 bits it often "
+                    "does not",
+             None: "the shipped predictor's upper bound allows no gain there"}[method_guard]
+    return ("* the method's gain over RTN is extrapolated beyond the RTN losses it was fitted on: do not count on "
+            f"it ({bound}; docs/predictor.md)")
+
+
 def candidates_table(rec, top: int = 12) -> str:
     """The cheapest candidates with predicted dPPL intervals, and the attempts, as plain text."""
     lines = [f"baseline ppl {rec.baseline_ppl:.4f}; budget {rec.budget} (dPPL <= {rec.max_ppl_delta:.4f})", "",
@@ -19,8 +29,8 @@ def candidates_table(rec, top: int = 12) -> str:
         lines.append(f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {c['relative_speed']:6.2f} "
                      f"{c['pred_dppl']:10.4f} [{c['pred_dppl_lower']:9.4f},{c['pred_dppl_upper']:9.4f}] {passes}{mark}")
     if any(c.get("method_gain_extrapolated") for c in shown):
-        lines.append("* the method's gain over RTN is extrapolated beyond the RTN losses it was fitted on: do not "
-                     "count on it (the shipped predictor's upper bound allows no gain there; docs/predictor.md)")
+        design = rec.provenance.get("predictor", {}).get("design_options", {})
+        lines.append(extrapolation_footnote(design.get("method_guard")))
     if rec.attempts:
         lines += ["", "attempts (predicted vs measured dPPL):"]
         for a in rec.attempts:
@@ -71,7 +81,10 @@ def write_report(rec, folder: str | Path) -> dict[str, str]:
     data: dict[str, Any] = rec.to_dict()
     js = atomic_write_text(folder / "recommendation.json", json.dumps(data, indent=2, default=str))
     png = plot(rec, folder / "dppl_vs_bits.png")
+    pred = rec.provenance.get("predictor", {})
     md = ["# advisor recommendation", "", f"- model: `{rec.provenance.get('model', '')}`",
+          f"- predictor: {pred.get('source', 'unknown')} (format {pred.get('format_version', '?')}, "
+          f"fitted on {pred.get('n_train', '?')} runs)",
           f"- result: **{rec.spec or 'none'}** ({'verified' if rec.verified else 'not verified'})",
           f"- {rec.message}", "", "```", candidates_table(rec, top=40), "```", "",
           "![predicted and measured dPPL](dppl_vs_bits.png)", ""]

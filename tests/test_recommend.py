@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,13 @@ def test_recommend_verifies_and_never_claims_a_miss(tiny_folder, common, predict
     assert (tmp_path / "report" / "model" / "model.safetensors").exists()
     runs = common["store"].runs()
     assert (runs["source"] == "recommend").sum() >= 1 and runs["packed"].max() == 1
+    # the report names the predictor that made the predictions
+    from advisor.report import write_report
+
+    files = write_report(rec, tmp_path / "report")
+    saved = json.loads(Path(files["json"]).read_text())["provenance"]["predictor"]
+    assert saved == json.loads(json.dumps(predictor.describe())) and saved["n_train"] == predictor.n_train_
+    assert f"fitted on {predictor.n_train_} runs" in Path(files["markdown"]).read_text()
     # an impossible budget for the prediction: exit 2, best achievable named
     rec2 = recommend(str(tiny_folder), max_ppl_delta=1e-12, predictor=predictor, **common)
     assert rec2.exit_code == 2 and rec2.spec is None and "best achievable" in rec2.message
@@ -205,6 +213,10 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
     table = candidates_table(rec, top=100)
     marked = {line.split()[0] for line in table.splitlines() if line.endswith(" *")}
     assert rec.exit_code == 2 and marked == set(flagged) and "* the method's gain over RTN" in table
+    assert "upper bound allows no gain" in table  # the footnote follows the predictor that was used
+    assert rec.provenance["predictor"]["design_options"]["method_guard"]
+    assert "assumes the gain holds" in candidates_table(
+        recommend(str(tiny_folder), max_ppl_delta=1e-12, predictor=narrow, **common), top=100)
     assert not any(line.endswith(" *") for line in candidates_table(
         recommend(str(tiny_folder), max_ppl_delta=1e-12, predictor=shipped, **common), top=100).splitlines())
     capsys.readouterr()

@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
         mark = " *" if r["method_gain_extrapolated"] else ""
         print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
     if any(r["method_gain_extrapolated"] for r in rows):
-        widened = predictor.design.method_guard
-        print("* the method's gain over RTN is extrapolated beyond the losses it was fitted on: "
-              + ("the upper bound allows no gain" if widened else
-                 "the interval assumes the gain holds, which on a real LLM at 2-3 bits it often does not")
-              + " (docs/predictor.md)")
+        from advisor.report import extrapolation_footnote
+
+        print(extrapolation_footnote(predictor.design.method_guard))
     return 0
