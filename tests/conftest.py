@@ -50,14 +50,19 @@ def tiny_model(arch: str, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
-    """A small byte-level BPE tokenizer trained on the PTB text, as a transformers tokenizer."""
+    """A small byte-level tokenizer trained on the PTB text, as a transformers tokenizer.
+
+    Its 97 tokens are ``<eos>``, the printable ASCII bytes, and the text's space and newline: no room is left
+    for merges. The alphabet is sorted before it is cut: ``ByteLevel.alphabet()`` comes from a hash set whose
+    order changes with every process, and a random cut made the tiny models (and every figure measured on
+    them) differ between runs and machines."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:VOCAB - 2],
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:VOCAB - 2],
                                   special_tokens=["<eos>"])
     text = PTB.read_text()[:20000] if PTB.exists() else "hello world " * 500
     tok.train_from_iterator([text], trainer=trainer)
