@@ -73,6 +73,23 @@ def test_tokenizer_is_byte_level_and_lossless():
     assert tok.decode(ids) == text and 0 not in ids
 
 
+def test_committed_tokenizer_rebuilds_bitwise(tmp_path):
+    """Every zoo model (and the shipped fitting data) depends on the committed tokenizer: retraining it
+    from the stdlib-code train text must give the same bytes (no hash-set order may leak into it)."""
+    import hashlib
+    import json
+
+    from models.data import stdlib_text
+    from models.zoo.bpe import TOKENIZER_DIR, build_tokenizer_folder, tokenizer_sha256
+
+    manifest = json.loads((TOKENIZER_DIR.parent / "manifest.json").read_text())
+    if hashlib.sha256(stdlib_text("train").encode()).hexdigest() != manifest["train_text_sha256"]:
+        pytest.skip(f"this Python's standard library is not the one the tokenizer was trained on "
+                    f"(Python {manifest['python']}): another text, another tokenizer")
+    assert build_tokenizer_folder(tmp_path) == tokenizer_sha256(TOKENIZER_DIR)
+    assert (tmp_path / "tokenizer_config.json").read_bytes() == (TOKENIZER_DIR / "tokenizer_config.json").read_bytes()
+
+
 def test_unigram_matches_slow_reference():
     g = torch.Generator().manual_seed(0)
     vocab = 11
