@@ -27,6 +27,23 @@ def test_help_is_fast_and_lists_commands():
     assert res.returncode == 0 and "eval" in res.stdout and "ls" in res.stdout
 
 
+def test_sweep_predict_and_recommend_share_the_protocol_defaults():
+    """A prediction is only as good as the match between its probes and the runs it was fitted on: the three
+    commands default to one protocol (predict once lacked --n-calib and could not match recommend)."""
+    import inspect
+
+    from advisor.api import prepare
+    from advisor.cli import build_parser
+
+    keys = ["calib", "eval", "seq_len", "max_windows", "n_calib", "seed"]
+    parser = build_parser()
+    argv = {"sweep": ["sweep", "--models", "m"], "predict": ["predict", "--model", "m"],
+            "recommend": ["recommend", "--model", "m", "--max-ppl-delta", "1"]}
+    seen = {cmd: {k: getattr(parser.parse_args(a), k) for k in keys} for cmd, a in argv.items()}
+    api = {k: v.default for k, v in inspect.signature(prepare).parameters.items() if k in keys}
+    assert seen["sweep"] == seen["predict"] == seen["recommend"] == api
+
+
 @pytest.mark.parametrize("kind", ["models", "datasets"])
 def test_ls(capsys, kind):
     code, out, _ = run_cli(capsys, "ls", kind, "--json")

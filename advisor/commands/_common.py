@@ -22,6 +22,19 @@ def add_eval_args(p: argparse.ArgumentParser, default_data: str = "stdlib-code:e
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
 
 
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The measurement protocol shared by sweep, predict and recommend: the same defaults in all three, so a
+    prediction uses the probes and baseline its fitting runs and its verification were measured with."""
+    p.add_argument("--calib", default="stdlib-code:calib",
+                   help="calibration corpus (default stdlib-code:calib; see `advisor ls datasets`)")
+    p.add_argument("--eval", default="stdlib-code:eval",
+                   help="evaluation corpus (default stdlib-code:eval; see `advisor ls datasets`)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-windows", type=int, default=20, help="evaluation windows (default 20)")
+    p.add_argument("--n-calib", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
+
+
 def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

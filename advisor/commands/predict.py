@@ -5,16 +5,11 @@ import argparse
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from advisor.commands._common import add_model_args
+    from advisor.commands._common import add_model_args, add_protocol_args
 
     add_model_args(p)
     p.add_argument("--spec", default=None, help="one spec (default: every candidate of the default grid)")
-    p.add_argument("--calib", default="stdlib-code:calib")
-    p.add_argument("--eval", default="stdlib-code:eval")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=20)
-    p.add_argument("--n-calib", type=int, default=16, help="calibration windows for the probes (default 16, as recommend)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
+    add_protocol_args(p)
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--predictor", default=None, help="predictor JSON (default: shipped)")
     p.add_argument("--store", default=None)

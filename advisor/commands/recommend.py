@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from advisor.commands._common import add_model_args
+    from advisor.commands._common import add_model_args, add_protocol_args
 
     add_model_args(p)
     g = p.add_mutually_exclusive_group(required=True)
@@ -20,12 +20,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
     p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up")
-    p.add_argument("--calib", default="stdlib-code:calib", help="calibration corpus")
-    p.add_argument("--eval", default="stdlib-code:eval", help="evaluation corpus")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=20)
-    p.add_argument("--n-calib", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    add_protocol_args(p)
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
     p.add_argument("--predictor", default=None, help="predictor JSON from `advisor fit` (default: shipped)")
     p.add_argument("--out", default=None, help="report folder (markdown, JSON, PNG, packed model)")

@@ -6,18 +6,15 @@ import sys
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
+    from advisor.commands._common import add_protocol_args
+
     p.add_argument("--models", nargs="+", required=True,
                    help="models to sweep; zoo:all expands to every model of the zoo manifest")
     p.add_argument("--specs", nargs="+", default=["default"],
                    help="spec strings, or 'default' for the default candidate grid")
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
-    p.add_argument("--eval", default="stdlib-code:eval", help="evaluation corpus")
-    p.add_argument("--calib", default="stdlib-code:calib", help="calibration corpus")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=20)
-    p.add_argument("--n-calib", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_protocol_args(p)
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--retry-failed", action="store_true", help="re-measure pairs recorded as failed")
