@@ -101,7 +101,9 @@ def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "
 
 def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence: float = 0.9,
                        predictor=None) -> pd.DataFrame:
-    """Every candidate with its cost and predicted dL / dPPL interval, cheapest first."""
+    """Every candidate with its cost and predicted dL / dPPL interval, cheapest first.
+
+    ``df.attrs["predictor"]``: the predictor's ``describe()`` (source, format, design, training runs)."""
     from advisor.candidates import enumerate_candidates
     from advisor.features import feature_rows
     from advisor.fitting import load_default_predictor
@@ -119,6 +121,7 @@ def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence:
     df["pred_dppl"] = bp * np.expm1(mean)
     df["pred_dppl_lower"] = bp * np.expm1(lower)
     df["pred_dppl_upper"] = bp * np.expm1(upper)
+    df.attrs["predictor"] = predictor.describe()  # which predictor made these numbers (reports cite it)
     return df
 
 
@@ -249,10 +252,6 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         check_output_dir(Path(out) / "model")
     ctx = prepare(model, progress=progress, **prepare_kwargs)
     budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
-    if predictor is None:
-        from advisor.fitting import load_default_predictor
-
-        predictor = load_default_predictor()
     df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df["passes"] = df["pred_dl_upper"] <= budget.max_dl
     df["plausible"] = df["pred_dl"] <= budget.max_dl  # the median prediction meets the budget
@@ -261,7 +260,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
                   candidates=tuple(df.to_dict("records")), features=ctx.features,
                   protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
                   provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint,
-                                  predictor=predictor.describe()))
+                                  predictor=df.attrs["predictor"]))
     if passing.empty:
         best = df.loc[df["pred_dl_upper"].idxmin()]
         msg = (f"no candidate is predicted to meet {budget.description} at {confidence:.0%} confidence; the best "

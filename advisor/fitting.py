@@ -164,7 +164,7 @@ def load_default_predictor() -> Predictor:
     """The shipped predictor (JSON), or one refit from the shipped runs when no JSON is shipped."""
     if SHIPPED_PREDICTOR.exists():
         p = Predictor.load(SHIPPED_PREDICTOR)
-        p.source_ = f"shipped ({SHIPPED_PREDICTOR.name})"
+        p.source_ = f"the shipped {SHIPPED_PREDICTOR.name}"
     else:
         p = fit(shipped_runs())
         p.source_ = "refit from the shipped runs"

@@ -44,6 +44,7 @@ def test_budget_conversions():
 def test_plan_marks_cheapest_passing_and_memory_inverse(tiny_folder, common, predictor):
     df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=predictor, **common)
     assert df["passes"].all() and df["chosen"].sum() == 1
+    assert df.attrs["predictor"] == predictor.describe() and df.attrs["predictor"]["source"] == "fitted in this process"
     assert df.loc[df["chosen"], "bytes"].item() == df["bytes"].min()
     budget = int(df["bytes"].median())
     inv = plan(str(tiny_folder), max_bytes=budget, predictor=predictor, **common)
@@ -183,6 +184,8 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
     narrow = Predictor.from_dict({**d, "design_options": {**asdict(shipped.design), "method_guard": False}})
     guarded = Predictor.from_dict(d)
     guarded.save(tmp_path / "narrow.json")
+    assert shipped.describe()["source"] == "the shipped predictor.json" and shipped.describe()["n_train"] > 100
+    assert Predictor.load(tmp_path / "narrow.json").describe()["source"] == str(tmp_path / "narrow.json")
     base = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=shipped, **common).set_index("spec")
     assert not base["method_gain_extrapolated"].any()  # the tiny model's losses are inside the fitted ranges
     df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=narrow, **common).set_index("spec")

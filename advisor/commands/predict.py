@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         emit_json(dict(rows[0], baseline_ppl=ctx.baseline_ppl) if args.spec else
                   {"baseline_ppl": ctx.baseline_ppl, "candidates": rows})
         return 0
-    print(f"baseline ppl {ctx.baseline_ppl:.4f}")
+    info = df.attrs["predictor"]
+    print(f"baseline ppl {ctx.baseline_ppl:.4f}; predictor {info['source']} (format {info['format_version']}, "
+          f"fitted on {info['n_train']} runs)")
     for r in rows:
         mark = " *" if r["method_gain_extrapolated"] else ""
         print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
