@@ -134,27 +134,35 @@ def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | 
     Returns a DataFrame of every candidate (spec, bits per weight, bytes, relative speed, predicted dL and
     dPPL with interval). With a perplexity budget, ``passes`` marks candidates whose interval upper
     bound meets it and ``chosen`` the cheapest of them. With ``max_bytes`` (the inverse question),
-    ``fits`` marks candidates within the memory budget and ``chosen`` the best predicted quality among them.
+    ``fits`` marks candidates within the memory budget and ``chosen`` the best predicted quality among them
+    (among those that also pass, when both budgets are given). ``df.attrs``: ``baseline_ppl``, ``predictor``
+    and ``budget`` (``confidence``, ``max_bytes``, and with a perplexity budget ``description`` and
+    ``max_ppl_delta``).
     """
 
-    if max_ppl_delta is not None or max_ppl_ratio is not None:
+    if not (0.5 <= confidence < 1):
+        raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
+    ppl_budget = max_ppl_delta is not None or max_ppl_ratio is not None
+    if ppl_budget:
         Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
+    if max_bytes is not None and not (max_bytes > 0):
+        raise AdvisorError(f"max_bytes must be positive, got {max_bytes}")
     ctx = prepare(model, **prepare_kwargs)
     df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df.attrs["baseline_ppl"] = ctx.baseline_ppl
+    df.attrs["budget"] = {"confidence": confidence, "max_bytes": max_bytes}
     df["chosen"] = False
-    if max_ppl_delta is not None or max_ppl_ratio is not None:
+    if ppl_budget:
         budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
+        df.attrs["budget"].update(description=budget.description, max_ppl_delta=budget.dppl(ctx.baseline_ppl))
         df["passes"] = df["pred_dl_upper"] <= budget.max_dl
         if df["passes"].any():
             df.loc[df.index[df["passes"]][0], "chosen"] = True
     if max_bytes is not None:
-        if not (max_bytes > 0):
-            raise AdvisorError(f"max_bytes must be positive, got {max_bytes}")
         df["fits"] = df["bytes"] <= max_bytes
         ok = df[df["fits"] & df.get("passes", True)]
+        df["chosen"] = False  # both budgets: the best predicted quality among those that meet both
         if len(ok):
-            df["chosen"] = False
             df.loc[ok["pred_dl"].idxmin(), "chosen"] = True
     return df
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "eval": "measure a model's perplexity by the standard protocol",
     "quantize": "quantize a model with one spec, save it packed, measure its perplexity",
     "probe": "measure loss-landscape features (Hessian, Fisher, perturbation, outliers, SQNR)",
+    "plan": "what fits in a memory budget and what quality at which cost, predicted; quantizes nothing",
     "predict": "predict the perplexity change of one or every candidate spec",
     "sweep": "quantize and measure many (model, spec) pairs into the measurement store (resumable)",
     "fit": "refit the predictor on measured runs and report its held-out accuracy",

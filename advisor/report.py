@@ -18,19 +18,30 @@ def extrapolation_footnote(method_guard: bool | None) -> str:
             f"it ({bound}; docs/predictor.md)")
 
 
+_HEADER = f"{'spec':<30} {'bits/w':>7} {'MB':>9} {'speed':>6} {'pred dPPL':>10} {'interval':>21}"
+
+
+def _row(c: dict[str, Any], *flags: str) -> str:
+    """One candidate: cost, predicted dPPL and interval, then ``flags`` (and `*` when extrapolated)."""
+    mark = " *" if c.get("method_gain_extrapolated") else ""
+    return (f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {c['relative_speed']:6.2f} "
+            f"{c['pred_dppl']:10.4f} [{c['pred_dppl_lower']:9.4f},{c['pred_dppl_upper']:9.4f}] "
+            + " ".join(f"{f:>4}" for f in flags) + mark)
+
+
+def _footnote(shown: list[dict[str, Any]], predictor: dict[str, Any]) -> list[str]:
+    if not any(c.get("method_gain_extrapolated") for c in shown):
+        return []
+    return [extrapolation_footnote(predictor.get("design_options", {}).get("method_guard"))]
+
+
 def candidates_table(rec, top: int = 12) -> str:
     """The cheapest candidates with predicted dPPL intervals, and the attempts, as plain text."""
     lines = [f"baseline ppl {rec.baseline_ppl:.4f}; budget {rec.budget} (dPPL <= {rec.max_ppl_delta:.4f})", "",
-             f"{'spec':<30} {'bits/w':>7} {'MB':>9} {'speed':>6} {'pred dPPL':>10} {'interval':>21} pass"]
-    shown = rec.candidates[:top]
-    for c in shown:
-        passes = "yes" if c.get("passes") else "no"
-        mark = " *" if c.get("method_gain_extrapolated") else ""
-        lines.append(f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {c['relative_speed']:6.2f} "
-                     f"{c['pred_dppl']:10.4f} [{c['pred_dppl_lower']:9.4f},{c['pred_dppl_upper']:9.4f}] {passes}{mark}")
-    if any(c.get("method_gain_extrapolated") for c in shown):
-        design = rec.provenance.get("predictor", {}).get("design_options", {})
-        lines.append(extrapolation_footnote(design.get("method_guard")))
+             _HEADER + " pass"]
+    shown = list(rec.candidates[:top])
+    lines += [_row(c, "yes" if c.get("passes") else "no") for c in shown]
+    lines += _footnote(shown, rec.provenance.get("predictor", {}))
     if rec.attempts:
         lines += ["", "attempts (predicted vs measured dPPL):"]
         for a in rec.attempts:
@@ -39,6 +50,51 @@ def candidates_table(rec, top: int = 12) -> str:
                          f"measured {a.measured_ppl_delta:.4f}  {'PASS' if a.passed else 'MISS'}  ({a.seconds:.1f}s, {a.reason})")
     lines += ["", rec.message]
     return "\n".join(lines)
+
+
+def plan_table(df, top: int = 40) -> str:
+    """`advisor plan`'s table: the cheapest ``top`` candidates, with `pass`/`fits` when those budgets were
+    given, and `<-` on the chosen one (always shown)."""
+    b = df.attrs.get("budget", {})
+    head = f"baseline ppl {df.attrs['baseline_ppl']:.4f}"
+    if "description" in b:
+        head += f"; budget {b['description']} (dPPL <= {b['max_ppl_delta']:.4f}) at {b['confidence']:.0%} confidence"
+    if b.get("max_bytes") is not None:
+        head += f"; memory <= {b['max_bytes'] / 1e6:.2f} MB"
+    cols = [c for c in ("passes", "fits") if c in df]
+    lines = [head, "", _HEADER + "".join(" " + {"passes": "pass", "fits": "fits"}[c] for c in cols)]
+    rows = df.to_dict("records")
+    shown = [c for i, c in enumerate(rows) if i < top or c.get("chosen")]
+    for c in shown:
+        line = _row(c, *("yes" if c[k] else "no" for k in cols))
+        lines.append(line + ("  <- chosen" if c.get("chosen") else ""))
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more (--top, --csv)")
+    lines += _footnote(shown, df.attrs.get("predictor", {}))
+    return "\n".join(lines)
+
+
+def plan_message(df) -> str:
+    """One line: what was chosen and why, or why nothing was."""
+    b = df.attrs.get("budget", {})
+    chosen = df[df["chosen"]]
+    if len(chosen):
+        c = chosen.iloc[0]
+        why = ("the best predicted quality that fits" if "fits" in df else "the cheapest predicted to pass")
+        return (f"chosen: {c['spec']} ({why}): {c['bits_per_weight']:.3f} bits/weight, {c['bytes'] / 1e6:.2f} MB, "
+                f"predicted dPPL {c['pred_dppl']:.4f} [{c['pred_dppl_lower']:.4f}, {c['pred_dppl_upper']:.4f}]")
+    if "passes" not in df and "fits" not in df:
+        return f"{len(df)} candidates; give --max-ppl-delta/--max-ppl-ratio and/or --max-gb to choose one"
+    if "fits" in df and not df["fits"].any():
+        small = df.loc[df["bytes"].idxmin()]
+        return (f"nothing fits in {b['max_bytes'] / 1e6:.2f} MB: the smallest candidate, {small['spec']}, "
+                f"needs {small['bytes'] / 1e6:.2f} MB")
+    best = df.loc[df["pred_dl_upper"].idxmin()] if "fits" not in df else \
+        df[df["fits"]].loc[df[df["fits"]]["pred_dl_upper"].idxmin()]
+    where = " among those that fit" if "fits" in df else ""
+    return (f"no candidate{where} is predicted to meet {b['description']} at {b['confidence']:.0%} confidence; "
+            f"the best achievable{where} is {best['spec']} with predicted dPPL {best['pred_dppl']:.4f} "
+            f"(upper {best['pred_dppl_upper']:.4f}) at {best['bits_per_weight']:.2f} bits/weight")
 
 
 def plot(rec, path: Path) -> Path:

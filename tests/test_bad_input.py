@@ -44,6 +44,9 @@ CASES = {
                          "not writable"),
     "a file in the way of the output": (lambda f, t: _q(f, "--spec", "rtn:int4:g16", "--out",
                                                         str(t / "afile" / "model")), "not writable"),
+    "negative memory budget": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "-1"], "positive"),
+    "plan confidence of 1": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "1", "--confidence", "1"],
+                             "--confidence must be in [0.5, 1)"),
     "missing runs file": (lambda f, t: ["fit", "--runs", str(t / "nope.csv")], "not found"),
 }
 

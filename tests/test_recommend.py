@@ -51,6 +51,39 @@ def test_plan_marks_cheapest_passing_and_memory_inverse(tiny_folder, common, pre
     chosen = inv[inv["chosen"]].iloc[0]
     assert chosen["bytes"] <= budget
     assert chosen["pred_dl"] == inv[inv["fits"]]["pred_dl"].min()
+    # both budgets, and nothing fits the memory one: nothing is chosen (the perplexity choice does not stay)
+    none = plan(str(tiny_folder), max_ppl_delta=1e9, max_bytes=int(df["bytes"].min()) - 1, predictor=predictor,
+                **common)
+    assert none["passes"].all() and not none["fits"].any() and not none["chosen"].any()
+
+
+def test_plan_cli_answers_the_memory_question(tiny_folder, common, predictor, tmp_path, capsys):
+    """`advisor plan`: the API's choice, as JSON, a CSV of every candidate, and exit 2 when nothing fits."""
+    import pandas as pd
+
+    from advisor.cli import main
+
+    predictor.save(tmp_path / "pred.json")
+    df = plan(str(tiny_folder), max_ppl_delta=1e9, predictor=predictor, **common)
+    budget = int(df["bytes"].median())
+    api = plan(str(tiny_folder), max_ppl_delta=1e9, max_bytes=budget, predictor=predictor, **common)
+    argv = ["plan", "--model", str(tiny_folder), "--calib", common["calib"], "--eval", common["eval"], "--seq-len",
+            "32", "--max-windows", "4", "--n-calib", str(common["n_calib"]), "--store", str(common["store"].path),
+            "--predictor", str(tmp_path / "pred.json"), "--max-ppl-delta", "1e9"]
+    capsys.readouterr()
+    code = main(argv + ["--max-bytes", str(budget), "--json", "--csv", str(tmp_path / "plan.csv")])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["chosen"] == api.loc[api["chosen"], "spec"].item()
+    assert out["budget"]["max_bytes"] == budget and out["predictor"]["source"] == str(tmp_path / "pred.json")
+    assert [c["spec"] for c in out["candidates"]] == list(api["spec"])
+    assert list(pd.read_csv(tmp_path / "plan.csv")["spec"]) == list(api["spec"])
+    code = main(argv + ["--max-gb", str((df["bytes"].min() - 1) / 1e9)])
+    text = capsys.readouterr().out
+    assert code == 2 and "nothing fits" in text and "<- chosen" not in text
+    code = main(argv + ["--max-bytes", str(budget), "--top", "1"])
+    text = capsys.readouterr().out
+    chosen_line = [line for line in text.splitlines() if line.endswith("<- chosen")]
+    assert code == 0 and len(chosen_line) == 1 and chosen_line[0].startswith(out["chosen"] + " ")
 
 
 def test_recommend_verifies_and_never_claims_a_miss(tiny_folder, common, predictor, tmp_path):

@@ -1,0 +1,66 @@
+"""`advisor plan`: what fits in a memory budget, what quality at which cost; predicts only, quantizes nothing."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    from advisor.commands._common import add_model_args, add_protocol_args
+
+    add_model_args(p)
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--max-ppl-delta", type=float, help="largest allowed perplexity increase (absolute)")
+    q.add_argument("--max-ppl-ratio", type=float, help="largest allowed ppl_q / ppl_fp, e.g. 1.03")
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--max-gb", type=float,
+                   help="memory budget for the weights in GB (1e9 bytes; KV cache and activations not included)")
+    m.add_argument("--max-bytes", type=int, help="memory budget for the weights in bytes")
+    p.add_argument("--confidence", type=float, default=0.9,
+                   help="coverage of the interval whose upper bound must meet the perplexity budget (default 0.9)")
+    p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
+    p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
+    add_protocol_args(p)
+    p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
+    p.add_argument("--predictor", default=None, help="predictor JSON from `advisor fit` (default: shipped)")
+    p.add_argument("--csv", default=None, help="also write every candidate to this CSV file")
+    p.add_argument("--top", type=int, default=40, help="candidates shown in the table (default 40)")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit 0 with a chosen candidate (or with no budget given), 2 when no candidate meets the budgets."""
+    from advisor.api import plan
+    from advisor.cli import emit_json
+    from advisor.commands.recommend import _split
+    from advisor.report import plan_message, plan_table
+    from models.errors import AdvisorError
+
+    if args.max_gb is not None and not args.max_gb > 0:
+        raise AdvisorError(f"--max-gb must be positive, got {args.max_gb}")
+    max_bytes = int(args.max_gb * 1e9) if args.max_gb is not None else args.max_bytes
+    predictor = None
+    if args.predictor:
+        from advisor.predictor import Predictor
+
+        predictor = Predictor.load(args.predictor)
+    df = plan(args.model, args.max_ppl_delta, max_bytes, max_ppl_ratio=args.max_ppl_ratio,
+              confidence=args.confidence, methods=_split(args.methods), dtypes=_split(args.dtypes),
+              predictor=predictor, calib=args.calib, eval=args.eval, seq_len=args.seq_len,
+              max_windows=args.max_windows, n_calib=args.n_calib, seed=args.seed, device=args.device,
+              store=args.store)
+    budgeted = args.max_ppl_delta is not None or args.max_ppl_ratio is not None or max_bytes is not None
+    code = 0 if df["chosen"].any() or not budgeted else 2
+    if args.csv:
+        from models.saving import atomic_write_text
+
+        atomic_write_text(args.csv, df.to_csv(index=False))
+    message = plan_message(df)
+    if args.json:
+        chosen = df[df["chosen"]]
+        emit_json({"baseline_ppl": df.attrs["baseline_ppl"], "predictor": df.attrs["predictor"],
+                   "budget": df.attrs.get("budget"), "chosen": chosen["spec"].iloc[0] if len(chosen) else None,
+                   "message": message, "candidates": df.to_dict("records")})
+    else:
+        print(plan_table(df, top=args.top))
+        print(message)
+    return code
