@@ -103,7 +103,8 @@ def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence:
                        predictor=None) -> pd.DataFrame:
     """Every candidate with its cost and predicted dL / dPPL interval, cheapest first.
 
-    ``df.attrs["predictor"]``: the predictor's ``describe()`` (source, format, design, training runs)."""
+    ``df.attrs["predictor"]``: the predictor's ``describe()`` (source, format, design, training runs);
+    ``df.attrs["outside_fitted_range"]``: the model's scale terms outside the fitted range (``{}`` inside)."""
     from advisor.candidates import enumerate_candidates
     from advisor.features import feature_rows
     from advisor.fitting import load_default_predictor
@@ -122,6 +123,7 @@ def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence:
     df["pred_dppl_lower"] = bp * np.expm1(lower)
     df["pred_dppl_upper"] = bp * np.expm1(upper)
     df.attrs["predictor"] = predictor.describe()  # which predictor made these numbers (reports cite it)
+    df.attrs["outside_fitted_range"] = predictor.outside_fitted_range(rows)  # the model's scale vs the fit's
     return df
 
 
@@ -268,7 +270,8 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
                   candidates=tuple(df.to_dict("records")), features=ctx.features,
                   protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
                   provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint,
-                                  predictor=df.attrs["predictor"]))
+                                  predictor=df.attrs["predictor"],
+                                  outside_fitted_range=df.attrs["outside_fitted_range"]))
     if passing.empty:
         best = df.loc[df["pred_dl_upper"].idxmin()]
         msg = (f"no candidate is predicted to meet {budget.description} at {confidence:.0%} confidence; the best "

@@ -480,6 +480,20 @@ class Predictor:
         with np.errstate(invalid="ignore"):
             return (X["method"] != "rtn").to_numpy() & np.isfinite(r) & (r > top)
 
+    def outside_fitted_range(self, X: pd.DataFrame) -> dict[str, dict[str, Any]]:
+        """The model's scale terms (``log_params``, ``baseline_nll``: the same on every row of one model)
+        outside the range this predictor was fitted on: ``{term: {"value", "fitted": [lo, hi]}}``, empty when
+        inside. There the correction terms are held at the range's edge and the measured physics term carries
+        the model's scale; the held-out check of that is the transfer report (``advisor fit --report``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for term in ("log_params", "baseline_nll"):
+            if term not in self.ranges_ or term not in X or not len(X):
+                continue
+            value, (lo, hi) = float(X[term].iloc[0]), self.ranges_[term]
+            if not lo <= value <= hi:
+                out[term] = {"value": value, "fitted": [lo, hi]}
+        return out
+
     def _interval_parts(self, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(D, sigma_log, floor_up): the row's point prediction and log-space sd, and the least upper bound:
         on rows whose method gain is extrapolated, RTN's point prediction at the same format (elsewhere -inf)."""

@@ -18,6 +18,23 @@ def extrapolation_footnote(method_guard: bool | None) -> str:
             f"it ({bound}; docs/predictor.md)")
 
 
+def scale_note(outside: dict[str, dict[str, Any]]) -> list[str]:
+    """A line saying where the model's scale lies outside the predictor's fitted range (none when inside)."""
+    parts = []
+    for term, d in outside.items():
+        (lo, hi), v = d["fitted"], d["value"]
+        if term == "log_params":
+            parts.append(f"{10 ** v / 1e6:.3g}M non-embedding parameters (fitted {10 ** lo / 1e6:.3g}-"
+                         f"{10 ** hi / 1e6:.3g}M)")
+        else:
+            parts.append(f"baseline NLL {v:.2f} nats (fitted {lo:.2f}-{hi:.2f})")
+    if not parts:
+        return []
+    return [f"note: this model is outside the range the predictor was fitted on: {', '.join(parts)}. Its "
+            "corrections are held at that range's edge and the measured RTN loss carries the model's scale; "
+            "`advisor fit --report` gives the held-out error on a real model (docs/predictor.md)"]
+
+
 _HEADER = f"{'spec':<30} {'bits/w':>7} {'MB':>9} {'speed':>6} {'pred dPPL':>10} {'interval':>21}"
 
 
@@ -42,6 +59,7 @@ def candidates_table(rec, top: int = 12) -> str:
     shown = list(rec.candidates[:top])
     lines += [_row(c, "yes" if c.get("passes") else "no") for c in shown]
     lines += _footnote(shown, rec.provenance.get("predictor", {}))
+    lines += scale_note(rec.provenance.get("outside_fitted_range", {}))
     if rec.attempts:
         lines += ["", "attempts (predicted vs measured dPPL):"]
         for a in rec.attempts:
@@ -71,6 +89,7 @@ def plan_table(df, top: int = 40) -> str:
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more (--top, --csv)")
     lines += _footnote(shown, df.attrs.get("predictor", {}))
+    lines += scale_note(df.attrs.get("outside_fitted_range", {}))
     return "\n".join(lines)
 
 

@@ -167,6 +167,16 @@ def test_scale_corrections_do_not_extrapolate():
     np.testing.assert_allclose(p.predict(far), p.predict(edge))
     q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
     np.testing.assert_allclose(q.predict(far), p.predict(far))
+    # and users are told: the model's scale terms outside the fitted range, named with their values
+    from advisor.report import scale_note
+
+    assert p.outside_fitted_range(row) == {} and scale_note({}) == []
+    out = q.outside_fitted_range(far)
+    assert set(out) == {"log_params", "baseline_nll"} and out["log_params"]["value"] == 20.0
+    assert out["baseline_nll"]["fitted"] == [df["baseline_nll"].min(), df["baseline_nll"].max()]
+    assert set(q.outside_fitted_range(row.assign(baseline_nll=-5.0))) == {"baseline_nll"}
+    note = scale_note(out)[0]
+    assert "1e+14M non-embedding parameters" in note and "baseline NLL -5.00 nats" in note
 
 
 @pytest.mark.parametrize("options", [{}, {"calibrated": False, "fixed_slope": False},

@@ -75,6 +75,7 @@ def test_plan_cli_answers_the_memory_question(tiny_folder, common, predictor, tm
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["chosen"] == api.loc[api["chosen"], "spec"].item()
     assert out["budget"]["max_bytes"] == budget and out["predictor"]["source"] == str(tmp_path / "pred.json")
+    assert out["outside_fitted_range"] == json.loads(json.dumps(api.attrs["outside_fitted_range"]))
     assert [c["spec"] for c in out["candidates"]] == list(api["spec"])
     assert list(pd.read_csv(tmp_path / "plan.csv")["spec"]) == list(api["spec"])
     code = main(argv + ["--max-gb", str((df["bytes"].min() - 1) / 1e9)])

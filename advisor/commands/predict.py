@@ -39,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
              "mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"],
              "method_gain_extrapolated": bool(r["method_gain_extrapolated"])}
             for _, r in df.iterrows()]
+    outside = df.attrs["outside_fitted_range"]
     if args.json:
-        emit_json(dict(rows[0], baseline_ppl=ctx.baseline_ppl) if args.spec else
-                  {"baseline_ppl": ctx.baseline_ppl, "candidates": rows})
+        emit_json(dict(rows[0], baseline_ppl=ctx.baseline_ppl, outside_fitted_range=outside) if args.spec else
+                  {"baseline_ppl": ctx.baseline_ppl, "outside_fitted_range": outside, "candidates": rows})
         return 0
     info = df.attrs["predictor"]
     print(f"baseline ppl {ctx.baseline_ppl:.4f}; predictor {info['source']} (format {info['format_version']}, "
@@ -53,4 +54,8 @@ def run(args: argparse.Namespace) -> int:
         from advisor.report import extrapolation_footnote
 
         print(extrapolation_footnote(predictor.design.method_guard))
+    from advisor.report import scale_note
+
+    for line in scale_note(outside):
+        print(line)
     return 0
