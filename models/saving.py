@@ -61,8 +61,9 @@ def atomic_write_table(path: str | Path, df) -> Path:
     return path
 
 
-def check_output_dir(out_dir: str | Path) -> Path:
-    """Fail early (before hours of work) if ``out_dir`` cannot be created and written.
+def check_output_dir(out_dir: str | Path, option: str = "--out") -> Path:
+    """Fail early (before hours of work) if ``out_dir`` (a folder, or a file: the same check) cannot be
+    created and written; ``option`` names the command-line option in the message.
 
     Creates the folder's parent and a probe file in it, then removes the probe.
     Raises:
@@ -75,7 +76,7 @@ def check_output_dir(out_dir: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise AdvisorError(f"output folder {out_dir} is not writable ({e.strerror or e}); choose another --out") from e
+        raise AdvisorError(f"output {out_dir} is not writable ({e.strerror or e}); choose another {option}") from e
     return out_dir
 
 

@@ -47,6 +47,8 @@ CASES = {
     "negative memory budget": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "-1"], "positive"),
     "plan confidence of 1": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "1", "--confidence", "1"],
                              "--confidence must be in [0.5, 1)"),
+    "plan csv under a file": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "1", "--csv",
+                                            str(t / "afile" / "plan.csv")], "choose another --csv"),
     "missing runs file": (lambda f, t: ["fit", "--runs", str(t / "nope.csv")], "not found"),
 }
 

@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_gb is not None and not args.max_gb > 0:
         raise AdvisorError(f"--max-gb must be positive, got {args.max_gb}")
+    if args.csv:
+        from models.saving import check_output_dir
+
+        check_output_dir(args.csv, "--csv")  # before the work, not after it
     max_bytes = int(args.max_gb * 1e9) if args.max_gb is not None else args.max_bytes
     predictor = None
     if args.predictor:
