@@ -895,6 +895,10 @@ def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult
 # ~34 s cold compile (int4, measured with NUMBA_CACHE_DIR empty). The loops path does not take
 # the vector decode table, so its compiled code is shared by specializations that differ only
 # in that table (the batch-1 wide FP6 table vs the 16-lane one).
+# The blocks below are written out per layout on purpose. A factory closing over the layout id would
+# not cache: numba keys a closure's cache entry on its pickled cells, and a cell holding another
+# dispatcher (the work loop's paths) pickles differently in every process, so each process would add a
+# cache entry and compile again (checked with numba 0.68.1: a new .nbc file per run, a cache miss every time).
 
 @njit(fastmath=True, cache=True)
 def _gemv_b1_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
