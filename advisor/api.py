@@ -237,7 +237,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
               confidence: float = DECISION_CONFIDENCE, explore: bool = True,
               methods: list[str] | None = None, dtypes: list[str] | None = None,
               specs: list[str] | None = None, max_attempts: int = 3, out: str | Path | None = None, dry_run: bool = False, predictor=None,
-              progress: bool = True, **prepare_kwargs: Any) -> Recommendation:
+              max_bytes: int | None = None, progress: bool = True, **prepare_kwargs: Any) -> Recommendation:
     """Pick, run and verify the cheapest candidate predicted to meet the budget.
 
     A candidate passes the prediction when its interval's upper bound (at ``confidence``) meets the
@@ -246,8 +246,10 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     ``max_attempts``) after a verified pass go to cheaper candidates that are plausible, i.e. whose
     predicted median dL meets the budget (at least as likely to pass as not), cheapest first; the
     cheapest verified one is the answer. Every answer is verified, so exploring spends attempts, never
-    correctness (docs/recommend.md). Never claims success on a miss. Exit codes (``Recommendation.exit_code``): 0 verified (or dry run with a candidate),
-    2 nothing predicted to meet the target, 3 every attempt missed.
+    correctness (docs/recommend.md). Never claims success on a miss. ``max_bytes`` caps the weights'
+    memory: no candidate above it is tried, first choice, escalation or exploration. Exit codes
+    (``Recommendation.exit_code``): 0 verified (or dry run with a candidate), 2 nothing (within
+    ``max_bytes``) predicted to meet the target, 3 every attempt missed.
     """
 
     t0 = time.perf_counter()
@@ -256,6 +258,8 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     if not (0.5 <= confidence < 1):
         raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
     Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
+    if max_bytes is not None and not (max_bytes > 0):
+        raise AdvisorError(f"max_bytes must be positive, got {max_bytes}")
     if out is not None:
         from models.saving import check_output_dir
 
@@ -265,8 +269,15 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df["passes"] = df["pred_dl_upper"] <= budget.max_dl
     df["plausible"] = df["pred_dl"] <= budget.max_dl  # the median prediction meets the budget
+    description = budget.description
+    if max_bytes is not None:  # a memory cap: nothing above it is ever tried
+        df["fits"] = df["bytes"] <= max_bytes
+        over_memory = df[df["passes"] & ~df["fits"]]
+        df["passes"] &= df["fits"]
+        df["plausible"] &= df["fits"]
+        description += f" within {max_bytes / 1e6:.2f} MB"
     passing = df[df["passes"]]
-    common = dict(baseline_ppl=ctx.baseline_ppl, budget=budget.description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
+    common = dict(baseline_ppl=ctx.baseline_ppl, budget=description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
                   candidates=tuple(df.to_dict("records")), features=ctx.features,
                   protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
                   provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint,
@@ -277,6 +288,11 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         msg = (f"no candidate is predicted to meet {budget.description} at {confidence:.0%} confidence; the best "
                f"achievable is {best['spec']} with predicted dPPL {best['pred_dppl']:.4f} "
                f"(upper {best['pred_dppl_upper']:.4f}) at {best['bits_per_weight']:.2f} bits/weight")
+        if max_bytes is not None and len(over_memory):
+            cheapest = over_memory.iloc[0]
+            msg = (f"no candidate within {max_bytes / 1e6:.2f} MB is predicted to meet {budget.description} at "
+                   f"{confidence:.0%} confidence; the cheapest predicted to meet it is {cheapest['spec']} at "
+                   f"{cheapest['bytes'] / 1e6:.2f} MB ({cheapest['bits_per_weight']:.2f} bits/weight)")
         return Recommendation(spec=None, verified=False, measured_ppl_delta=None, predicted=None, attempts=(),
                               exit_code=2, message=msg, seconds=time.perf_counter() - t0, **common)
     if dry_run:

@@ -45,6 +45,8 @@ CASES = {
     "a file in the way of the output": (lambda f, t: _q(f, "--spec", "rtn:int4:g16", "--out",
                                                         str(t / "afile" / "model")), "not writable"),
     "negative memory budget": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "-1"], "positive"),
+    "zero memory for recommend": (lambda f, t: ["recommend", "--model", str(f), "--max-ppl-delta", "1",
+                                                "--max-bytes", "0"], "--max-bytes must be positive"),
     "plan confidence of 1": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "1", "--confidence", "1"],
                              "--confidence must be in [0.5, 1)"),
     "plan csv under a file": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "1", "--csv",

@@ -107,6 +107,16 @@ def test_recommend_verifies_and_never_claims_a_miss(tiny_folder, common, predict
     assert rec2.exit_code == 2 and rec2.spec is None and "best achievable" in rec2.message
     d = rec2.to_dict()
     json.dumps(d, default=str)
+    # a memory cap: nothing above it is tried; below the cheapest passing candidate, exit 2 naming it
+    smallest = min(c["bytes"] for c in rec2.candidates)
+    capped = recommend(str(tiny_folder), max_ppl_delta=1e6, predictor=predictor, max_bytes=smallest - 1, **common)
+    assert capped.exit_code == 2 and "no candidate within" in capped.message and capped.spec is None
+    assert not any(c["passes"] for c in capped.candidates) and "MB" in capped.budget
+    dry = recommend(str(tiny_folder), max_ppl_delta=1e6, predictor=predictor, max_bytes=smallest, dry_run=True,
+                    **common)
+    assert dry.exit_code == 0 and [c["bytes"] for c in dry.candidates if c["spec"] == dry.spec] == [smallest]
+    with pytest.raises(AdvisorError, match="positive"):
+        recommend(str(tiny_folder), max_ppl_delta=1e6, max_bytes=0, **common)
     assert {"spec", "verified", "baseline_ppl", "measured_ppl_delta", "predicted", "attempts", "candidates"} <= set(d)
 
 

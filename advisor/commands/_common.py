@@ -35,6 +35,24 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
 
 
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """A memory budget for the weights (plan, recommend): --max-gb or --max-bytes."""
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--max-gb", type=float,
+                   help="memory budget for the weights in GB (1e9 bytes; KV cache and activations not included)")
+    m.add_argument("--max-bytes", type=int, help="memory budget for the weights in bytes")
+
+
+def memory_budget(args: argparse.Namespace) -> int | None:
+    """Bytes from --max-gb / --max-bytes (None: no memory budget); refuses a budget that is not positive."""
+    from models.errors import AdvisorError
+
+    for name, value in (("--max-gb", args.max_gb), ("--max-bytes", args.max_bytes)):
+        if value is not None and not value > 0:
+            raise AdvisorError(f"{name} must be positive, got {value}")
+    return int(args.max_gb * 1e9) if args.max_gb is not None else args.max_bytes
+
+
 def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 

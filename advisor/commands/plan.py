@@ -5,16 +5,13 @@ import argparse
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from advisor.commands._common import add_model_args, add_protocol_args
+    from advisor.commands._common import add_memory_args, add_model_args, add_protocol_args
 
     add_model_args(p)
     q = p.add_mutually_exclusive_group()
     q.add_argument("--max-ppl-delta", type=float, help="largest allowed perplexity increase (absolute)")
     q.add_argument("--max-ppl-ratio", type=float, help="largest allowed ppl_q / ppl_fp, e.g. 1.03")
-    m = p.add_mutually_exclusive_group()
-    m.add_argument("--max-gb", type=float,
-                   help="memory budget for the weights in GB (1e9 bytes; KV cache and activations not included)")
-    m.add_argument("--max-bytes", type=int, help="memory budget for the weights in bytes")
+    add_memory_args(p)
     p.add_argument("--confidence", type=float, default=0.9,
                    help="coverage of the interval whose upper bound must meet the perplexity budget (default 0.9)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
@@ -31,17 +28,15 @@ def run(args: argparse.Namespace) -> int:
     """Exit 0 with a chosen candidate (or with no budget given), 2 when no candidate meets the budgets."""
     from advisor.api import plan
     from advisor.cli import emit_json
+    from advisor.commands._common import memory_budget
     from advisor.commands.recommend import _split
     from advisor.report import plan_message, plan_table
-    from models.errors import AdvisorError
 
-    if args.max_gb is not None and not args.max_gb > 0:
-        raise AdvisorError(f"--max-gb must be positive, got {args.max_gb}")
     if args.csv:
         from models.saving import check_output_dir
 
         check_output_dir(args.csv, "--csv")  # before the work, not after it
-    max_bytes = int(args.max_gb * 1e9) if args.max_gb is not None else args.max_bytes
+    max_bytes = memory_budget(args)
     predictor = None
     if args.predictor:
         from advisor.predictor import Predictor

@@ -5,12 +5,13 @@ import argparse
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from advisor.commands._common import add_model_args, add_protocol_args
+    from advisor.commands._common import add_memory_args, add_model_args, add_protocol_args
 
     add_model_args(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--max-ppl-delta", type=float, help="largest allowed perplexity increase (absolute)")
     g.add_argument("--max-ppl-ratio", type=float, help="largest allowed ppl_q / ppl_fp, e.g. 1.03")
+    add_memory_args(p)
     p.add_argument("--confidence", type=float, default=0.9,
                    help="coverage of the interval whose upper bound must meet the budget for the first "
                         "choice and escalations (default 0.9)")
@@ -37,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.report import candidates_table, write_report
 
+    from advisor.commands._common import memory_budget
+
+    max_bytes = memory_budget(args)
     predictor = None
     if args.predictor:
         from advisor.predictor import Predictor
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
                     explore=not args.no_explore,
                     methods=_split(args.methods), dtypes=_split(args.dtypes), max_attempts=args.max_attempts,
-                    out=args.out, dry_run=args.dry_run, predictor=predictor, calib=args.calib, eval=args.eval,
+                    out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes, calib=args.calib, eval=args.eval,
                     seq_len=args.seq_len, max_windows=args.max_windows, n_calib=args.n_calib, seed=args.seed,
                     device=args.device, store=args.store)
     files = write_report(rec, args.out) if args.out else {}
