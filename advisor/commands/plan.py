@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         chosen = df[df["chosen"]]
         emit_json({"baseline_ppl": df.attrs["baseline_ppl"], "predictor": df.attrs["predictor"],
-                   "budget": df.attrs.get("budget"),
-                   "outside_fitted_range": df.attrs["outside_fitted_range"], "chosen": chosen["spec"].iloc[0] if len(chosen) else None,
-                   "message": message, "candidates": df.to_dict("records")})
+                   "budget": df.attrs["budget"], "outside_fitted_range": df.attrs["outside_fitted_range"],
+                   "chosen": chosen["spec"].iloc[0] if len(chosen) else None, "message": message,
+                   "candidates": df.to_dict("records")})
     else:
         print(plan_table(df, top=args.top))
         print(message)
