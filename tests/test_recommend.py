@@ -270,7 +270,9 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
     code = main(["predict", "--model", str(tiny_folder), "--calib", common["calib"], "--eval", common["eval"],
                  "--seq-len", "32", "--max-windows", "4", "--n-calib", str(common["n_calib"]),
                  "--store", str(common["store"].path), "--predictor", str(tmp_path / "narrow.json"), "--json"])
-    rows = json.loads(capsys.readouterr().out)["candidates"]
+    out = json.loads(capsys.readouterr().out)
+    rows = out["candidates"]
+    assert out["predictor"]["source"] == str(tmp_path / "narrow.json") and "outside_fitted_range" in out
     # the same protocol as plan's: the same features, so the same flags (with its default --n-calib the tiny
     # model's RTN losses may all sit under the dL floor, which flags nothing: CI's machine did so)
     assert code == 0 and {r["spec"] for r in rows if r["method_gain_extrapolated"]} == set(flagged)

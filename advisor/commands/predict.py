@@ -39,23 +39,20 @@ def run(args: argparse.Namespace) -> int:
              "mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"],
              "method_gain_extrapolated": bool(r["method_gain_extrapolated"])}
             for _, r in df.iterrows()]
-    outside = df.attrs["outside_fitted_range"]
+    outside, info = df.attrs["outside_fitted_range"], df.attrs["predictor"]
     if args.json:
-        emit_json(dict(rows[0], baseline_ppl=ctx.baseline_ppl, outside_fitted_range=outside) if args.spec else
-                  {"baseline_ppl": ctx.baseline_ppl, "outside_fitted_range": outside, "candidates": rows})
+        common = {"baseline_ppl": ctx.baseline_ppl, "predictor": info, "outside_fitted_range": outside}
+        emit_json(dict(rows[0], **common) if args.spec else dict(common, candidates=rows))
         return 0
-    info = df.attrs["predictor"]
     print(f"baseline ppl {ctx.baseline_ppl:.4f}; predictor {info['source']} (format {info['format_version']}, "
           f"fitted on {info['n_train']} runs)")
     for r in rows:
         mark = " *" if r["method_gain_extrapolated"] else ""
         print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
+    from advisor.report import extrapolation_footnote, scale_note
+
     if any(r["method_gain_extrapolated"] for r in rows):
-        from advisor.report import extrapolation_footnote
-
         print(extrapolation_footnote(predictor.design.method_guard))
-    from advisor.report import scale_note
-
     for line in scale_note(outside):
         print(line)
     return 0
