@@ -99,6 +99,23 @@ def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "
     return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store)
 
 
+def _check_request(confidence: float, max_bytes: int | None) -> None:
+    """The arguments plan and recommend share, refused before any work."""
+    if not (0.5 <= confidence < 1):
+        raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
+    if max_bytes is not None and not (max_bytes > 0):
+        raise AdvisorError(f"max_bytes must be positive, got {max_bytes}")
+
+
+def nearest_miss(df: pd.DataFrame, description: str, confidence: float, where: str = "") -> str:
+    """Why nothing in ``df`` passes: the budget, and the candidate with the lowest predicted upper bound.
+    ``where`` qualifies the candidates considered, e.g. " among those that fit"."""
+    best = df.loc[df["pred_dl_upper"].idxmin()]
+    return (f"no candidate{where} is predicted to meet {description} at {confidence:.0%} confidence; the best "
+            f"achievable{where} is {best['spec']} with predicted dPPL {best['pred_dppl']:.4f} "
+            f"(upper {best['pred_dppl_upper']:.4f}) at {best['bits_per_weight']:.2f} bits/weight")
+
+
 def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence: float = 0.9,
                        predictor=None) -> pd.DataFrame:
     """Every candidate with its cost and predicted dL / dPPL interval, cheapest first.
@@ -142,13 +159,10 @@ def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | 
     ``max_ppl_delta``).
     """
 
-    if not (0.5 <= confidence < 1):
-        raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
+    _check_request(confidence, max_bytes)
     ppl_budget = max_ppl_delta is not None or max_ppl_ratio is not None
     if ppl_budget:
         Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
-    if max_bytes is not None and not (max_bytes > 0):
-        raise AdvisorError(f"max_bytes must be positive, got {max_bytes}")
     ctx = prepare(model, **prepare_kwargs)
     df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
     df.attrs["baseline_ppl"] = ctx.baseline_ppl
@@ -255,11 +269,8 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     t0 = time.perf_counter()
     if max_attempts < 1:
         raise AdvisorError(f"--max-attempts must be at least 1, got {max_attempts}")
-    if not (0.5 <= confidence < 1):
-        raise AdvisorError(f"--confidence must be in [0.5, 1), got {confidence}")
+    _check_request(confidence, max_bytes)
     Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
-    if max_bytes is not None and not (max_bytes > 0):
-        raise AdvisorError(f"max_bytes must be positive, got {max_bytes}")
     if out is not None:
         from models.saving import check_output_dir
 
@@ -284,10 +295,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
                                   predictor=df.attrs["predictor"],
                                   outside_fitted_range=df.attrs["outside_fitted_range"]))
     if passing.empty:
-        best = df.loc[df["pred_dl_upper"].idxmin()]
-        msg = (f"no candidate is predicted to meet {budget.description} at {confidence:.0%} confidence; the best "
-               f"achievable is {best['spec']} with predicted dPPL {best['pred_dppl']:.4f} "
-               f"(upper {best['pred_dppl_upper']:.4f}) at {best['bits_per_weight']:.2f} bits/weight")
+        msg = nearest_miss(df, budget.description, confidence)
         if max_bytes is not None and len(over_memory):
             cheapest = over_memory.iloc[0]
             msg = (f"no candidate within {max_bytes / 1e6:.2f} MB is predicted to meet {budget.description} at "

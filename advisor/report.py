@@ -108,12 +108,11 @@ def plan_message(df) -> str:
         small = df.loc[df["bytes"].idxmin()]
         return (f"nothing fits in {b['max_bytes'] / 1e6:.2f} MB: the smallest candidate, {small['spec']}, "
                 f"needs {small['bytes'] / 1e6:.2f} MB")
-    best = df.loc[df["pred_dl_upper"].idxmin()] if "fits" not in df else \
-        df[df["fits"]].loc[df[df["fits"]]["pred_dl_upper"].idxmin()]
-    where = " among those that fit" if "fits" in df else ""
-    return (f"no candidate{where} is predicted to meet {b['description']} at {b['confidence']:.0%} confidence; "
-            f"the best achievable{where} is {best['spec']} with predicted dPPL {best['pred_dppl']:.4f} "
-            f"(upper {best['pred_dppl_upper']:.4f}) at {best['bits_per_weight']:.2f} bits/weight")
+    from advisor.api import nearest_miss
+
+    if "fits" in df:
+        return nearest_miss(df[df["fits"]], b["description"], b["confidence"], " among those that fit")
+    return nearest_miss(df, b["description"], b["confidence"])
 
 
 def plot(rec, path: Path) -> Path:

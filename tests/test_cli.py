@@ -42,6 +42,10 @@ def test_sweep_predict_and_recommend_share_the_protocol_defaults():
     seen = {cmd: {k: getattr(parser.parse_args(a), k) for k in keys} for cmd, a in argv.items()}
     api = {k: v.default for k, v in inspect.signature(prepare).parameters.items() if k in keys}
     assert seen["sweep"] == seen["predict"] == seen["recommend"] == api
+    from advisor.commands._common import protocol_kwargs
+
+    passed = protocol_kwargs(parser.parse_args(argv["predict"]))
+    assert set(keys) <= set(passed) <= set(inspect.signature(prepare).parameters)
 
 
 @pytest.mark.parametrize("kind", ["models", "datasets"])

@@ -35,6 +35,13 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
 
 
+def protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """What :func:`add_protocol_args` parsed (plus --device and --store), as ``advisor.api.prepare``'s
+    keyword arguments: every command passes the whole protocol, none a part of it."""
+    return {k: getattr(args, k) for k in ("calib", "eval", "seq_len", "max_windows", "n_calib", "seed", "device",
+                                          "store")}
+
+
 def add_memory_args(p: argparse.ArgumentParser) -> None:
     """A memory budget for the weights (plan, recommend): --max-gb or --max-bytes."""
     m = p.add_mutually_exclusive_group()
@@ -51,6 +58,15 @@ def memory_budget(args: argparse.Namespace) -> int | None:
         if value is not None and not value > 0:
             raise AdvisorError(f"{name} must be positive, got {value}")
     return int(args.max_gb * 1e9) if args.max_gb is not None else args.max_bytes
+
+
+def predictor_from(args: argparse.Namespace):
+    """The predictor of ``--predictor PRED.json``, or None: the API then uses the shipped one."""
+    if not args.predictor:
+        return None
+    from advisor.predictor import Predictor
+
+    return Predictor.load(args.predictor)
 
 
 def add_json_arg(p: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     """Exit 0 with a chosen candidate (or with no budget given), 2 when no candidate meets the budgets."""
     from advisor.api import plan
     from advisor.cli import emit_json
-    from advisor.commands._common import memory_budget
+    from advisor.commands._common import memory_budget, predictor_from, protocol_kwargs
     from advisor.commands.recommend import _split
     from advisor.report import plan_message, plan_table
 
@@ -37,17 +37,11 @@ def run(args: argparse.Namespace) -> int:
 
         check_output_dir(args.csv, "--csv")  # before the work, not after it
     max_bytes = memory_budget(args)
-    predictor = None
-    if args.predictor:
-        from advisor.predictor import Predictor
-
-        predictor = Predictor.load(args.predictor)
+    predictor = predictor_from(args)
     df = plan(args.model, args.max_ppl_delta, max_bytes, max_ppl_ratio=args.max_ppl_ratio,
               confidence=args.confidence, methods=_split(args.methods), dtypes=_split(args.dtypes),
-              predictor=predictor, calib=args.calib, eval=args.eval, seq_len=args.seq_len,
-              max_windows=args.max_windows, n_calib=args.n_calib, seed=args.seed, device=args.device,
-              store=args.store)
-    budgeted = args.max_ppl_delta is not None or args.max_ppl_ratio is not None or max_bytes is not None
+              predictor=predictor, **protocol_kwargs(args))
+    budgeted = "passes" in df or "fits" in df
     code = 0 if df["chosen"].any() or not budgeted else 2
     if args.csv:
         from models.saving import atomic_write_text

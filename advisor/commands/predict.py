@@ -19,19 +19,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from advisor.api import predict_candidates, prepare
     from advisor.cli import emit_json
+    from advisor.commands._common import predictor_from, protocol_kwargs
     from quantizers import QuantSpec
 
     specs = [str(QuantSpec.parse(args.spec))] if args.spec else None
-    if args.predictor:
-        from advisor.predictor import Predictor
-
-        predictor = Predictor.load(args.predictor)
-    else:
-        from advisor.fitting import load_default_predictor
-
-        predictor = load_default_predictor()
-    ctx = prepare(args.model, calib=args.calib, eval=args.eval, seq_len=args.seq_len, max_windows=args.max_windows,
-                  n_calib=args.n_calib, seed=args.seed, device=args.device, store=args.store)
+    predictor = predictor_from(args)
+    ctx = prepare(args.model, **protocol_kwargs(args))
     df = predict_candidates(ctx, specs, args.confidence, predictor)
     rows = [{"spec": r["spec"], "bits_per_weight": r["bits_per_weight"], "bytes": int(r["bytes"]),
              "dl": {"mean": r["pred_dl"], "lower": r["pred_dl_lower"], "upper": r["pred_dl_upper"]},
@@ -52,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from advisor.report import extrapolation_footnote, scale_note
 
     if any(r["method_gain_extrapolated"] for r in rows):
-        print(extrapolation_footnote(predictor.design.method_guard))
+        print(extrapolation_footnote(info["design_options"]["method_guard"]))
     for line in scale_note(outside):
         print(line)
     return 0

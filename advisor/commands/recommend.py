@@ -38,20 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.report import candidates_table, write_report
 
-    from advisor.commands._common import memory_budget
+    from advisor.commands._common import memory_budget, predictor_from, protocol_kwargs
 
     max_bytes = memory_budget(args)
-    predictor = None
-    if args.predictor:
-        from advisor.predictor import Predictor
-
-        predictor = Predictor.load(args.predictor)
+    predictor = predictor_from(args)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
                     explore=not args.no_explore,
                     methods=_split(args.methods), dtypes=_split(args.dtypes), max_attempts=args.max_attempts,
-                    out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes, calib=args.calib, eval=args.eval,
-                    seq_len=args.seq_len, max_windows=args.max_windows, n_calib=args.n_calib, seed=args.seed,
-                    device=args.device, store=args.store)
+                    out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes,
+                    **protocol_kwargs(args))
     files = write_report(rec, args.out) if args.out else {}
     if args.json:
         d = rec.to_dict()
