@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from advisor.store import Store, open_store
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 
 
 # Coverage of the interval whose upper bound a candidate must meet to be chosen (plan, recommend's
@@ -75,9 +75,9 @@ def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "
             device: str = "cpu", store: Store | str | None = None, progress: bool = True) -> Context:
     """Load (if a name), cut windows, measure or reuse the baseline and the probes."""
     from advisor.probing import probe_features, probe_windows
-    from models.data import calibration_windows, eval_windows, load_corpus
-    from models.evaluate import perplexity
-    from models.loading import load
+    from advisor.models.data import calibration_windows, eval_windows, load_corpus
+    from advisor.models.evaluate import perplexity
+    from advisor.models.loading import load
 
     store = store if isinstance(store, Store) else open_store(store)
     loaded = load(model, device=device) if isinstance(model, str) else model
@@ -227,7 +227,7 @@ class Recommendation:
 def _specs(specs: list[str] | None, methods: list[str] | None, dtypes: list[str] | None) -> list[str]:
     """The candidate grid: explicit ``specs`` (validated), else the default grid filtered by methods/dtypes."""
     from advisor.candidates import default_specs
-    from quantizers import QuantSpec
+    from advisor.quantizers import QuantSpec
 
     if specs is None:
         return default_specs(methods, dtypes)
@@ -272,7 +272,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     _check_request(confidence, max_bytes)
     Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
     if out is not None:
-        from models.saving import check_output_dir
+        from advisor.models.saving import check_output_dir
 
         check_output_dir(Path(out) / "model")
     ctx = prepare(model, progress=progress, **prepare_kwargs)
@@ -373,9 +373,9 @@ def search_cheapest_verified(passes, plausible, max_attempts: int, explore: bool
 
 def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reason: str = "first choice"):
     """Quantize with the packed kernels, measure, record the run; returns the attempt and swap state."""
-    from models.evaluate import perplexity
-    from models.pipeline import quantize_model
-    from models.saving import _versions
+    from advisor.models.evaluate import perplexity
+    from advisor.models.pipeline import quantize_model
+    from advisor.models.saving import _versions
 
     t0 = time.perf_counter()
     originals = {name: layer for name, layer in ctx.loaded.adapter.linear_layers()}
@@ -396,7 +396,7 @@ def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reaso
 
 def _restore(ctx: Context, quantized) -> None:
     """Put the original nn.Linear modules back (the pipeline swapped in QuantLinear modules)."""
-    from models.pipeline import _set_module
+    from advisor.models.pipeline import _set_module
 
     originals, _ = quantized
     for name, layer in originals.items():
@@ -404,7 +404,7 @@ def _restore(ctx: Context, quantized) -> None:
 
 
 def _save(ctx: Context, quantized, attempt: Attempt, out: str | Path) -> Path:
-    from models.saving import save_quantized_model
+    from advisor.models.saving import save_quantized_model
 
     _, result = quantized
     return save_quantized_model(ctx.loaded, result, {"spec": attempt.spec, "attempt": attempt.to_dict(),

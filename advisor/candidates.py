@@ -55,7 +55,7 @@ class Candidate:
 
 def default_specs(methods: Iterable[str] | None = None, dtypes: Iterable[str] | None = None) -> list[str]:
     """The default grid, optionally restricted to some methods and/or data types (validated)."""
-    from quantizers import QuantSpec, get_dtype, get_method
+    from advisor.quantizers import QuantSpec, get_dtype, get_method
 
     methods = list(methods) if methods else None
     dtypes = list(dtypes) if dtypes else None
@@ -79,7 +79,7 @@ def _kernel_speed_table() -> dict[str, float]:
 
 
 def _dtype_names() -> set[str]:
-    from quantizers import DTYPES
+    from advisor.quantizers import DTYPES
 
     return set(DTYPES)
 
@@ -92,7 +92,7 @@ def layer_shapes(loaded) -> list[tuple[int, int]]:
 def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
               speed_table: dict[str, float] | None = None) -> Candidate:
     """Cost of one spec on a model with linear layers of ``shapes`` and ``other_params`` 16-bit parameters."""
-    from quantizers import QuantSpec
+    from advisor.quantizers import QuantSpec
 
     spec = QuantSpec.parse(spec_str)
     n = sum(o * i for o, i in shapes)
@@ -102,7 +102,7 @@ def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
     table = _kernel_speed_table() if speed_table is None else speed_table
     speed = table.get(spec.dtype)
     if speed is None:
-        from quantizers import get_dtype
+        from advisor.quantizers import get_dtype
 
         bits, known = get_dtype(spec.dtype).bits, _dtype_names()
         same = sorted(v for k, v in table.items() if k in known and get_dtype(k).bits == bits)

@@ -74,7 +74,7 @@ def _json_default(o: Any) -> Any:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from models.errors import AdvisorError
+    from advisor.models.errors import AdvisorError
 
     return (AdvisorError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 
 KNEE_KEY = "perturbation.all_knee_sigma"
 LANDSCAPE_PROBES = ("hessian", "fisher", "perturbation", "outliers", "sqnr", "second_order")
@@ -34,8 +34,8 @@ RTN_LOSS_SETTINGS = {"rtn_loss": {"keys": list(RTN_LOSS_KEYS), "n_windows": 8}}
 
 
 def spec_row(features: Mapping[str, float], spec: str, non_embedding_params: int, baseline_nll: float) -> dict:
-    from probes import feature_key
-    from quantizers import QuantSpec, get_dtype
+    from advisor.probes import feature_key
+    from advisor.quantizers import QuantSpec, get_dtype
 
     qs = QuantSpec.parse(spec)
     dt = get_dtype(qs.dtype)

@@ -108,7 +108,7 @@ def export_runs_table(store, path: str | Path) -> tuple[Path, int, int]:
 
     Returns (path, rows written, ok runs left out because their model has no stored probes).
     """
-    from models.saving import atomic_write_table
+    from advisor.models.saving import atomic_write_table
 
     df = runs_table(store)
     left_out = int(len(store.runs(status="ok")) - len(df))
@@ -133,7 +133,7 @@ def read_runs(path: str | Path) -> pd.DataFrame:
         df["group"] = [group_of(m, f) for m, f in zip(df["model"], df.get("family", [None] * len(df)))]
     check_runs(df)
     unknown_specs = []
-    from quantizers import QuantSpec
+    from advisor.quantizers import QuantSpec
 
     for i, s in enumerate(df.get("spec", [])):
         try:

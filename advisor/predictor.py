@@ -598,7 +598,7 @@ class Predictor:
                 "design_options": asdict(self.design), "n_train": self.n_train_}
 
     def save(self, path: str | Path) -> Path:
-        from models.saving import atomic_write_text
+        from advisor.models.saving import atomic_write_text
 
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 

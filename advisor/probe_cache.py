@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    from models.paths import advisor_home
+    from advisor.models.paths import advisor_home
 
     folder = advisor_home() / "probes"
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,8 +30,8 @@ def cache_dir() -> Path:
 def cache_key(fingerprint: str, names: list[str], settings: Mapping[str, Mapping[str, Any]],
               calib_protocol: Mapping[str, Any], seed: int) -> str:
     """Hex key of one probe run (see module docstring)."""
-    from probes import get_probe
-    from probes.base import FORMAT_VERSION
+    from advisor.probes import get_probe
+    from advisor.probes.base import FORMAT_VERSION
 
     payload = {
         "format": FORMAT_VERSION,
@@ -78,7 +78,7 @@ def cached_run_probes(loaded, calib, names: list[str] | None = None, seed: int =
     Returns:
         (FeatureRecord, cached: bool)
     """
-    from probes import PROBES, FeatureRecord, resolve_all_settings, run_probes
+    from advisor.probes import PROBES, FeatureRecord, resolve_all_settings, run_probes
 
     names = list(PROBES) if names is None else list(dict.fromkeys(names))
     resolved = resolve_all_settings(names, settings)

@@ -19,8 +19,8 @@ PROBE_FORMAT = 1  # bump when probe definitions change, so stale cached features
 
 def probe_windows(loaded, calib_data: str, exclude=None, seed: int = 0):
     """The probes' own (small) calibration windows, cut from the calibration corpus."""
-    from models.data import calibration_windows, load_corpus
-    from probes import DEFAULT_CALIB_SEQ_LEN, DEFAULT_N_CALIB
+    from advisor.models.data import calibration_windows, load_corpus
+    from advisor.probes import DEFAULT_CALIB_SEQ_LEN, DEFAULT_N_CALIB
 
     seq = min(DEFAULT_CALIB_SEQ_LEN, loaded.adapter.max_context or DEFAULT_CALIB_SEQ_LEN)
     return calibration_windows(loaded.tokenizer, load_corpus(calib_data), DEFAULT_N_CALIB, seq, seed=seed,
@@ -29,7 +29,7 @@ def probe_windows(loaded, calib_data: str, exclude=None, seed: int = 0):
 
 def _cached_bundle(loaded, windows, key: dict[str, Any], names: list[str], settings: dict, store: Store | None,
                    seed: int) -> tuple[dict[str, float], dict[str, Any]]:
-    from probes import run_probes
+    from advisor.probes import run_probes
 
     fp = loaded.source.fingerprint
     if store is not None:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.saving import atomic_write_text
+from advisor.models.saving import atomic_write_text
 
 
 def extrapolation_footnote(method_guard: bool | None) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 
 SCHEMA_VERSION = 1
 
@@ -259,13 +259,13 @@ class Store:
 
     def export(self, path: str | Path) -> Path:
         """Write all runs to CSV or parquet (by suffix), atomically."""
-        from models.saving import atomic_write_table
+        from advisor.models.saving import atomic_write_table
 
         return atomic_write_table(path, self.runs(status=None))
 
 
 def default_store_path() -> Path:
-    from models.paths import advisor_home
+    from advisor.models.paths import advisor_home
 
     return advisor_home() / "measurements.sqlite"
 

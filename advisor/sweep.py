@@ -53,7 +53,7 @@ class SweepSummary:
 
 
 def _versions() -> dict[str, str]:
-    from models.saving import _versions as v
+    from advisor.models.saving import _versions as v
 
     return v()
 
@@ -62,9 +62,9 @@ class ModelSession:
     """One loaded model with its windows, baseline and pristine weights, ready to measure specs."""
 
     def __init__(self, name: str, protocol: Protocol, store: Store, progress: bool = False):
-        from models.data import calibration_windows, eval_windows, load_corpus
-        from models.evaluate import perplexity
-        from models.loading import load
+        from advisor.models.data import calibration_windows, eval_windows, load_corpus
+        from advisor.models.evaluate import perplexity
+        from advisor.models.loading import load
 
         self.name, self.protocol, self.store, self.progress = name, protocol, store, progress
         self.loaded = load(name, device=protocol.device)
@@ -99,8 +99,8 @@ class ModelSession:
 
     def measure(self, spec: str, source: str = "sweep") -> dict[str, Any]:
         """Quantize (fake-quant), evaluate, record one run; weights are restored afterwards."""
-        from models.evaluate import perplexity
-        from models.pipeline import quantize_model
+        from advisor.models.evaluate import perplexity
+        from advisor.models.pipeline import quantize_model
 
         t0 = time.perf_counter()
         row: dict[str, Any] = dict(model_fp=self.fp, model_name=self.name, spec=spec, calibration=self.calib.protocol,
@@ -142,7 +142,7 @@ def run_sweep(models: list[str], specs: list[str], store: Store, protocol: Proto
     """
     from tqdm.auto import tqdm
 
-    from quantizers import QuantSpec
+    from advisor.quantizers import QuantSpec
 
     specs = [str(QuantSpec.parse(s)) for s in specs]  # validate all before any work
     summary = SweepSummary()

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.probing import store_probes
     from advisor.store import open_store
     from advisor.sweep import Protocol, run_sweep
-    from models.saving import atomic_write_text
+    from advisor.models.saving import atomic_write_text
 
     t0 = time.perf_counter()
     if args.refit_only:

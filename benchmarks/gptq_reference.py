@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-import quantizers as q
-from quantizers.gptq import gptq_quantize_weight
-from quantizers.synthetic import synthetic_layer
+import advisor.quantizers as q
+from advisor.quantizers.gptq import gptq_quantize_weight
+from advisor.quantizers.synthetic import synthetic_layer
 
 CASES = [  # (out, in, bits, group)  group None = per output channel
     (768, 768, 4, None), (768, 768, 4, 128), (576, 1536, 4, None), (576, 1536, 4, 128),

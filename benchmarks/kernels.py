@@ -31,9 +31,8 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
-from kernels.codebook import exmy_grid  # noqa: E402
+from advisor import kernels  # noqa: E402
+from advisor.kernels.codebook import exmy_grid  # noqa: E402
 
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,

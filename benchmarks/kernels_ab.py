@@ -3,7 +3,7 @@
 Usage: python benchmarks/kernels_ab.py --against REV [--formats int4 int3 nf4 fp6_e3m2] [--rounds 15]
 
 For a refactor of kernels/cpu.py that should not change speed (e.g. how the kernel paths are split into
-compiled functions): REV's ``kernels/cpu.py`` is loaded next to this one as ``kernels._cpu_rev`` (it
+compiled functions): REV's ``kernels/cpu.py`` is loaded next to this one as ``advisor.kernels._cpu_rev`` (it
 shares this tree's ``simd`` and ``team`` modules, so only revisions whose cpu.py works with them
 compare), both run the same 4096x4096 layer (``benchmarks/kernels.py``'s ``build``) on the same
 phase-ordered input at batch 1 and 8, outputs must be bitwise equal, and timings alternate in
@@ -24,7 +24,6 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main() -> None:
@@ -49,9 +48,9 @@ def _run(args) -> None:
     import numpy as np
     import torch
 
-    from kernels import cpu as this
-    from kernels.int_pack import UNIT
-    rev = importlib.import_module("kernels._cpu_rev")
+    from advisor.kernels import cpu as this
+    from advisor.kernels.int_pack import UNIT
+    rev = importlib.import_module("advisor.kernels._cpu_rev")
     spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "benchmarks", "kernels.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -89,7 +88,7 @@ def _run(args) -> None:
     out = {"command": "python benchmarks/kernels_ab.py " + " ".join(sys.argv[1:]),
            "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "threads": torch.get_num_threads(),
            "rows": rows}
-    from models.saving import atomic_write_text
+    from advisor.models.saving import atomic_write_text
 
     atomic_write_text(os.path.join(ROOT, "benchmarks", "results", "kernels_ab.json"), json.dumps(out, indent=1))
     print("wrote benchmarks/results/kernels_ab.json")

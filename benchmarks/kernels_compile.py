@@ -8,7 +8,8 @@ with an empty ``NUMBA_CACHE_DIR``, the first batch-1 and batch-3 forwards of a 4
 built by ``benchmarks/kernels.py`` of the same tree (every decode path of the layout gets
 compiled), then the same in a second child that loads the
 cache the first one wrote. With ``--against REV`` the same is measured on a ``git worktree`` of
-REV, alternating the two trees format by format so both see the same machine load; the printed
+REV (a revision with the ``advisor.`` import namespace, its ``kernels/`` loaded as ``advisor.kernels``),
+alternating the two trees format by format so both see the same machine load; the printed
 ratio is REV / this tree. Writes benchmarks/results/kernels_compile.json.
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 FORMATS = ["int4", "int3", "nf4", "fp6_e3m2"]
 
 CHILD = r"""
@@ -31,9 +31,16 @@ import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import importlib.util
 import torch
+import advisor
+# That tree's kernels/ as advisor.kernels (the installed one is this tree's), before its benchmark imports it.
+spec = importlib.util.spec_from_file_location("advisor.kernels", {root!r} + "/kernels/__init__.py",
+                                              submodule_search_locations=[{root!r} + "/kernels"])
+pkg = importlib.util.module_from_spec(spec)
+sys.modules["advisor.kernels"] = pkg
+spec.loader.exec_module(pkg)
 spec = importlib.util.spec_from_file_location("bench_kernels", {root!r} + "/benchmarks/kernels.py")
 bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)  # puts {root!r} first on sys.path: that tree's kernels package
+spec.loader.exec_module(bench)
 mod = bench.build({fmt!r}, 40, 512)
 out = {{}}
 for b in (1, 3):
@@ -49,7 +56,7 @@ def _child(root: str, fmt: str, cache: str) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache)
     code = CHILD.format(root=root, fmt=fmt)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       cwd=root)
+                       cwd=cache)  # not the tree: its kernels/ folder would shadow other packages' `kernels`
     if r.returncode:
         raise SystemExit(f"child failed for {fmt} in {root}:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -98,7 +105,7 @@ def main() -> None:
            "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "machine": {"cpus": os.cpu_count(), "processor": platform.processor()},
            "rows": rows, "total_cold_s": total}
-    from models.saving import atomic_write_text
+    from advisor.models.saving import atomic_write_text
 
     atomic_write_text(os.path.join(ROOT, "benchmarks", "results", "kernels_compile.json"), json.dumps(out, indent=1))
     print("wrote benchmarks/results/kernels_compile.json")

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _timed(fn, calls: int, before=None) -> float:
@@ -54,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.kernels import build
-    from models.saving import atomic_write_text
+    from advisor.models.saving import atomic_write_text
 
     import numpy as np
 
-    from kernels import team
+    from advisor.kernels import team
 
     flush_buf = np.ones(96 * 2 ** 20 // 8)
 

@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from advisor.fitting import fit, read_runs, shipped_runs
     from advisor.predictor import Design, PredictorError, error_report
-    from models.saving import atomic_write_text
+    from advisor.models.saving import atomic_write_text
 
     if not isinstance(getattr(Design(), args.design, None), bool):
         raise SystemExit(f"--design {args.design}: not a boolean option of advisor.predictor.Design")

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "text" / "wikitext-2-raw-v1" / "wiki.test.raw"
 METHOD_SPECS = ["gptq:int4:g128", "gptq:int3:g128", "awq:int3:g128", "quantease:int3:g128"]
@@ -55,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.probing import store_probes
     from advisor.store import open_store
     from advisor.sweep import Protocol, run_sweep
-    from models.paths import advisor_home
-    from models.saving import atomic_write_table, atomic_write_text
+    from advisor.models.paths import advisor_home
+    from advisor.models.saving import atomic_write_table, atomic_write_text
 
     specs = args.specs or [s for s in DEFAULT_SPECS if s.startswith("rtn:")] + METHOD_SPECS
     store = open_store(args.store or advisor_home() / f"predictor_blind_{args.name}.sqlite")

@@ -31,7 +31,6 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SIGMAS = {"0p25": 0.0025, "0p75": 0.0075, "2p2": 0.022, "6p6": 0.066, "20": 0.20}
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from advisor import predictor as P
     from advisor.fitting import stored_features
     from advisor.store import open_store
-    from models.saving import atomic_write_text
+    from advisor.models.saving import atomic_write_text
 
     warnings.filterwarnings("ignore")
     df = pd.read_csv(ROOT / "advisor" / "data" / "runs.csv")

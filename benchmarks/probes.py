@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WIKITEXT = Path("/work/shared/data/text/wikitext-2-raw-v1/wiki.test.raw")
 SMOLLM = "smollm2-135m"
@@ -42,8 +41,8 @@ log = logging.getLogger("benchmarks.probes")
 def default_models() -> list[str]:
     names = ["zoo:default"]
     try:
-        from models.zoo import zoo_names
-        from models.zoo.build import is_present, model_dir
+        from advisor.models.zoo import zoo_names
+        from advisor.models.zoo.build import is_present, model_dir
 
         names += [f"zoo:{n}" for n in zoo_names() if is_present(model_dir(n))]
     except ImportError:
@@ -61,9 +60,9 @@ def rtn_dnll(loaded, eval_ids, dtypes: list[str], symmetric: bool = False, batch
     """
     import torch
 
-    from probes import default_group
-    from probes._rtn import rtn_error
-    from probes._util import layer_infos, mean_nll
+    from advisor.probes import default_group
+    from advisor.probes._rtn import rtn_error
+    from advisor.probes._util import layer_infos, mean_nll
 
     layers = layer_infos(loaded)
     base = mean_nll(loaded.model, eval_ids, batch_size=batch_size)
@@ -99,12 +98,12 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def bench_model(name: str, args) -> dict:
-    from models.data import calibration_windows, eval_windows, load_corpus
-    from models.evaluate import perplexity
-    from models.loading import load
-    import probes
-    from probes import feature_key, run_probes
-    from probes._rtn import dtype_names
+    from advisor.models.data import calibration_windows, eval_windows, load_corpus
+    from advisor.models.evaluate import perplexity
+    from advisor.models.loading import load
+    from advisor import probes
+    from advisor.probes import feature_key, run_probes
+    from advisor.probes._rtn import dtype_names
 
     t0 = time.perf_counter()
     loaded = load(name)
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore")
-    from models.errors import AdvisorError
+    from advisor.models.errors import AdvisorError
 
     models = args.models or default_models()
     per_model, skipped = {}, {}

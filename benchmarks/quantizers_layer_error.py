@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-import quantizers as q
-from quantizers.synthetic import synthetic_layer
+import advisor.quantizers as q
+from advisor.quantizers.synthetic import synthetic_layer
 
 METHODS = ("rtn", "gptq", "awq", "quantease", "quantease:winit", "quantease-outlier", "nonuniform")
 BITS = ("int3", "int4")
@@ -58,8 +58,8 @@ def print_table(title, rows):
 
 def real_layers(model_name, calib_spec, n_windows, seq_len, blocks, layer_paths, seed):
     """H and mean |x| of the chosen layers' inputs over full-precision calibration windows."""
-    import models
-    from models.data import calibration_windows, load_corpus
+    from advisor import models
+    from advisor.models.data import calibration_windows, load_corpus
 
     loaded = models.load(model_name)
     corpus = load_corpus(calib_spec)

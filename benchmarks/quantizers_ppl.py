@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "text"
 METHODS = ("rtn", "gptq", "awq", "quantease", "quantease-outlier")
 
 
 def _write(args, loaded, cal, ev, base, rows, argv, complete: bool) -> dict:
-    from models.saving import atomic_write_text
+    from advisor.models.saving import atomic_write_text
 
     result = {"model": args.model, "model_notes": list(loaded.source.notes), "calibration": cal.protocol,
               "protocol": ev.protocol, "baseline_ppl": base.ppl, "rows": rows, "complete": complete,
@@ -53,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from models.data import calibration_windows, eval_windows, load_corpus
-    from models.evaluate import perplexity
-    from models.loading import load
-    from models.pipeline import _set_module, quantize_model
+    from advisor.models.data import calibration_windows, eval_windows, load_corpus
+    from advisor.models.evaluate import perplexity
+    from advisor.models.loading import load
+    from advisor.models.pipeline import _set_module, quantize_model
 
     loaded = load(args.model)
     ev = eval_windows(loaded.tokenizer, load_corpus(args.eval), args.seq_len, args.max_windows)

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def brute_force_choice(model_runs, order: list[str], max_dl: float) -> dict | None:
@@ -78,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.fitting import SHIPPED_RUNS, fit, read_runs
     from advisor.store import Store
     from advisor.sweep import Protocol
-    from models.loading import load
-    from models.saving import atomic_write_text
+    from advisor.models.loading import load
+    from advisor.models.saving import atomic_write_text
 
     torch.manual_seed(0)
     df = read_runs(args.runs or SHIPPED_RUNS)

@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
            for name, cases in case_sets.items() for conf in args.confidences for explore in args.explore]
     print(json.dumps(out, indent=1))
     if args.out:
-        from models.saving import atomic_write_text
+        from advisor.models.saving import atomic_write_text
 
         cmd = "python benchmarks/recommend_confidence.py " + " ".join(argv if argv is not None else sys.argv[1:])
         atomic_write_text(args.out, json.dumps({"command": cmd, "results": out}, indent=1))

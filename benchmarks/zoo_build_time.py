@@ -22,16 +22,15 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _time_one(family: str, size: str, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(1)  # as a build worker: one single-threaded process per model
-    from models.zoo.configs import make_recipe
-    from models.zoo.manifest import evaluate_folder
-    from models.zoo.train import save_model, train
+    from advisor.models.zoo.configs import make_recipe
+    from advisor.models.zoo.manifest import evaluate_folder
+    from advisor.models.zoo.train import save_model, train
 
     recipe = make_recipe(family, size, steps=steps, warmup_steps=1)
     result = train(recipe, progress=False)
@@ -52,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo_build_time.json"))
     args = p.parse_args(argv)
 
-    from models.saving import atomic_write_text
-    from models.zoo.configs import FAMILY_NAMES, SIZES
-    from models.zoo.manifest import manifest_models
+    from advisor.models.saving import atomic_write_text
+    from advisor.models.zoo.configs import FAMILY_NAMES, SIZES
+    from advisor.models.zoo.manifest import manifest_models
 
     load_before = os.getloadavg()
     pairs = [(f, s) for s in SIZES for f in FAMILY_NAMES]

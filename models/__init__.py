@@ -6,6 +6,6 @@ from typing import Any
 
 def load(name: str, **kwargs: Any):
     """Load a model; see :func:`models.loading.load` (imported lazily to keep the CLI fast)."""
-    from models.loading import load as _load
+    from advisor.models.loading import load as _load
 
     return _load(name, **kwargs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 
 
 @dataclass(frozen=True)

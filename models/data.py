@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from models.errors import DataError, unknown_key_message
+from advisor.models.errors import DataError, unknown_key_message
 
 STDLIB_PARTS = {"train": (0, 80), "calib": (80, 90), "eval": (90, 100)}
 _STDLIB_SKIP = ("site-packages/", "test/", "idlelib/", "lib2to3/tests/", "tkinter/test/")

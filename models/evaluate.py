@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.data import Windows
-from models.errors import AdvisorError
+from advisor.models.data import Windows
+from advisor.models.errors import AdvisorError
 
 
 @dataclass(frozen=True)

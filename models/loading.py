@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.adapters import Adapter, get_adapter
-from models.errors import AdvisorError, ModelNotFoundError, unknown_key_message
-from models.registry import ALIASES
+from advisor.models.adapters import Adapter, get_adapter
+from advisor.models.errors import AdvisorError, ModelNotFoundError, unknown_key_message
+from advisor.models.registry import ALIASES
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def resolve(name: str) -> tuple[str, str, tuple[str, ...]]:
         ModelNotFoundError: unknown alias (with close matches), missing file or package.
     """
     if name.startswith("zoo:"):
-        from models.zoo import resolve_zoo_model
+        from advisor.models.zoo import resolve_zoo_model
 
         return "zoo", str(resolve_zoo_model(name[4:])), ()
     if name in ALIASES:
@@ -204,7 +204,7 @@ def load(
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    from models.memory import check_fits, model_numel
+    from advisor.models.memory import check_fits, model_numel
 
     local = target if kind != "hub" else str(_hub_folder(target))
     bytes_per_param = torch.finfo(dtype).bits // 8

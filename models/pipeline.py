@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.data import Windows
-from models.errors import AdvisorError
+from advisor.models.data import Windows
+from advisor.models.errors import AdvisorError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
     """
     from tqdm.auto import tqdm
 
-    from quantizers import LayerStats, QuantSpec, get_method
+    from advisor.quantizers import LayerStats, QuantSpec, get_method
 
     spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
     method = get_method(spec.method)
@@ -220,7 +220,7 @@ def _check_memory(loaded, spec, calib, need_h: bool, need_abs: bool, device: tor
     """Refuse before any work when the run's working memory cannot fit (CPU: MemAvailable)."""
     if device.type != "cpu":
         return  # GPU memory is the user's allocator's business; torch raises a clear OOM there
-    from models.memory import check_quantization_fits, quantization_working_bytes
+    from advisor.models.memory import check_quantization_fits, quantization_working_bytes
 
     shapes = [(layer.out_features, layer.in_features) for _, layer in loaded.adapter.linear_layers()]
     hidden = getattr(loaded.model.config, "hidden_size", None) or getattr(loaded.model.config, "n_embd", 0)
@@ -237,7 +237,7 @@ def _quantize_layer(block: nn.Module, path: str, full: str, layer: nn.Linear, me
     W_hat = qw.dequantize().to(W.device)
     rel = None
     if stats.H is not None:
-        from quantizers import layer_error
+        from advisor.quantizers import layer_error
 
         base = layer_error(W.float(), torch.zeros_like(W, dtype=torch.float32), stats.H)
         rel = layer_error(W.float(), W_hat, stats.H) / base if base > 0 else 0.0

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 
 
 def _versions() -> dict[str, str]:

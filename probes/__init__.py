@@ -4,11 +4,11 @@
 one model and calibration set and returns a ``FeatureRecord`` keyed ``"<probe>.<feature>"``.
 Order matters only for cost: ``fisher`` and ``sqnr`` before ``second_order`` share their work.
 """
-from probes.base import (DEFAULT_CALIB, DEFAULT_CALIB_SEQ_LEN, DEFAULT_N_CALIB, PROBES, FeatureRecord, Probe,
+from advisor.probes.base import (DEFAULT_CALIB, DEFAULT_CALIB_SEQ_LEN, DEFAULT_N_CALIB, PROBES, FeatureRecord, Probe,
                          ProbeContext, ProbeResult, get_probe, resolve_all_settings, run_probes)
-from probes import hessian, fisher, perturbation, outliers, sqnr, second_order, rtn_loss  # noqa: E402,F401 (registration)
-from probes._rtn import default_group
-from probes._util import spec_key
+from advisor.probes import hessian, fisher, perturbation, outliers, sqnr, second_order, rtn_loss  # noqa: E402,F401 (registration)
+from advisor.probes._rtn import default_group
+from advisor.probes._util import spec_key
 
 
 def feature_key(spec) -> str:
@@ -17,7 +17,7 @@ def feature_key(spec) -> str:
     ``rtn:int4:g128 -> int4_g128``, ``rtn:int8 -> int8_pc``, ``gptq:mxfp4 -> mxfp4``. Asymmetric
     specs map to their symmetric key (the probes measure symmetric RTN).
     """
-    from quantizers import QuantSpec, get_dtype
+    from advisor.quantizers import QuantSpec, get_dtype
 
     spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
     return spec_key(spec.dtype, spec.group_size, get_dtype(spec.dtype).block_size)

@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from probes._util import LayerInfo, spec_key
+from advisor.probes._util import LayerInfo, spec_key
 
 # Group sizes compared by ``sqnr`` (None = one scale per output channel); MX types have a fixed block.
 SQNR_GROUP_SIZES: tuple[int | None, ...] = (None, 32, 64, 128)
@@ -24,14 +24,14 @@ _DEFAULT_GROUP = {"int2": 64, "int3": 128, "int4": 128, "fp4_e2m1": 128, "nf4": 
 
 
 def dtype_names() -> list[str]:
-    from quantizers import DTYPES
+    from advisor.quantizers import DTYPES
 
     return list(DTYPES)
 
 
 def default_group(dtype: str) -> int | None:
     """The group size ``second_order`` uses for ``dtype`` by default (None = per channel or MX block)."""
-    from quantizers import get_dtype
+    from advisor.quantizers import get_dtype
 
     if get_dtype(dtype).block_size is not None:
         return None
@@ -40,7 +40,7 @@ def default_group(dtype: str) -> int | None:
 
 def configs(dtypes: list[str] | None = None, all_group_sizes: bool = True) -> list[tuple[str, int | None, str]]:
     """(dtype, group_size, feature key) for every data type and, optionally, every ``SQNR_GROUP_SIZES``."""
-    from quantizers import get_dtype
+    from advisor.quantizers import get_dtype
 
     out = []
     for name in dtypes or dtype_names():
@@ -71,7 +71,7 @@ def row_fraction(layers: list[LayerInfo], max_elements: int | None) -> float:
 
 def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
     """``Q(W)``: the round-to-nearest weights, float32 (rows, in), through the quantizers' RTN method."""
-    from quantizers import LayerStats, QuantSpec, get_method
+    from advisor.quantizers import LayerStats, QuantSpec, get_method
 
     spec = QuantSpec("rtn", dtype, group_size)
     return get_method("rtn").quantize(W.detach().float(), spec, LayerStats()).dequantize()

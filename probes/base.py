@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from models.data import Windows
-from models.errors import AdvisorError, unknown_key_message
+from advisor.models.data import Windows
+from advisor.models.errors import AdvisorError, unknown_key_message
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Probe:
         Raises:
             AdvisorError: no linear layers, empty calibration set, unknown setting.
         """
-        from probes._util import check_inputs
+        from advisor.probes._util import check_inputs
 
         resolved = self.resolve_settings(settings)
         check_inputs(loaded, calib)
@@ -236,7 +236,7 @@ def run_probes(loaded, calib: Windows, names: list[str] | None = None, seed: int
     Raises:
         AdvisorError: unknown probe or setting, no linear layers, empty calibration set.
     """
-    from probes._util import check_inputs
+    from advisor.probes._util import check_inputs
 
     names = list(PROBES) if names is None else list(dict.fromkeys(names))
     if not names:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probes._util import device_of, first_windows, grad_only, layer_infos, preserved_state, token_nll
-from probes.base import Probe, ProbeContext, ProbeResult, get_probe, register
+from advisor.probes._util import device_of, first_windows, grad_only, layer_infos, preserved_state, token_nll
+from advisor.probes.base import Probe, ProbeContext, ProbeResult, get_probe, register
 
 
 def fisher_diagonal_reference(model, params: list[torch.Tensor], ids: torch.Tensor, labels: str = "empirical",

@@ -19,9 +19,9 @@ import math
 import pandas as pd
 import torch
 
-from probes._util import (double_backward_attention, first_windows, grad_only, input_hooks, layer_infos,
+from advisor.probes._util import (double_backward_attention, first_windows, grad_only, input_hooks, layer_infos,
                           preserved_state, select_layers, token_nll, device_of)
-from probes.base import Probe, ProbeContext, ProbeResult, register
+from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)

@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.data import Corpus, calibration_windows, load_corpus, stdlib_files
-from models.errors import AdvisorError
-from probes._util import LayerInfo, device_of, first_windows, input_hooks, layer_infos, preserved_state
-from probes.base import Probe, ProbeContext, ProbeResult, register
+from advisor.models.data import Corpus, calibration_windows, load_corpus, stdlib_files
+from advisor.models.errors import AdvisorError
+from advisor.probes._util import LayerInfo, device_of, first_windows, input_hooks, layer_infos, preserved_state
+from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from probes._util import ATTN, MLP, device_of, first_windows, layer_infos, mean_nll, preserved_state, sigma_key
-from probes.base import Probe, ProbeContext, ProbeResult, register
+from advisor.probes._util import ATTN, MLP, device_of, first_windows, layer_infos, mean_nll, preserved_state, sigma_key
+from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 
 TARGETS = ("all", ATTN, MLP)
 

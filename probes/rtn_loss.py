@@ -28,10 +28,10 @@ import math
 import pandas as pd
 import torch
 
-from probes._rtn import configs, rtn_weight
-from probes._util import first_windows, layer_infos, preserved_state, window_nll
-from probes.base import Probe, ProbeContext, ProbeResult, register
-from models.errors import AdvisorError
+from advisor.probes._rtn import configs, rtn_weight
+from advisor.probes._util import first_windows, layer_infos, preserved_state, window_nll
+from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
+from advisor.models.errors import AdvisorError
 
 
 def format_table(keys: list[str] | None) -> list[tuple[str, int | None, str]]:

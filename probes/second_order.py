@@ -26,10 +26,10 @@ import math
 import pandas as pd
 import torch
 
-from probes._rtn import cached_rtn_errors, configs, default_group, row_fraction
-from probes._util import layer_infos, spec_key
-from probes.base import Probe, ProbeContext, ProbeResult, register
-from probes.fisher import ensure_fisher
+from advisor.probes._rtn import cached_rtn_errors, configs, default_group, row_fraction
+from advisor.probes._util import layer_infos, spec_key
+from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
+from advisor.probes.fisher import ensure_fisher
 
 
 def second_order_estimate(fisher: torch.Tensor, error: torch.Tensor) -> float:
@@ -49,7 +49,7 @@ class SecondOrderProbe(Probe):
     }
 
     def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
-        from quantizers import get_dtype
+        from advisor.quantizers import get_dtype
 
         layers = layer_infos(loaded)
         diag, grad = ensure_fisher(loaded, calib, seed, context)

@@ -16,9 +16,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from probes._rtn import cached_rtn_errors, configs, layer_rows, row_fraction
-from probes._util import layer_infos
-from probes.base import Probe, ProbeContext, ProbeResult, register
+from advisor.probes._rtn import cached_rtn_errors, configs, layer_rows, row_fraction
+from advisor.probes._util import layer_infos
+from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 
 
 def sqnr_db(signal: float, noise: float) -> float:

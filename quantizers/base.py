@@ -91,17 +91,15 @@ class QuantizedWeight:
         return W
 
     def pack(self, bias: torch.Tensor | None = None):
-        """Pack into a ``kernels.QuantLinear`` (imported lazily; kernels is a separate package).
+        """Pack into an ``advisor.kernels.QuantLinear`` (imported here: the kernels pull in numba).
 
         Meta passed to ``kernels.pack_linear``: ``spec``, ``dtype``; ``scale_pow2`` for MX (E8M0 scales);
         ``input_scale`` for AWQ; ``scale_dtype="float32"`` when there are offsets, because an offset
         ``-zero_point * scale`` is not fp16-exact (the bits we count are a ``b``-bit integer zero point,
         which the packed layer would need to store to be both exact and that small).
         """
-        kernels = importlib.import_module("kernels")
-        pack_linear = getattr(kernels, "pack_linear", None)
-        if pack_linear is None:
-            raise NotImplementedError("kernels.pack_linear is not available yet")
+        from advisor.kernels import pack_linear
+
         meta: dict[str, Any] = {"spec": str(self.spec), "dtype": self.dtype.name}
         if self.dtype.scale_format == "e8m0":
             meta["scale_pow2"] = True

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 WIKITEXT = SHARED / "data/text/wikitext-2-raw-v1/wiki.test.raw"
 PTB = SHARED / "data/text/ptb/ptb.valid.txt"
 
 VOCAB = 96
+
+if any(Path(p or ".").resolve() == ROOT for p in sys.path):
+    pytest.exit("the checkout is on sys.path (python -m pytest from it, or PYTHONPATH), where its kernels/ folder "
+                "shadows Hugging Face's `kernels`: run the tests with the pytest script (make test)", returncode=4)
 
 
 def tiny_config(arch: str):

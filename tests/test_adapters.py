@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.adapters import get_adapter
-from models.errors import AdvisorError
+from advisor.models.adapters import get_adapter
+from advisor.models.errors import AdvisorError
 from tests.conftest import ARCHS, tiny_model
 
 EXPECTED_FIRST = {"llama": "self_attn.q_proj", "mistral": "self_attn.q_proj", "qwen2": "self_attn.q_proj",

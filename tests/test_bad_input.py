@@ -96,8 +96,9 @@ def test_full_disk_while_saving_leaves_nothing_behind(tiny_folder, tmp_path):
     # First without the limit: numba writes its compiled-kernel cache on first use, and that write would
     # fail first (a full disk breaks numba's cache too; the point here is the model save).
     warm = [*argv[:-1], str(tmp_path / "warm" / "model")]
-    assert subprocess.run(warm, capture_output=True, env=env, timeout=300).returncode == 0
-    r = subprocess.run(argv, capture_output=True, text=True, preexec_fn=cap_file_size, env=env, timeout=300)
+    assert subprocess.run(warm, capture_output=True, env=env, timeout=300, cwd=tmp_path).returncode == 0
+    r = subprocess.run(argv, capture_output=True, text=True, preexec_fn=cap_file_size, env=env, timeout=300,
+                       cwd=tmp_path)
     assert r.returncode != 0, r.stdout
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -17,13 +17,13 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-def test_help_is_fast_and_lists_commands():
+def test_help_is_fast_and_lists_commands(tmp_path):
     # heavy libraries stay out of --help
     code = ("import sys, advisor.cli as c; c.build_parser(); "
             "print(any(m in sys.modules for m in ('torch', 'transformers', 'datasets')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert out.strip() == "False"
-    res = subprocess.run([sys.executable, "-m", "advisor.cli", "--help"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "advisor.cli", "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "eval" in res.stdout and "ls" in res.stdout
 
 
@@ -86,6 +86,7 @@ def test_bad_input_gives_clear_error_and_nonzero_exit(capsys, tiny_folder, tmp_p
 
 
 @pytest.mark.skipif(not WIKITEXT.exists(), reason="needs ../shared")
-def test_unknown_command_exits_nonzero():
-    res = subprocess.run([sys.executable, "-m", "advisor.cli", "frobnicate"], capture_output=True, text=True)
+def test_unknown_command_exits_nonzero(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "advisor.cli", "frobnicate"], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert res.returncode != 0 and "invalid choice" in res.stderr

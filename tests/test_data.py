@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.data import (DATASETS, calibration_windows, eval_windows, load_corpus, stdlib_files)
-from models.errors import DataError
+from advisor.models.data import (DATASETS, calibration_windows, eval_windows, load_corpus, stdlib_files)
+from advisor.models.errors import DataError
 from tests.conftest import PTB, WIKITEXT
 
 

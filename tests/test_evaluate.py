@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.data import Windows
-from models.evaluate import perplexity
+from advisor.models.data import Windows
+from advisor.models.evaluate import perplexity
 from tests.conftest import ARCHS, tiny_model
 
 

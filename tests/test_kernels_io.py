@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from kernels.gptq_format import gptq_tensors
+from advisor import kernels
+from advisor.kernels.gptq_format import gptq_tensors
 
 warnings.filterwarnings("ignore", module="numba")
 
@@ -26,7 +26,7 @@ def _int_layer(bits, out=64, inn=256, group=128, sym=False, seed=0, bias=True):
 
 
 def test_save_load_roundtrip(tmp_path):
-    from kernels.codebook import exmy_grid
+    from advisor.kernels.codebook import exmy_grid
 
     a = _int_layer(4)
     b = kernels.pack_linear(torch.randint(0, 64, (8, 40)), torch.rand(8, 1), None, bits=6,
@@ -69,7 +69,7 @@ def test_gptq_export_reads_back(tmp_path, bits, sym):
 
 
 def test_gptq_export_rejects_non_integer_formats(tmp_path):
-    from kernels.codebook import exmy_grid
+    from advisor.kernels.codebook import exmy_grid
 
     fp = kernels.pack_linear(torch.randint(0, 16, (8, 128)), torch.rand(8, 1), None, bits=4,
                              table=torch.tensor(exmy_grid(2, 1)).float(), group_size=128)

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from kernels.codebook import exmy_grid
+from advisor import kernels
+from advisor.kernels.codebook import exmy_grid
 
 warnings.filterwarnings("ignore", module="numba")
 BATCHES = [1, 3, 8, 33]
@@ -124,7 +124,7 @@ WIDE_EXPECTED = {"int4_g128": False, "int4_odd_group_tail": False,
 
 
 def _qgemv(mod, x, mode, vdec):
-    from kernels import cpu
+    from advisor.kernels import cpu
 
     f = mod._fast_args()
     unit = cpu.WIDE_UNIT if mode == 2 else kernels.int_pack.UNIT[mod.layout]
@@ -184,16 +184,15 @@ def test_portable_simd_fallback_without_avx512(tmp_path):
     import subprocess
     import sys
 
-    code = ("import torch, kernels; from kernels import simd; assert not simd.HAS_AVX512\n"
-            "from kernels.codebook import exmy_grid\n"
+    code = ("import torch; from advisor import kernels; from advisor.kernels import simd; assert not simd.HAS_AVX512\n"
+            "from advisor.kernels.codebook import exmy_grid\n"
             "for bits, table in ((4, torch.arange(16.0)), (6, torch.tensor(exmy_grid(3, 2)).float())):\n"
             "    m = kernels.pack_linear(torch.randint(0, 2 ** bits, (20, 512)), torch.rand(20, 4),"
             " None, bits=bits, table=table, group_size=128)\n"
             "    x = torch.randn(1, 512); r = m.reference_forward(x)\n"
             "    assert ((m(x) - r).abs().max() / r.abs().max()) < 1e-5\n")
     env = dict(os.environ, KERNELS_PORTABLE_SIMD="1", NUMBA_CACHE_DIR=str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
 
 
 @pytest.mark.slow
@@ -262,7 +261,7 @@ def test_decode_runs_on_torchs_openmp_team_and_agrees_with_own_threads(monkeypat
     """The batch-1..8 kernel runs on torch's OpenMP team (kernels.team) when torch is built on
     OpenMP; the fallback with the kernel's own helper threads gives the same numbers, bit for bit
     (each output row is computed by exactly one thread either way)."""
-    from kernels import team
+    from advisor.kernels import team
 
     if "OpenMP" in torch.__config__.parallel_info():
         assert team.available(), "torch runs on OpenMP but GOMP_parallel was not found"

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.codebook import classify_table, exmy_grid
-from kernels.int_pack import pack_codes, unpack_codes
-from kernels.reference import pack_reference, unpack_reference
+from advisor import kernels
+from advisor.kernels.codebook import classify_table, exmy_grid
+from advisor.kernels.int_pack import pack_codes, unpack_codes
+from advisor.kernels.reference import pack_reference, unpack_reference
 
 BITS = [1, 2, 3, 4, 5, 6, 7, 8]
 

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from models.errors import AdvisorError, ModelNotFoundError
-from models.loading import load, resolve
+from advisor.models.errors import AdvisorError, ModelNotFoundError
+from advisor.models.loading import load, resolve
 
 
 def test_load_local_folder(tiny_folder):
@@ -82,7 +82,7 @@ def test_smollm2_gguf_resolves_and_is_flagged_prequantized():
 
 
 def test_memory_check_refuses_with_the_estimate(tiny_folder):
-    from models.memory import check_fits, model_numel
+    from advisor.models.memory import check_fits, model_numel
 
     numel = model_numel("folder", tiny_folder)
     assert numel == sum(p.numel() for p in load(str(tiny_folder)).model.parameters())
@@ -92,7 +92,7 @@ def test_memory_check_refuses_with_the_estimate(tiny_folder):
 
 
 def test_truncated_safetensors_header_is_reported(tmp_path):
-    from models.memory import safetensors_numel
+    from advisor.models.memory import safetensors_numel
 
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
@@ -102,8 +102,8 @@ def test_truncated_safetensors_header_is_reported(tmp_path):
 
 def test_quantization_memory_estimate_and_refusal():
     """The working memory of a quantization run is estimated from shapes and windows and refused clearly."""
-    from models.errors import AdvisorError
-    from models.memory import check_quantization_fits, quantization_working_bytes
+    from advisor.models.errors import AdvisorError
+    from advisor.models.memory import check_quantization_fits, quantization_working_bytes
 
     shapes = [(4096, 4096), (11008, 4096), (4096, 11008)]
     rtn = quantization_working_bytes(shapes, 4096, 0, 0, needs_hessian=False, needs_activations=False)

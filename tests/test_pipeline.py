@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.adapters import get_adapter
-from models.data import Windows
-from models.loading import LoadedModel, ModelSource
-from models.pipeline import quantize_model
-from quantizers import LayerStats, QuantSpec, get_method
+from advisor.models.adapters import get_adapter
+from advisor.models.data import Windows
+from advisor.models.loading import LoadedModel, ModelSource
+from advisor.models.pipeline import quantize_model
+from advisor.quantizers import LayerStats, QuantSpec, get_method
 from tests.conftest import ARCHS, tiny_model
 
 
@@ -75,7 +75,7 @@ def test_layer_errors_reported_for_hessian_methods_only():
 
 
 def test_method_needing_calibration_refuses_none():
-    from models.errors import AdvisorError
+    from advisor.models.errors import AdvisorError
 
     with pytest.raises(AdvisorError, match="needs calibration data"):
         quantize_model(_loaded("llama"), "gptq:int4:g16", None, pack=False, progress=False)
@@ -98,13 +98,13 @@ PACKED_SPECS = ["gptq:int4:g16", "rtn:int3:g16", "rtn:fp6_e3m2", "rtn:fp8_e4m3",
 
 @pytest.mark.parametrize("spec", PACKED_SPECS)
 def test_packed_model_perplexity_equals_fake_quant(spec):
-    from models.evaluate import perplexity
+    from advisor.models.evaluate import perplexity
 
     windows = Windows(torch.randint(0, 90, (3, 32), generator=torch.Generator().manual_seed(1)), {"seq_len": 32})
     fake, packed = _loaded("llama"), _loaded("llama")
     quantize_model(fake, spec, _calib(), pack=False, progress=False)
     result = quantize_model(packed, spec, _calib(), pack=True, progress=False)
-    from kernels import QuantLinear
+    from advisor.kernels import QuantLinear
 
     n_packed = sum(isinstance(m, QuantLinear) for m in packed.model.modules())
     assert n_packed == result.n_layers > 0

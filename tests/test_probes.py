@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import probes
-from models.adapters import Adapter, Family, get_adapter
-from models.data import Windows
-from models.errors import AdvisorError
-from models.loading import LoadedModel, ModelSource
-from probes._util import double_backward_attention, grad_only, preserved_state, token_nll
+from advisor import probes
+from advisor.models.adapters import Adapter, Family, get_adapter
+from advisor.models.data import Windows
+from advisor.models.errors import AdvisorError
+from advisor.models.loading import LoadedModel, ModelSource
+from advisor.probes._util import double_backward_attention, grad_only, preserved_state, token_nll
 
 PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.", "rtn_loss.")
 # cheap settings for tests: a few dtypes, no extra corpus
@@ -89,7 +89,7 @@ def test_hutchinson_trace_matches_exact_trace():
 
 
 def test_batched_hvp_equals_one_at_a_time():
-    from probes.hessian import hutchinson
+    from advisor.probes.hessian import hutchinson
 
     model = _micro_llama()
     loaded = _loaded(model)
@@ -104,8 +104,8 @@ def test_batched_hvp_equals_one_at_a_time():
 
 @pytest.mark.parametrize("labels", ["empirical", "sampled"])
 def test_batched_fisher_equals_per_window_reference(labels):
-    from probes.fisher import fisher_diagonal, fisher_diagonal_reference
-    from probes._util import layer_infos
+    from advisor.probes.fisher import fisher_diagonal, fisher_diagonal_reference
+    from advisor.probes._util import layer_infos
 
     model = _micro_llama()
     loaded = _loaded(model)
@@ -135,9 +135,9 @@ class _BigramLM(nn.Module):
 def test_second_order_matches_loss_increase_on_quadratic_toy():
     """At the maximum-likelihood bigram weights the gradient vanishes, the empirical Fisher diagonal is
     the Hessian diagonal, so 1/2 sum F e^2 must match the measured loss increase for small errors."""
-    from probes._rtn import rtn_error
-    from probes.fisher import fisher_diagonal_reference
-    from probes.second_order import second_order_estimate
+    from advisor.probes._rtn import rtn_error
+    from advisor.probes.fisher import fisher_diagonal_reference
+    from advisor.probes.second_order import second_order_estimate
 
     V, n_win, L = 16, 64, 129
     gen = torch.Generator().manual_seed(0)
@@ -174,7 +174,7 @@ def test_second_order_matches_loss_increase_on_quadratic_toy():
 
 
 def test_second_order_formula_on_exact_quadratic():
-    from probes.second_order import second_order_estimate
+    from advisor.probes.second_order import second_order_estimate
 
     gen = torch.Generator().manual_seed(1)
     d = torch.rand(50, generator=gen) + 0.1
@@ -248,8 +248,8 @@ def test_feature_key_of_specs():
 
 
 def test_stacked_rtn_errors_equal_layer_by_layer():
-    from probes._rtn import layer_rows, rtn_error, sampled_rtn_errors
-    from probes._util import layer_infos
+    from advisor.probes._rtn import layer_rows, rtn_error, sampled_rtn_errors
+    from advisor.probes._util import layer_infos
 
     layers = layer_infos(_loaded(_micro_llama()))
     rows = layer_rows(layers, max_elements=300, min_rows=2, seed=0)
@@ -263,8 +263,8 @@ def test_stacked_rtn_errors_equal_layer_by_layer():
 def test_rtn_loss_equals_the_quantize_then_evaluate_reference():
     """The probe's in-place RTN pass gives the loss increase of the real pipeline (quantize_model, then the
     mean NLL) on the same windows, and leaves the weights bitwise untouched."""
-    from models.pipeline import quantize_model
-    from probes._util import mean_nll
+    from advisor.models.pipeline import quantize_model
+    from advisor.probes._util import mean_nll
 
     model = _micro_llama()
     loaded = _loaded(model)

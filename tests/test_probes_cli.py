@@ -27,7 +27,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory):
     """A small calibration text (the default stdlib-code:calib takes seconds to tokenize per run)."""
-    from models.data import stdlib_text
+    from advisor.models.data import stdlib_text
 
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(stdlib_text("calib")[:20000])
@@ -90,7 +90,7 @@ def test_probe_errors_are_clear(capsys, tiny_folder, argv, message):
 
 
 def test_cli_defaults_match_library():
-    import probes
+    from advisor import probes
     from advisor.commands import probe
 
     assert (probe.DEFAULT_CALIB, probe.DEFAULT_N_CALIB, probe.DEFAULT_CALIB_SEQ_LEN) == (

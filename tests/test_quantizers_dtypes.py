@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import quantizers as q
-from quantizers.dtypes import MX_BLOCK
+import advisor.quantizers as q
+from advisor.quantizers.dtypes import MX_BLOCK
 
 ML_DTYPES = {
     "fp8_e4m3": (ml_dtypes.float8_e4m3fn, 8),

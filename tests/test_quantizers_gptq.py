@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import quantizers as q
-from quantizers.gptq import gptq_quantize_weight
-from quantizers.grid import compute_grid_params, round_to_grid, rounder_for
-from quantizers.synthetic import synthetic_layer
+import advisor.quantizers as q
+from advisor.quantizers.gptq import gptq_quantize_weight
+from advisor.quantizers.grid import compute_grid_params, round_to_grid, rounder_for
+from advisor.quantizers.synthetic import synthetic_layer
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import quantizers as q
-from quantizers.grid import (compute_grid_params, dequantize, expand_groups, quantize_rtn, round_to_grid,
+import advisor.quantizers as q
+from advisor.quantizers.grid import (compute_grid_params, dequantize, expand_groups, quantize_rtn, round_to_grid,
                              rounder_for)
 
 CASES = [(n, True) for n in sorted(q.DTYPES)] + [(n, False) for n in sorted(q.DTYPES) if n.startswith("int")]

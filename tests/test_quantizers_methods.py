@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-import quantizers as q
-from quantizers.grid import expand_groups
-from quantizers.synthetic import synthetic_layer
+import advisor.quantizers as q
+from advisor.quantizers.grid import expand_groups
+from advisor.quantizers.synthetic import synthetic_layer
 
 OUT, IN = 24, 160  # 160 = 5 MX blocks; with g64 the last group is partial
 
@@ -220,9 +220,6 @@ PACK_CASES = [f"rtn:{n}" + ("" if q.get_dtype(n).block_size else ":g64") for n i
 @pytest.mark.slow  # numba compilation of the kernels takes minutes on the shared machine
 @pytest.mark.parametrize("text", PACK_CASES)
 def test_pack_reproduces_the_quantized_layer(layer, text):
-    kernels = pytest.importorskip("kernels")
-    if not hasattr(kernels, "pack_linear"):
-        pytest.skip("kernels.pack_linear not available")
     W, stats = layer
     qw = q.get_method(text.split(":")[0]).quantize(W, text, stats)
     bias = torch.linspace(-1, 1, OUT)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-import quantizers as q
-from quantizers.nonuniform import fit_row_codebooks
-from quantizers.synthetic import synthetic_layer
+import advisor.quantizers as q
+from advisor.quantizers.nonuniform import fit_row_codebooks
+from advisor.quantizers.synthetic import synthetic_layer
 
 
 def slow_weighted_kmeans(x, w, init, n_iter):

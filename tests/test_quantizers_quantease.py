@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import quantizers as q
-from quantizers.gptq import gptq_quantize_weight
-from quantizers.grid import compute_grid_params, expand_groups, round_to_grid
-from quantizers.quantease import is_rounding_pass, quantease_quantize_weight
-from quantizers.quantease_outlier import quantease_outlier_quantize_weight
-from quantizers.synthetic import synthetic_layer
+import advisor.quantizers as q
+from advisor.quantizers.gptq import gptq_quantize_weight
+from advisor.quantizers.grid import compute_grid_params, expand_groups, round_to_grid
+from advisor.quantizers.quantease import is_rounding_pass, quantease_quantize_weight
+from advisor.quantizers.quantease_outlier import quantease_outlier_quantize_weight
+from advisor.quantizers.synthetic import synthetic_layer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -163,7 +163,7 @@ def test_outliers_help_at_three_bits():
                                              ("fp8_e4m3", 32, True), ("mxfp6_e3m2", None, True)])
 def test_compiled_cd_block_equals_torch_reference(dtype, group, sym):
     """The numba block kernel and the torch column loop do the same float32 arithmetic."""
-    from quantizers.quantease import CDState
+    from advisor.quantizers.quantease import CDState
 
     W, stats, _ = synthetic_layer(32, 200, seed=8)
     dt = q.get_dtype(dtype)

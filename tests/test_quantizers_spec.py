@@ -5,8 +5,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import quantizers as q
-from quantizers import QuantSpec
+import advisor.quantizers as q
+from advisor.quantizers import QuantSpec
 
 EXAMPLES = [
     "rtn:int4", "gptq:int4:g128", "gptq:int3:g128:asym", "quantease-outlier:int3:g128", "rtn:mxfp4",

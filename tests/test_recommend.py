@@ -9,7 +9,7 @@ import pytest
 
 from advisor.api import Budget, plan, recommend
 from advisor.store import Store
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 from tests.conftest import PTB
 from tests.test_predictor import synthetic_runs
 

@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-from models.errors import AdvisorError
-from models.loading import load
+from advisor.models.errors import AdvisorError
+from advisor.models.loading import load
 from tests.conftest import tiny_model
 
 

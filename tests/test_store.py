@@ -5,7 +5,7 @@ import sqlite3
 import pytest
 
 from advisor.store import Store
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 
 CAL = {"dataset": "stdlib-code", "split": "calib", "text_sha256": "a", "seq_len": 64, "n_windows": 4, "seed": 0}
 EVAL = {"dataset": "stdlib-code", "split": "eval", "text_sha256": "b", "seq_len": 64, "n_windows": 5}

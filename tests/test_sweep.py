@@ -33,10 +33,10 @@ def _rows(store):
 @pytest.mark.skipif(not PTB.exists(), reason="needs ../shared")
 def test_sweep_killed_at_random_points_resumes_without_loss_or_duplicates(tiny_folder, tmp_path):
     store = tmp_path / "runs.sqlite"
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ)
     rng = random.Random(0)
     for trial in range(3):
-        proc = subprocess.Popen(_sweep_cmd(tiny_folder, store), env=env, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_sweep_cmd(tiny_folder, store), env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(3.0, 9.0))
         proc.send_signal(signal.SIGKILL)
@@ -45,13 +45,13 @@ def test_sweep_killed_at_random_points_resumes_without_loss_or_duplicates(tiny_f
         specs = [r[0] for r in rows]
         assert len(specs) == len(set(specs)), f"duplicate rows after kill {trial}"
         assert all(r[1] == "ok" and r[2] is not None and r[3] is not None for r in rows), "partial row"
-    done = subprocess.run(_sweep_cmd(tiny_folder, store), env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_sweep_cmd(tiny_folder, store), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = _rows(store)
     assert sorted(r[0] for r in rows) == sorted(SPECS)
     assert all(r[1] == "ok" and r[4] > 0 for r in rows)
     # a further run measures nothing new
-    again = subprocess.run(_sweep_cmd(tiny_folder, store), env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(_sweep_cmd(tiny_folder, store), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     import json
 
     assert json.loads(again.stdout)["done"] == 0 and len(_rows(store)) == len(SPECS)

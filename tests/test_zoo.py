@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from models.errors import ModelNotFoundError
-from models.zoo import resolve_zoo_model, zoo_entries, zoo_names
-from models.zoo.configs import FAMILY_NAMES, SIZES, Recipe, default_recipes, hf_config, make_recipe
-from models.zoo.manifest import EVAL_WINDOWS, load_manifest, manifest_models, unigram_ppl
+from advisor.models.errors import ModelNotFoundError
+from advisor.models.zoo import resolve_zoo_model, zoo_entries, zoo_names
+from advisor.models.zoo.configs import FAMILY_NAMES, SIZES, Recipe, default_recipes, hf_config, make_recipe
+from advisor.models.zoo.manifest import EVAL_WINDOWS, load_manifest, manifest_models, unigram_ppl
 
 
 @pytest.fixture()
@@ -49,7 +49,7 @@ def test_unknown_and_untrained_names_give_clear_errors(home):
         resolve_zoo_model("gpt2-m")
     with pytest.raises(ModelNotFoundError, match="every zoo model"):
         resolve_zoo_model("all")
-    from models.loading import load
+    from advisor.models.loading import load
 
     with pytest.raises(ModelNotFoundError, match="Did you mean"):
         load("zoo:opt-xxs")
@@ -64,7 +64,7 @@ def test_zoo_names_and_entries(home):
 
 
 def test_tokenizer_is_byte_level_and_lossless():
-    from models.zoo.bpe import load_tokenizer
+    from advisor.models.zoo.bpe import load_tokenizer
 
     tok = load_tokenizer()
     assert len(tok) == 4096 and tok.eos_token_id == 0
@@ -79,8 +79,8 @@ def test_committed_tokenizer_rebuilds_bitwise(tmp_path):
     import hashlib
     import json
 
-    from models.data import stdlib_text
-    from models.zoo.bpe import TOKENIZER_DIR, build_tokenizer_folder, tokenizer_sha256
+    from advisor.models.data import stdlib_text
+    from advisor.models.zoo.bpe import TOKENIZER_DIR, build_tokenizer_folder, tokenizer_sha256
 
     manifest = json.loads((TOKENIZER_DIR.parent / "manifest.json").read_text())
     if hashlib.sha256(stdlib_text("train").encode()).hexdigest() != manifest["train_text_sha256"]:
@@ -103,9 +103,9 @@ def test_unigram_matches_slow_reference():
 
 
 def test_default_model_loads_and_matches_its_recorded_perplexity():
-    from models.evaluate import perplexity
-    from models.loading import load
-    from models.zoo.manifest import eval_windows_for
+    from advisor.models.evaluate import perplexity
+    from advisor.models.loading import load
+    from advisor.models.zoo.manifest import eval_windows_for
 
     loaded = load("zoo:default")
     assert loaded.family == "llama" and loaded.source.kind == "zoo"
@@ -160,7 +160,7 @@ def test_full_length_perplexity_falls_with_size(fam):
 def test_recorded_recipes_are_the_codes_recipes():
     """Every recorded model was trained by the recipe the code builds today (so a fresh `zoo train --all`
     and `zoo train --name` agree)."""
-    from models.zoo.configs import default_recipes
+    from advisor.models.zoo.configs import default_recipes
 
     models = manifest_models(load_manifest())
     for name, recipe in default_recipes().items():

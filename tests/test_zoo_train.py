@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models.zoo.configs import Recipe
-from models.zoo.train import batch_order, lr_at, save_model, train
+from advisor.models.zoo.configs import Recipe
+from advisor.models.zoo.train import batch_order, lr_at, save_model, train
 
 
 def tiny(family: str = "llama", **kw) -> Recipe:
@@ -72,7 +72,7 @@ def test_saved_folder_loads_with_transformers_and_advisor(trained, tmp_path, cap
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from advisor.cli import main
-    from models.loading import load
+    from advisor.models.loading import load
 
     folder = save_model(trained, tmp_path / "llama-tiny")
     assert (folder / "model.safetensors").is_file() and not (tmp_path / "llama-tiny.partial").exists()
@@ -93,7 +93,7 @@ def test_saved_folder_loads_with_transformers_and_advisor(trained, tmp_path, cap
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
 def test_other_families_train_save_and_load(family, home, tmp_path):
-    from models.loading import load
+    from advisor.models.loading import load
 
     result = train(tiny(family, steps=3), progress=False)
     folder = save_model(result, tmp_path / family)
@@ -105,8 +105,8 @@ def test_other_families_train_save_and_load(family, home, tmp_path):
 
 
 def test_build_records_results_and_resumes(home, tmp_path):
-    from models.zoo.build import build, model_dir
-    from models.zoo.manifest import load_manifest, manifest_models
+    from advisor.models.zoo.build import build, model_dir
+    from advisor.models.zoo.manifest import load_manifest, manifest_models
 
     manifest_path = tmp_path / "manifest.json"
     recipe = tiny(steps=20)

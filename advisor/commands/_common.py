@@ -52,7 +52,7 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
 
 def memory_budget(args: argparse.Namespace) -> int | None:
     """Bytes from --max-gb / --max-bytes (None: no memory budget); refuses a budget that is not positive."""
-    from models.errors import AdvisorError
+    from advisor.models.errors import AdvisorError
 
     for name, value in (("--max-gb", args.max_gb), ("--max-bytes", args.max_bytes)):
         if value is not None and not value > 0:
@@ -74,14 +74,14 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace, **kwargs: Any):
-    from models.loading import load
+    from advisor.models.loading import load
 
     return load(args.model, device=args.device, dtype=args.dtype,
                 trust_remote_code=args.trust_remote_code, **kwargs)
 
 
 def eval_windows_for(loaded, args: argparse.Namespace):
-    from models.data import eval_windows, load_corpus
+    from advisor.models.data import eval_windows, load_corpus
 
     corpus = load_corpus(args.eval)
     return eval_windows(loaded.tokenizer, corpus, args.seq_len, args.max_windows,
@@ -101,7 +101,7 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def calib_windows_for(loaded, args: argparse.Namespace, exclude=None):
-    from models.data import calibration_windows, load_corpus
+    from advisor.models.data import calibration_windows, load_corpus
 
     corpus = load_corpus(args.calib)
     return calibration_windows(loaded.tokenizer, corpus, args.n_calib, args.calib_seq_len or args.seq_len,

@@ -14,7 +14,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
-    from models.evaluate import perplexity
+    from advisor.models.evaluate import perplexity
 
     loaded = load_model(args)
     windows = eval_windows_for(loaded, args)

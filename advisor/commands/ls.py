@@ -14,11 +14,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def entries(kind: str) -> dict[str, str]:
     """Registry entries of one kind: name -> one-line description."""
     if kind == "models":
-        from models.registry import ALIASES
+        from advisor.models.registry import ALIASES
 
         out = {name: f"{a.description} [{a.target}]" for name, a in ALIASES.items()}
         try:
-            from models.zoo import zoo_entries
+            from advisor.models.zoo import zoo_entries
 
             out.update(zoo_entries())
         except ImportError:
@@ -28,18 +28,18 @@ def entries(kind: str) -> dict[str, str]:
         out["<file.gguf>"] = "a GGUF file, dequantized to float on load"
         return out
     if kind == "dtypes":
-        from quantizers import DTYPES
+        from advisor.quantizers import DTYPES
 
         return {name: d.description for name, d in DTYPES.items()}
     if kind == "methods":
-        from quantizers import METHODS
+        from advisor.quantizers import METHODS
 
         return {name: m.description for name, m in METHODS.items()}
     if kind == "probes":
-        from probes import PROBES
+        from advisor.probes import PROBES
 
         return {name: p.description for name, p in PROBES.items()}
-    from models.data import DATASETS
+    from advisor.models.data import DATASETS
 
     return dict(DATASETS)
 

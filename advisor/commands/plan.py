@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from advisor.report import plan_message, plan_table
 
     if args.csv:
-        from models.saving import check_output_dir
+        from advisor.models.saving import check_output_dir
 
         check_output_dir(args.csv, "--csv")  # before the work, not after it
     max_bytes = memory_budget(args)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     budgeted = "passes" in df or "fits" in df
     code = 0 if df["chosen"].any() or not budgeted else 2
     if args.csv:
-        from models.saving import atomic_write_text
+        from advisor.models.saving import atomic_write_text
 
         atomic_write_text(args.csv, df.to_csv(index=False))
     message = plan_message(df)

@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from advisor.api import predict_candidates, prepare
     from advisor.cli import emit_json
     from advisor.commands._common import predictor_from, protocol_kwargs
-    from quantizers import QuantSpec
+    from advisor.quantizers import QuantSpec
 
     specs = [str(QuantSpec.parse(args.spec))] if args.spec else None
     predictor = predictor_from(args)

@@ -32,7 +32,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["hessian.n_probes=8"] -> {"hessian": {"n_probes": 8}}`` (values parsed as JSON, else strings)."""
-    from models.errors import AdvisorError
+    from advisor.models.errors import AdvisorError
 
     out: dict[str, dict[str, Any]] = {}
     for item in items:
@@ -51,8 +51,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.probe_cache import cached_run_probes
-    from models.data import calibration_windows, load_corpus
-    from probes import PROBES, get_probe, resolve_all_settings
+    from advisor.models.data import calibration_windows, load_corpus
+    from advisor.probes import PROBES, get_probe, resolve_all_settings
 
     t0 = time.perf_counter()
     names = [n.strip() for n in args.probes.split(",") if n.strip()] if args.probes else list(PROBES)

@@ -22,14 +22,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
-    from models.evaluate import perplexity
-    from models.pipeline import quantize_model
-    from quantizers import QuantSpec
+    from advisor.models.evaluate import perplexity
+    from advisor.models.pipeline import quantize_model
+    from advisor.quantizers import QuantSpec
 
     t0 = time.perf_counter()
     spec = QuantSpec.parse(args.spec)  # fail fast, before loading anything
     if args.out:
-        from models.saving import check_output_dir
+        from advisor.models.saving import check_output_dir
 
         check_output_dir(args.out)
     loaded = load_model(args)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "model": loaded.source.to_dict(), "calibration": calib.protocol, "protocol": measured.protocol,
     }
     if args.out:
-        from models.saving import save_quantized_model
+        from advisor.models.saving import save_quantized_model
 
         out["saved_to"] = str(save_quantized_model(loaded, result, out, args.out))
     if args.json:

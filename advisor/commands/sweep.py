@@ -32,7 +32,7 @@ def expand_models(names: list[str]) -> list[str]:
     out: list[str] = []
     for n in names:
         if n == "zoo:all":
-            from models.zoo import zoo_names
+            from advisor.models.zoo import zoo_names
 
             out += [f"zoo:{z}" for z in zoo_names(present_only=True)]
         else:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.store import open_store
     from advisor.sweep import Protocol, run_sweep
-    from models.errors import AdvisorError
+    from advisor.models.errors import AdvisorError
 
     if args.jobs < 1:
         raise AdvisorError(f"--jobs must be at least 1, got {args.jobs}")

@@ -35,10 +35,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def list_rows() -> list[dict[str, Any]]:
     """Every zoo model: recorded manifest numbers (None when never recorded) and local presence."""
-    from models.zoo import zoo_names
-    from models.zoo.build import is_present, model_dir
-    from models.zoo.manifest import manifest_models
-    from models.zoo.resolve import recipe_for
+    from advisor.models.zoo import zoo_names
+    from advisor.models.zoo.build import is_present, model_dir
+    from advisor.models.zoo.manifest import manifest_models
+    from advisor.models.zoo.resolve import recipe_for
 
     recorded = manifest_models()
     rows = []
@@ -56,10 +56,10 @@ def list_rows() -> list[dict[str, Any]]:
 
 def _selected(args: argparse.Namespace) -> tuple[list[str], bool]:
     """(names, explicit): explicit names are always retrained."""
-    from models.errors import AdvisorError, unknown_key_message
-    from models.zoo import zoo_names
-    from models.zoo.configs import FAMILY_NAMES, SIZES
-    from models.zoo.resolve import recipe_for
+    from advisor.models.errors import AdvisorError, unknown_key_message
+    from advisor.models.zoo import zoo_names
+    from advisor.models.zoo.configs import FAMILY_NAMES, SIZES
+    from advisor.models.zoo.resolve import recipe_for
 
     names = zoo_names()
     if args.name:
@@ -105,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
               "ADVISOR_HOME/zoo")
         return 0
 
-    from models.zoo.build import build
-    from models.zoo.manifest import manifest_models
-    from models.zoo.resolve import recipe_for
+    from advisor.models.zoo.build import build
+    from advisor.models.zoo.manifest import manifest_models
+    from advisor.models.zoo.resolve import recipe_for
 
     names, explicit = _selected(args)
     recipes = [recipe_for(n) for n in names]
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
         args.jobs = max(1, min(4, os.cpu_count() or 1, len(recipes)))
     if args.jobs < 1:
-        from models.errors import AdvisorError
+        from advisor.models.errors import AdvisorError
 
         raise AdvisorError(f"--jobs must be positive, got {args.jobs}")
     progress = True  # tqdm on stderr; refreshed every 30 s when stderr is a log file

@@ -6,6 +6,6 @@ This module stays light (no torch import), so ``advisor ls`` starts fast.
 """
 from __future__ import annotations
 
-from models.zoo.resolve import recipe_for, resolve_zoo_model, zoo_entries, zoo_names
+from advisor.models.zoo.resolve import recipe_for, resolve_zoo_model, zoo_entries, zoo_names
 
 __all__ = ["recipe_for", "resolve_zoo_model", "zoo_entries", "zoo_names"]

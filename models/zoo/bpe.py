@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from models.zoo.configs import VOCAB_SIZE
+from advisor.models.zoo.configs import VOCAB_SIZE
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 EOS = "<|endoftext|>"
@@ -39,7 +39,7 @@ def train_bpe(text: str, vocab_size: int = VOCAB_SIZE):
 
 def build_tokenizer_folder(out: Path = TOKENIZER_DIR, vocab_size: int = VOCAB_SIZE) -> str:
     """Train on ``stdlib_text("train")`` and save a transformers tokenizer folder; returns tokenizer.json's sha256."""
-    from models.data import stdlib_text
+    from advisor.models.data import stdlib_text
 
     import json
 

@@ -16,8 +16,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from models.zoo.configs import Recipe
-from models.zoo.manifest import MANIFEST_PATH, load_manifest, manifest_models, record
+from advisor.models.zoo.configs import Recipe
+from advisor.models.zoo.manifest import MANIFEST_PATH, load_manifest, manifest_models, record
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ _DEFAULT_FILES = ("config.json", "generation_config.json", "model.safetensors", 
 
 
 def zoo_dir() -> Path:
-    from models.paths import advisor_home
+    from advisor.models.paths import advisor_home
 
     return advisor_home() / "zoo"
 
@@ -53,16 +53,16 @@ def _weights_sha256(folder: Path) -> str:
 def build_one(recipe: Recipe, force: bool = False, progress: bool = True, position: int = 0,
               threads: int | None = None, out: Path | None = None) -> dict[str, Any]:
     """Train (unless present), save, evaluate one model; returns its manifest entry (+ ``status``, ``path``)."""
-    from models.zoo.manifest import evaluate_folder, protocol_block, python_version, unigram_ppl
-    from models.zoo.bpe import load_tokenizer, tokenizer_sha256
-    from models.zoo.train import corpus_token_ids, save_model, train
+    from advisor.models.zoo.manifest import evaluate_folder, protocol_block, python_version, unigram_ppl
+    from advisor.models.zoo.bpe import load_tokenizer, tokenizer_sha256
+    from advisor.models.zoo.train import corpus_token_ids, save_model, train
 
     folder = Path(out) if out is not None else model_dir(recipe.name)
     if is_present(folder) and not force:
         return dict(read_result(folder), status="present", path=str(folder))
     tok_sha = tokenizer_sha256()
     if recipe.tokenizer_sha256 and recipe.tokenizer_sha256 != tok_sha:
-        from models.errors import AdvisorError
+        from advisor.models.errors import AdvisorError
 
         raise AdvisorError(f"{recipe.name}: recipe tokenizer {recipe.tokenizer_sha256[:12]} != committed {tok_sha[:12]}")
     from dataclasses import replace
@@ -108,7 +108,7 @@ def build(recipes: Iterable[Recipe], force: bool = False, jobs: int = 1, progres
             default when its source model was trained). For maintainers building the committed zoo.
         on_result: called with each finished entry (the CLI prints progress lines with it).
     """
-    from models.zoo.configs import default_recipes
+    from advisor.models.zoo.configs import default_recipes
 
     recipes = list(recipes)
     order = list(default_recipes())

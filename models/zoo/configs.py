@@ -25,7 +25,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from models.errors import AdvisorError, unknown_key_message
+from advisor.models.errors import AdvisorError, unknown_key_message
 
 FAMILY_NAMES = ("llama", "gpt2", "opt")
 VOCAB_SIZE = 4096

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from models.errors import AdvisorError
+from advisor.models.errors import AdvisorError
 
 MANIFEST_PATH = Path(__file__).resolve().parent / "manifest.json"
 EVAL_SPEC = "stdlib-code:eval"
@@ -32,7 +32,7 @@ MANIFEST_FORMAT = 1
 
 def eval_windows_for(tokenizer):
     """The zoo's evaluation windows (see module docstring)."""
-    from models.data import eval_windows, load_corpus
+    from advisor.models.data import eval_windows, load_corpus
 
     return eval_windows(tokenizer, load_corpus(EVAL_SPEC), EVAL_SEQ_LEN, EVAL_WINDOWS)
 
@@ -55,8 +55,8 @@ def evaluate_folder(folder: Path, progress: bool = False) -> dict[str, Any]:
         dict with eval_ppl, eval_nll, eval_tokens, params, non_embedding_params, eval_text_sha256,
         and the windows (key ``_windows``, for the unigram baseline).
     """
-    from models.evaluate import perplexity
-    from models.loading import load
+    from advisor.models.evaluate import perplexity
+    from advisor.models.loading import load
 
     loaded = load(str(folder))
     windows = eval_windows_for(loaded.tokenizer)

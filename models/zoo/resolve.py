@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.errors import ModelNotFoundError, unknown_key_message
-from models.zoo.build import DEFAULT_DIR, DEFAULT_SOURCE, is_present, model_dir
-from models.zoo.configs import Recipe, default_recipes
-from models.zoo.manifest import manifest_models
+from advisor.models.errors import ModelNotFoundError, unknown_key_message
+from advisor.models.zoo.build import DEFAULT_DIR, DEFAULT_SOURCE, is_present, model_dir
+from advisor.models.zoo.configs import Recipe, default_recipes
+from advisor.models.zoo.manifest import manifest_models
 
 
 def zoo_names() -> list[str]:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import AdvisorError
-from models.zoo.configs import Recipe, hf_config
+from advisor.models.errors import AdvisorError
+from advisor.models.zoo.configs import Recipe, hf_config
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ def corpus_token_ids(spec: str, tokenizer, cache_dir: Path | None = None) -> tup
     """
     import numpy as np
 
-    from models.data import load_corpus, tokenize, tokenizer_id
+    from advisor.models.data import load_corpus, tokenize, tokenizer_id
 
     corpus = load_corpus(spec)
     sha = corpus.protocol["text_sha256"]
     if cache_dir is None:
-        from models.paths import advisor_home
+        from advisor.models.paths import advisor_home
 
         cache_dir = advisor_home() / "zoo" / "_cache"
     tok_key = hashlib.sha256(tokenizer_id(tokenizer).encode()).hexdigest()[:12]
@@ -155,7 +155,7 @@ def train(recipe: Recipe, tokenizer=None, progress: bool = True, position: int =
     """
     from tqdm.auto import tqdm
 
-    from models.zoo.bpe import load_tokenizer, tokenizer_sha256
+    from advisor.models.zoo.bpe import load_tokenizer, tokenizer_sha256
 
     if tokenizer is None:
         if recipe.tokenizer_sha256 and recipe.tokenizer_sha256 != tokenizer_sha256():
@@ -212,7 +212,7 @@ def save_model(result: TrainResult, out: Path, extra: dict[str, Any] | None = No
     train_log.json. Written to a temporary sibling and renamed, so a folder is either complete or absent."""
     import shutil
 
-    from models.zoo.bpe import copy_tokenizer
+    from advisor.models.zoo.bpe import copy_tokenizer
 
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
