@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	# CPU wheel first: a looser torch requirement on a fresh machine downloads a multi-GB CUDA build.
 	$(BIN)/pip install --quiet $(TORCH)
 ifeq ($(LOCK),)
-	$(BIN)/pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	# Newest of everything but torch, which stays the CPU wheel (an eager upgrade would fetch a CUDA build).
+	$(BIN)/pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]' $(TORCH)
 else
 	# Every dependency but torch is pinned with hashes in the lock; --no-deps keeps pip from re-resolving.
 	$(BIN)/pip install --quiet --no-deps --require-hashes -r $(LOCK)
