@@ -118,6 +118,7 @@ class Store:
     def __post_init__(self) -> None:
         self.path = Path(self.path).expanduser()
         try:
+            self._refuse_foreign()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
@@ -139,6 +140,24 @@ class Store:
             raise self._explain(e) from e
         except OSError as e:
             raise AdvisorError(f"cannot open the measurement store {self.path}: {e}") from e
+
+    def _refuse_foreign(self) -> None:
+        """Refuse, before anything is written to it, a SQLite file with tables but no advisor schema version."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=self.timeout_s)
+        try:
+            tables = sorted(r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'"))
+            try:
+                ours = "meta" in tables and con.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone()
+            except sqlite3.OperationalError:  # a `meta` table of another shape
+                ours = None
+        finally:
+            con.close()
+        if tables and not ours:
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise AdvisorError(f"{self.path} is a SQLite database that is not an advisor measurement store (its tables: "
+                               f"{shown}); it was left untouched: point --store at a new file or at an advisor store")
 
     def _explain(self, e: sqlite3.DatabaseError) -> AdvisorError:
         msg = str(e)

@@ -128,23 +128,43 @@ def _mean(xs: list[float | None]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+ENGINES = ("local", "ray")
+
+
 def run_sweep(models: list[str], specs: list[str], store: Store, protocol: Protocol = Protocol(), *,
               jobs: int = 1, retry_failed: bool = False, progress: bool = True,
-              on_model: Callable[[ModelSession], None] | None = None) -> SweepSummary:
+              on_model: Callable[[ModelSession], None] | None = None, engine: str = "local",
+              address: str | None = None, engine_options: dict[str, Any] | None = None) -> SweepSummary:
     """Measure every (model, spec) pair missing from ``store``.
 
     Args:
         models: model names (anything :func:`models.load` accepts).
         specs: spec strings.
-        jobs: worker processes (each gets ``cores / jobs`` threads); 1 runs in this process.
+        jobs: worker processes (each gets ``cores / jobs`` threads); 1 runs in this process. With
+            ``engine="ray"`` on a new local Ray instance: tasks at once.
         retry_failed: re-measure pairs recorded as failed.
-        on_model: called once per loaded model (e.g. to run and store probes).
+        on_model: called once per loaded model (e.g. to run and store probes); with Ray it runs in
+            the model's prepare task, so it must be picklable (a module-level function).
+        engine: ``"local"`` (this process and ``jobs`` worker processes) or ``"ray"`` (Ray tasks,
+            :mod:`advisor.sweep_ray`; this process stays the store's only writer).
+        address: the Ray cluster for ``engine="ray"`` (None: ``RAY_ADDRESS`` or a new local instance).
+        engine_options: more keyword arguments of :func:`advisor.sweep_ray.run_sweep_ray`
+            (``cpus_per_task``, ``gpus_per_task``, ``max_retries``, ``runtime_env``).
     """
     from tqdm.auto import tqdm
 
     from advisor.quantizers import QuantSpec
 
+    if engine not in ENGINES:
+        raise ValueError(f"unknown sweep engine {engine!r}; known: {', '.join(ENGINES)}")
+    if address and engine != "ray":
+        raise ValueError("a Ray address needs engine='ray' (--engine ray)")
     specs = [str(QuantSpec.parse(s)) for s in specs]  # validate all before any work
+    if engine == "ray":
+        from advisor.sweep_ray import run_sweep_ray
+
+        return run_sweep_ray(models, specs, store, protocol, address=address, jobs=jobs, retry_failed=retry_failed,
+                             progress=progress, on_model=on_model, **(engine_options or {}))
     summary = SweepSummary()
     t0 = time.perf_counter()
     if jobs > 1:
@@ -165,6 +185,39 @@ def run_sweep(models: list[str], specs: list[str], store: Store, protocol: Proto
         del session
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: this worker stops when the sweep's process dies, silently.
+
+    On Linux the kernel sends SIGTERM at the parent's death (``prctl(PR_SET_PDEATHSIG)``); elsewhere a
+    daemon thread polls the parent pid. A write to a pipe whose reader died ends the worker without a
+    traceback (SIGPIPE's default action) instead of raising BrokenPipeError.
+    """
+    import signal
+    import sys
+    import threading
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _worker(args: tuple) -> dict[str, Any]:
@@ -188,7 +241,7 @@ def _run_parallel(models, specs, store, protocol, jobs, retry_failed, progress, 
     tasks = [(models, specs[k::jobs], str(store.path), protocol, retry_failed, threads) for k in range(jobs)]
     summary = SweepSummary()
     t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(jobs) as pool:
+    with mp.get_context("spawn").Pool(jobs, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         for part in pool.imap_unordered(_worker, tasks):
             summary.done += part["done"]
             summary.skipped += part["skipped"]

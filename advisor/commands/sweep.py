@@ -16,7 +16,21 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     add_protocol_args(p)
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="parallel worker processes (--engine ray on a new local instance: tasks at once)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default): this process and --jobs worker processes on this machine; ray: every "
+                        "model's preparation (baseline, probes) and every (model, spec) measurement is a Ray task, "
+                        "and this process writes their results to the store as they finish (needs advisor[ray]; "
+                        "see docs/sweeps.md)")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: the Ray cluster to run on (auto, HOST:PORT or ray://HOST:10001); default "
+                        "RAY_ADDRESS, or a new Ray instance on this machine")
+    p.add_argument("--cpus-per-task", type=float, default=None,
+                   help="with --engine ray: CPUs (torch threads) each task declares (default cores/--jobs on a new "
+                        "local instance, 1 on a cluster)")
+    p.add_argument("--gpus-per-task", type=float, default=None,
+                   help="with --engine ray: GPUs each task declares (default 1 with --device cuda, else 0)")
     p.add_argument("--retry-failed", action="store_true", help="re-measure pairs recorded as failed")
     p.add_argument("--no-probes", action="store_true", help="do not run and store probe features")
     p.add_argument("--export", default=None,
@@ -57,6 +71,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise AdvisorError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.engine != "ray" and (args.address or args.cpus_per_task is not None or args.gpus_per_task is not None):
+        raise AdvisorError("--address, --cpus-per-task and --gpus-per-task need --engine ray")
+    if args.cpus_per_task is not None and not args.cpus_per_task > 0:
+        raise AdvisorError(f"--cpus-per-task must be positive, got {args.cpus_per_task}")
+    if args.gpus_per_task is not None and not args.gpus_per_task >= 0:
+        raise AdvisorError(f"--gpus-per-task must be 0 or more, got {args.gpus_per_task}")
+    if args.engine == "ray":
+        from advisor.sweep_ray import _import_ray
+
+        _import_ray()  # a missing extra is said before any store or model is opened
     store = open_store(args.store)
     protocol = Protocol(eval_data=args.eval, calib_data=args.calib, seq_len=args.seq_len,
                         max_windows=args.max_windows, n_calib=args.n_calib, calib_seq_len=args.calib_seq_len,
@@ -67,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
         on_model = store_probes
     summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, protocol, jobs=args.jobs,
-                        retry_failed=args.retry_failed, on_model=on_model)
+                        retry_failed=args.retry_failed, on_model=on_model, engine=args.engine, address=args.address,
+                        engine_options=dict(cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task))
     out = dict(summary.to_dict(), store=str(store.path), runs_in_store=store.count_runs())
     if args.export:
         from advisor.fitting import export_runs_table

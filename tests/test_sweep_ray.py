@@ -1,0 +1,228 @@
+"""The Ray sweep engine on a local Ray instance (2 CPUs, one per module): the same rows as a local sweep,
+a SIGKILLed worker is retried without a duplicate or a lost run, a failing spec is recorded as failed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from tests.conftest import PTB
+
+pytestmark = pytest.mark.skipif(not PTB.exists(), reason="needs ../shared")
+
+SPECS = ["rtn:int8", "rtn:int4:g16", "gptq:int4:g16", "rtn:nf4:g16", "gptq:int3:g16", "rtn:int2:g16"]
+FAILING = "nonuniform:int8"  # a 256-level per-row codebook on 32-wide layers: refused when it runs
+COLUMNS = "spec, status, ppl, nll, dl, bits_per_weight, error"
+
+
+def _protocol(**kw):
+    from advisor.sweep import Protocol
+
+    return Protocol(eval_data=f"file:{PTB}", calib_data=f"file:{PTB}", seq_len=32, max_windows=3, n_calib=2,
+                    calib_seq_len=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """One local Ray instance for the module, started from a folder outside the checkout (Ray puts the
+    driver's working folder on its workers' sys.path, where the checkout's kernels/ would shadow Hugging Face's)."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("ray-cwd"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        os.chdir(here)
+
+
+def _rows(path) -> list[tuple]:
+    con = sqlite3.connect(path)
+    try:
+        return sorted(con.execute(f"SELECT {COLUMNS} FROM runs").fetchall())
+    finally:
+        con.close()
+
+
+def _same_rows(a: list[tuple], b: list[tuple]) -> None:
+    assert [r[:2] for r in a] == [r[:2] for r in b]
+    for x, y in zip(a, b):
+        assert x[2:6] == pytest.approx(y[2:6], rel=1e-5, abs=1e-7), (x, y)
+        assert (x[6] is None) == (y[6] is None), (x, y)
+
+
+def _integrity(path) -> str:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def local_reference(tiny_folder, tmp_path_factory):
+    """The same sweep with the local engine, probes included."""
+    from advisor.probing import store_probes
+    from advisor.store import Store
+    from advisor.sweep import run_sweep
+
+    path = tmp_path_factory.mktemp("local") / "runs.sqlite"
+    store = Store(path)
+    s = run_sweep([str(tiny_folder)], SPECS + [FAILING], store, _protocol(), progress=False, on_model=store_probes)
+    store.close()
+    assert s.done == len(SPECS) and s.failed == 1
+    return path
+
+
+def test_ray_sweep_records_the_rows_of_a_local_sweep(local_ray, local_reference, tiny_folder, tmp_path):
+    from advisor.probing import store_probes
+    from advisor.store import Store
+    from advisor.sweep import run_sweep
+
+    store = Store(tmp_path / "ray.sqlite")
+    s = run_sweep([str(tiny_folder)], SPECS + [FAILING], store, _protocol(), progress=False, on_model=store_probes,
+                  engine="ray", engine_options=dict(cpus_per_task=1))
+    assert (s.done, s.failed, s.skipped) == (len(SPECS), 1, 0)
+    _same_rows(_rows(store.path), _rows(local_reference))
+    failed = store.runs(status="failed")
+    assert list(failed["spec"]) == [FAILING] and "ValueError" in failed["error"][0]
+    ref = Store(local_reference)
+    def table(st, q):
+        return st._conn.execute(q).fetchall()
+
+    for name in ("models", "baselines"):
+        assert len(table(store, f"SELECT * FROM {name}")) == len(table(ref, f"SELECT * FROM {name}")) == 1
+    assert table(store, "SELECT ppl FROM baselines")[0][0] == pytest.approx(table(ref, "SELECT ppl FROM baselines")[0][0])
+    mine, theirs = (table(st, "SELECT settings_hash, features FROM probes ORDER BY settings_hash") for st in (store, ref))
+    assert [h for h, _ in mine] == [h for h, _ in theirs] and len(mine) == 2
+    for (_, a), (_, b) in zip(mine, theirs):
+        assert json.loads(a) == pytest.approx(json.loads(b), rel=1e-4, abs=1e-8)
+    # the driver found the baseline and probes it had written: a second sweep measures nothing
+    again = run_sweep([str(tiny_folder)], SPECS + [FAILING], store, _protocol(), progress=False, on_model=store_probes,
+                      engine="ray", engine_options=dict(cpus_per_task=1))
+    assert (again.done, again.failed, again.skipped) == (0, 0, len(SPECS) + 1)
+    assert store.count_runs() == len(SPECS) + 1
+
+
+def _descendants_of_this_process() -> dict[int, str]:
+    """pid -> process title of every process below this one (the local Ray instance's raylet and workers)."""
+    parent, title = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                title[int(d.name)] = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+    me, out = os.getpid(), {}
+    for pid in parent:
+        p, seen = parent[pid], 0
+        while p > 1 and p != me and seen < 64:
+            p, seen = parent.get(p, 0), seen + 1
+        if p == me:
+            out[pid] = title[pid]
+    return out
+
+
+def test_a_worker_killed_mid_sweep_is_retried_and_every_run_is_recorded_once(local_ray, local_reference, tiny_folder,
+                                                                               tmp_path):
+    from advisor.store import Store
+    from advisor.sweep import run_sweep
+
+    killed: list[str] = []
+
+    def killer() -> None:  # SIGKILL the first worker seen measuring a spec
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid, title in _descendants_of_this_process().items():
+                if title.startswith("ray::advisor-measure"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(title)
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    store = Store(tmp_path / "ray.sqlite")
+    s = run_sweep([str(tiny_folder)], SPECS + [FAILING], store, _protocol(), progress=False, engine="ray",
+                  engine_options=dict(cpus_per_task=1, max_retries=2))
+    thread.join(5)
+    assert killed, "no measuring worker was seen to kill"
+    assert (s.done, s.failed) == (len(SPECS), 1), s.errors
+    rows = _rows(store.path)
+    assert len({r[0] for r in rows}) == len(rows) == len(SPECS) + 1
+    _same_rows(rows, _rows(local_reference))
+    assert _integrity(store.path) == "ok"
+
+
+def test_a_task_whose_worker_keeps_dying_is_recorded_as_failed(local_ray, tiny_folder, tmp_path):
+    """max_retries=0: the killed task is not retried; the sweep records it failed and goes on."""
+    from advisor.store import Store
+    from advisor.sweep import run_sweep
+
+    killed: list[str] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for pid, title in _descendants_of_this_process().items():
+                if title.startswith("ray::advisor-measure"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(title.split()[-1])
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    store = Store(tmp_path / "ray.sqlite")
+    s = run_sweep([str(tiny_folder)], SPECS[:3], store, _protocol(), progress=False, engine="ray",
+                  engine_options=dict(cpus_per_task=1, max_retries=0))
+    thread.join(5)
+    assert killed
+    failed = store.runs(status="failed")
+    assert s.failed == len(failed) >= 1 and s.done + s.failed == 3
+    assert all("worker died" in e for e in failed["error"]), list(failed["error"])
+    assert store.count_runs() == 3 and _integrity(store.path) == "ok"
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "advisor.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, RAY_ADDRESS=""))
+
+
+def test_cli_contract_ray_engine_leaves_the_ok_runs_of_the_local_engine(tmp_path):
+    common = ["sweep", "--models", "zoo:default", "--specs", "rtn:int8", "rtn:int4:g128", "--seq-len", "64",
+              "--max-windows", "2", "--n-calib", "2", "--calib-seq-len", "64", "--no-probes", "--json"]
+    local = _cli(*common, "--store", str(tmp_path / "local.sqlite"), cwd=tmp_path)
+    assert local.returncode == 0, local.stderr[-3000:]
+    remote = _cli(*common, "--engine", "ray", "--jobs", "2", "--store", str(tmp_path / "ray.sqlite"), cwd=tmp_path)
+    assert remote.returncode == 0, remote.stderr[-3000:]
+    assert json.loads(remote.stdout)["done"] == 2
+    a, b = _rows(tmp_path / "local.sqlite"), _rows(tmp_path / "ray.sqlite")
+    assert [r[1] for r in a] == ["ok", "ok"]
+    _same_rows(b, a)
+
+
+def test_cli_help_documents_engine_and_address(tmp_path):
+    out = _cli("sweep", "--help", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "--engine {local,ray}" in out.stdout and "--address" in out.stdout and "Ray cluster" in out.stdout
+
+
+def test_ray_options_need_the_ray_engine(tmp_path):
+    out = _cli("sweep", "--models", "zoo:default", "--address", "auto", "--store", str(tmp_path / "s.sqlite"),
+               cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.strip() == "error: --address, --cpus-per-task and --gpus-per-task " \
+                                                          "need --engine ray"
+    assert not (tmp_path / "s.sqlite").exists()
