@@ -105,8 +105,8 @@ def test_a_foreign_sqlite_store_is_refused_untouched(tmp_path, schema):
     path = tmp_path / "theirs.db"
     before = _foreign_db(path, schema)
     mtime = path.stat().st_mtime_ns
-    out = subprocess.run(_advisor("sweep", "--models", "zoo:default", "--specs", "rtn:int8", "--store", str(path),
-                                  cwd=tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(_advisor("sweep", "--models", "zoo:default", "--specs", "rtn:int8", "--store", str(path)),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], out.stderr
