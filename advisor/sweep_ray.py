@@ -174,8 +174,9 @@ def _task_error(e: BaseException) -> str:
         return f"{type(cause).__name__}: {cause}"
     if isinstance(e, ray.exceptions.OutOfMemoryError):
         return f"out of memory: Ray killed the worker ({str(e).splitlines()[0][:200]})"
-    if isinstance(e, (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                      ray.exceptions.LocalRaySystemError)):
+    died = tuple(getattr(ray.exceptions, n) for n in ("WorkerCrashedError", "NodeDiedError", "ActorDiedError")
+                 if hasattr(ray.exceptions, n))
+    if isinstance(e, died):
         return f"worker died and its retries ran out ({type(e).__name__})"
     return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 

@@ -71,35 +71,61 @@ def _integrity(path) -> str:
         con.close()
 
 
-@pytest.fixture(scope="module")
-def local_reference(tiny_folder, tmp_path_factory):
-    """The same sweep with the local engine, probes included."""
-    from advisor.probing import store_probes
+def _local_sweep(folder, path, on_model=None):
     from advisor.store import Store
     from advisor.sweep import run_sweep
 
-    path = tmp_path_factory.mktemp("local") / "runs.sqlite"
     store = Store(path)
-    s = run_sweep([str(tiny_folder)], SPECS, store, _protocol(), progress=False, on_model=store_probes)
+    s = run_sweep([str(folder)], SPECS, store, _protocol(), progress=False, on_model=on_model)
     store.close()
     assert s.done == len(SPECS)
     return path
 
 
+@pytest.fixture(scope="module")
+def local_reference(tiny_folder, tmp_path_factory):
+    """The same sweep with the local engine."""
+    return _local_sweep(tiny_folder, tmp_path_factory.mktemp("local") / "runs.sqlite")
+
+
 def test_ray_sweep_records_the_rows_of_a_local_sweep(local_ray, local_reference, tiny_folder, tmp_path):
-    from advisor.probing import store_probes
     from advisor.store import Store
     from advisor.sweep import run_sweep
+
+    store = Store(tmp_path / "ray.sqlite")
+    s = run_sweep([str(tiny_folder)], SPECS, store, _protocol(), progress=False, engine="ray",
+                  engine_options=dict(cpus_per_task=1))
+    assert (s.done, s.failed, s.skipped) == (len(SPECS), 0, 0)
+    _same_rows(_rows(store.path), _rows(local_reference))
+    again = run_sweep([str(tiny_folder)], SPECS, store, _protocol(), progress=False, engine="ray")
+    assert (again.done, again.failed, again.skipped) == (0, 0, len(SPECS))
+
+
+def test_a_spec_failing_in_its_worker_is_recorded_as_failed_and_the_sweep_goes_on(local_ray, local_reference,
+                                                                                   tiny_folder, tmp_path):
+    from advisor.store import Store
     from advisor.sweep_ray import run_sweep_ray
 
     store = Store(tmp_path / "ray.sqlite")
-    s = run_sweep_ray([str(tiny_folder)], SPECS + [FAILING], store, _protocol(), progress=False, on_model=store_probes,
-                      cpus_per_task=1)
+    s = run_sweep_ray([str(tiny_folder)], [FAILING] + SPECS, store, _protocol(), progress=False, cpus_per_task=1)
     assert (s.done, s.failed, s.skipped) == (len(SPECS), 1, 0)
     _same_rows([r for r in _rows(store.path) if r[0] != FAILING], _rows(local_reference))
     failed = store.runs(status="failed")
     assert list(failed["spec"]) == [FAILING] and failed["error"][0].startswith("ValueError: option o"), failed["error"][0]
-    ref = Store(local_reference)
+
+
+@pytest.mark.slow
+def test_probes_and_baseline_are_measured_once_per_model_and_match_a_local_sweep(local_ray, tiny_folder, tmp_path):
+    from advisor.probing import store_probes
+    from advisor.store import Store
+    from advisor.sweep import run_sweep
+
+    ref = Store(_local_sweep(tiny_folder, tmp_path / "local.sqlite", on_model=store_probes))
+    store = Store(tmp_path / "ray.sqlite")
+    s = run_sweep([str(tiny_folder)], SPECS, store, _protocol(), progress=False, on_model=store_probes,
+                  engine="ray", engine_options=dict(cpus_per_task=1))
+    assert s.done == len(SPECS)
+    _same_rows(_rows(store.path), _rows(ref.path))
     def table(st, q):
         return st._conn.execute(q).fetchall()
 
@@ -110,11 +136,12 @@ def test_ray_sweep_records_the_rows_of_a_local_sweep(local_ray, local_reference,
     assert [h for h, _ in mine] == [h for h, _ in theirs] and len(mine) == 2
     for (_, a), (_, b) in zip(mine, theirs):
         assert json.loads(a) == pytest.approx(json.loads(b), rel=1e-4, abs=1e-8)
-    # the driver found the baseline and probes it had written: a second sweep measures nothing
+    # a second sweep finds the baseline and probe records the driver wrote: nothing is measured or probed again
+    probed = table(store, "SELECT created_at FROM probes ORDER BY settings_hash")
     again = run_sweep([str(tiny_folder)], SPECS, store, _protocol(), progress=False, on_model=store_probes,
                       engine="ray", engine_options=dict(cpus_per_task=1))
     assert (again.done, again.failed, again.skipped) == (0, 0, len(SPECS))
-    assert store.count_runs() == len(SPECS) + 1
+    assert table(store, "SELECT created_at FROM probes ORDER BY settings_hash") == probed
 
 
 def _descendants_of_this_process() -> dict[int, str]:
@@ -204,6 +231,7 @@ def _cli(*args, cwd):
                           timeout=600, env=dict(os.environ, RAY_ADDRESS=""))
 
 
+@pytest.mark.slow  # two CLI sweeps and a Ray instance of its own: a minute or more
 def test_cli_contract_ray_engine_leaves_the_ok_runs_of_the_local_engine(tmp_path):
     common = ["sweep", "--models", "zoo:default", "--specs", "rtn:int8", "rtn:int4:g128", "--seq-len", "64",
               "--max-windows", "2", "--n-calib", "2", "--calib-seq-len", "64", "--no-probes", "--json"]
