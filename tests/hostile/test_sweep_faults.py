@@ -49,6 +49,7 @@ def _runs(store: Path) -> int:
         con.close()
 
 
+@pytest.mark.slow  # two spawned workers importing torch: about a minute on a busy machine
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not PTB.exists(), reason="reads /proc; needs ../shared")
 def test_workers_of_a_killed_sweep_stop_and_print_no_traceback(tiny_folder, tmp_path):
     store = tmp_path / "runs.sqlite"
