@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python benchmarks/sweep_engines.py` puts benchmarks/ first on sys.path, where kernels.py would shadow
+# Hugging Face's `kernels` package (which transformers imports)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 SPECS = ["rtn:int8", "rtn:int4:g128", "rtn:int4:g32", "rtn:nf4:g64", "gptq:int4:g128", "gptq:int3:g64"]
 
 
@@ -77,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     timed("local jobs 1", jobs=1)
     timed("local jobs 2", jobs=2)
     t = time.perf_counter()
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    argv0, sys.argv[0] = sys.argv[0], str(tmp / "driver")  # Ray also puts the script's folder on its workers' path
+    try:
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    finally:
+        sys.argv[0] = argv0
     ray_start = time.perf_counter() - t
     try:
         timed("ray 1 worker", engine="ray", engine_options={"cpus_per_task": cores})
         timed("ray 2 workers", engine="ray", engine_options={"cpus_per_task": max(1, cores // 2)})
-        noop = ray.remote(_noop).options(num_cpus=0)
+        noop = ray.remote(_noop)  # one CPU each, as the sweep's tasks: they queue on the running workers
         ray.get(noop.remote())
         t = time.perf_counter()
         for _ in range(50):

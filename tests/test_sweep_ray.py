@@ -257,3 +257,32 @@ def test_ray_options_need_the_ray_engine(tmp_path):
     assert out.returncode == 1 and out.stderr.strip() == "error: --address, --cpus-per-task and --gpus-per-task " \
                                                           "need --engine ray"
     assert not (tmp_path / "s.sqlite").exists()
+
+
+@pytest.mark.slow  # three CLI sweeps, each starting its own Ray instance
+def test_killing_the_driver_and_rerunning_resumes(tiny_folder, tmp_path):
+    store = tmp_path / "ray.sqlite"
+    specs = SPECS + ["gptq:int3:g16", "rtn:int3:g16", "gptq:int2:g16", "rtn:int2:g16"]
+    cmd = [sys.executable, "-m", "advisor.cli", "sweep", "--models", str(tiny_folder), "--specs", *specs,
+           "--eval", f"file:{PTB}", "--calib", f"file:{PTB}", "--seq-len", "32", "--max-windows", "3",
+           "--n-calib", "2", "--calib-seq-len", "32", "--no-probes", "--engine", "ray", "--jobs", "2",
+           "--store", str(store), "--json"]
+    env = dict(os.environ, RAY_ADDRESS="")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    n = 0
+    while n == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        n = len(_rows(store)) if store.exists() else 0
+    assert proc.poll() is None and n > 0, "the sweep ended, or recorded nothing, before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = _rows(store)
+    assert 0 < len(kept) < len(specs) and _integrity(store) == "ok"
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["skipped"] == len(kept)
+    rows = _rows(store)
+    assert sorted(r[0] for r in rows) == sorted(specs) and all(r[1] == "ok" for r in rows)
+    assert [r for r in rows if r[0] in {k[0] for k in kept}] == kept  # completed runs stay as they were
