@@ -274,7 +274,10 @@ def test_killing_the_driver_and_rerunning_resumes(tiny_folder, tmp_path):
     n = 0
     while n == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-        n = len(_rows(store)) if store.exists() else 0
+        try:
+            n = len(_rows(store)) if store.exists() else 0
+        except sqlite3.OperationalError:  # the driver has not created the schema yet
+            n = 0
     assert proc.poll() is None and n > 0, "the sweep ended, or recorded nothing, before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
