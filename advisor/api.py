@@ -72,15 +72,23 @@ class Context:
 
 def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "stdlib-code:eval",
             seq_len: int = 512, max_windows: int | None = 20, n_calib: int = 16, seed: int = 0,
-            device: str = "cpu", store: Store | str | None = None, progress: bool = True) -> Context:
-    """Load (if a name), cut windows, measure or reuse the baseline and the probes."""
+            device: str | None = None, store: Store | str | None = None, progress: bool = True,
+            model_options: Any = None) -> Context:
+    """Load (if a name), cut windows, measure or reuse the baseline and the probes.
+
+    ``model_options``: a ``models.loading.ModelOptions`` (device, dtype, remote code); ``device`` replaces
+    its device. Without either the model loads on the CPU in float32."""
     from advisor.probing import probe_features, probe_windows
     from advisor.models.data import calibration_windows, eval_windows, load_corpus
     from advisor.models.evaluate import perplexity
     from advisor.models.loading import load
 
     store = store if isinstance(store, Store) else open_store(store)
-    loaded = load(model, device=device) if isinstance(model, str) else model
+    if isinstance(model, str):
+        loaded = load(model, device=device, options=model_options, job="predict",
+                      job_params={"seq_len": seq_len, "n_calib": n_calib})
+    else:
+        loaded = model
     ctx_len = loaded.adapter.max_context
     ev = eval_windows(loaded.tokenizer, load_corpus(eval), seq_len, max_windows, max_context=ctx_len)
     cal = calibration_windows(loaded.tokenizer, load_corpus(calib), n_calib, seq_len, seed=seed, exclude=ev,

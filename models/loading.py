@@ -32,8 +32,110 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
-        raise AdvisorError(unknown_key_message("dtype", name, _DTYPES))
+        raise AdvisorError(unknown_key_message("dtype", name, list(_DTYPES) + ["auto"]))
     return _DTYPES[name]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX on x86, BF16 on ARM)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set(text.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` -> cuda, then mps, then cpu; an explicit device is checked to exist.
+
+    Raises:
+        AdvisorError: a device this machine does not have (names what it has).
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = str(name).strip()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise AdvisorError(f"--device {name!r} is not a torch device name (cpu, cuda, cuda:1, mps, auto)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise AdvisorError(f"--device {name}: this machine has no CUDA GPU usable by torch (or torch was built "
+                               "without CUDA); use --device cpu or --device auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AdvisorError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                    and torch.backends.mps.is_available()):
+        raise AdvisorError(f"--device {name}: MPS is not available on this machine; use --device cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise AdvisorError(f"--device {name}: advisor runs on cpu, cuda or mps")
+    return dev
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device, checkpoint: torch.dtype | None) -> torch.dtype:
+    """``auto``: the checkpoint's dtype on an accelerator; on a CPU a 16-bit checkpoint loads as bfloat16 when
+    the CPU computes in bf16 natively (float32 otherwise), and a float32 checkpoint stays float32, the
+    reference precision of perplexity deltas."""
+    if str(name) != "auto":
+        return parse_dtype(name)
+    if device.type != "cpu":
+        return checkpoint if checkpoint in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    if checkpoint in (torch.bfloat16, torch.float16) and cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model is loaded: every command builds one from --device, --dtype and --trust-remote-code and
+    hands it to :func:`load`, so none of the three is dropped on the way."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if str(self.dtype) != "auto":
+            parse_dtype(self.dtype)  # unknown names are refused before any work
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "trust_remote_code": self.trust_remote_code}
+
+
+def checkpoint_dtype(kind: str, local: str) -> torch.dtype | None:
+    """The dtype the weights are stored in (config.json's ``torch_dtype``/``dtype``, else the safetensors
+    header's most common float type); None for GGUF (quantized storage, dequantized to float32)."""
+    if kind == "gguf":
+        return None
+    folder = Path(local)
+    from advisor.models.memory import read_config, read_safetensors_header
+
+    try:
+        cfg = read_config(folder) if (folder / "config.json").exists() else {}
+    except AdvisorError:
+        cfg = {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    for c in (cfg, text):
+        for key in ("torch_dtype", "dtype"):
+            value = c.get(key)
+            if isinstance(value, str) and value in _DTYPES:
+                return _DTYPES[value]
+    counts: dict[str, int] = {}
+    for f in sorted(folder.glob("*.safetensors"))[:1]:
+        for name, info in read_safetensors_header(f).items():
+            if name != "__metadata__" and info["dtype"] in ("F32", "BF16", "F16"):
+                counts[info["dtype"]] = counts.get(info["dtype"], 0) + 1
+    if counts:
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[max(counts, key=counts.get)]
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,10 +175,12 @@ class LoadedModel:
 # ---------------------------------------------------------------------------------------------
 def _file_digest(path: Path, sample_bytes: int = 1 << 22) -> str:
     """sha256 of size + first and last ``sample_bytes`` (whole file when small): cheap for multi-GB weights."""
+    from advisor.models.memory import open_regular
+
     h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
+    with open_regular(path, "model file") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
         if size <= 2 * sample_bytes:
             h.update(f.read())
         else:
@@ -182,33 +286,54 @@ def _hub_folder(hf_id: str) -> Path:
 
 def load(
     name: str,
-    device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool | None = None,
     attn_implementation: str | None = None,
+    *,
+    options: ModelOptions | None = None,
+    job: str = "load",
+    job_params: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load a causal LM, its tokenizer and its architecture adapter.
+    """Load a causal LM, its tokenizer and its architecture adapter, directly onto the device in its dtype.
 
     Args:
         name: alias (``advisor ls models``), ``zoo:NAME``, HF id, local folder or ``.gguf`` path.
-        device: where the model lives; computation follows it.
-        dtype: parameter dtype (``float32`` default: the reference for perplexity deltas).
+        options: device, dtype and remote-code permission (what every CLI command passes). ``device``,
+            ``dtype`` and ``trust_remote_code`` given as keywords replace the corresponding option; with
+            neither, the model loads on the CPU in float32 (the reference for perplexity deltas).
         attn_implementation: e.g. ``"eager"`` for probes that need double backward.
+        job: the work that follows (``load``, ``eval``, ``probe``, ``quantize``, ``predict``, ``recommend``):
+            the memory preflight estimates that job's peak before anything is loaded.
+        job_params: the job's sizes (``seq_len``, ``n_calib``, ``method``) for the preflight.
+    Raises:
+        AdvisorError: the job's estimated peak does not fit (names the estimate and what would fit), a
+            device that does not exist, a model that cannot be loaded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show progress; theirs clutter stderr
-    dtype = parse_dtype(dtype)
+    options = options or ModelOptions(device="cpu", dtype="float32")
+    options = ModelOptions(device=str(device) if device is not None else options.device,
+                           dtype=dtype if dtype is not None else options.dtype,
+                           trust_remote_code=options.trust_remote_code if trust_remote_code is None
+                           else trust_remote_code)
+    trust_remote_code = options.trust_remote_code
+    device = resolve_device(options.device)
     kind, target, notes = resolve(name)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    local = target if kind != "hub" else str(_hub_folder(target))
+    dtype = resolve_dtype(options.dtype, device, checkpoint_dtype(kind, local))
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "low_cpu_mem_usage": True}
+    if device.type != "cpu":
+        kwargs["device_map"] = str(device)  # weights go straight to the accelerator, never all through RAM
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    from advisor.models.memory import check_fits, model_numel
+    from advisor.models.memory import check_job_fits, model_numel
 
-    local = target if kind != "hub" else str(_hub_folder(target))
-    bytes_per_param = torch.finfo(dtype).bits // 8
-    check_fits(model_numel(kind, local), bytes_per_param, f"loading {name!r} as {dtype}".replace("torch.", ""))
+    if kind != "gguf":
+        _check_folder_files(Path(local))
+    check_job_fits(name, kind, local, model_numel(kind, local), dtype, device, job, job_params or {})
     try:
         if kind == "gguf":
             path = Path(target)
@@ -240,13 +365,33 @@ def load(
             f"could not load model {name!r} from {target}: {type(e).__name__}: {str(e)[:300]}. "
             "The files may be truncated or corrupted; re-download or re-save them."
         ) from e
-    model.eval().to(device)
+    model.eval()
+    if next(model.parameters()).device != device:
+        model.to(device)
     adapter = get_adapter(model)
     _check_finite(model, name)
     fp = _fingerprint(files, {"kind": kind, "target": target if kind == "hub" else Path(target).name,
                               "config": model.config.to_diff_dict() if hasattr(model.config, "to_diff_dict") else {}})
     source = ModelSource(name=name, kind=kind, resolved=str(target), fingerprint=fp, notes=notes)
-    return LoadedModel(model=model, tokenizer=tok, adapter=adapter, source=source)
+    return LoadedModel(model=model, tokenizer=tok, adapter=adapter, source=source,
+                       info={"device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                             "options": options.to_dict()})
+
+
+def _check_folder_files(folder: Path) -> None:
+    """Refuse a model folder holding a FIFO, device or socket: reading one hangs or never ends."""
+    import stat
+
+    for entry in folder.iterdir():
+        try:
+            mode = entry.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                mode = entry.stat().st_mode
+        except OSError:
+            continue  # a dangling link: transformers reports it if it is needed
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise AdvisorError(f"{entry} is not a regular file (a FIFO, device or socket); advisor reads model "
+                               "folders only when they hold regular files: remove it or replace it with the real file")
 
 
 def _check_finite(model: nn.Module, name: str) -> None:

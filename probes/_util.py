@@ -46,8 +46,8 @@ class LayerInfo:
 def layer_infos(loaded) -> list[LayerInfo]:
     """Every linear layer of the model in block-sequential order, with its block and kind.
 
-    The adapters list each block's layers in four groups: attention input (q/k/v), attention output,
-    MLP input, MLP output; the first two are attention, the rest MLP.
+    The adapters list each block's layers grouped by shared input, in dataflow order; a layer's kind
+    (attention or MLP) is the adapter's ``layer_kind`` of its path.
 
     Raises:
         AdvisorError: the model has no linear layers.
@@ -58,7 +58,8 @@ def layer_infos(loaded) -> list[LayerInfo]:
     for b, block in enumerate(adapter.blocks()):
         for g, group in enumerate(adapter.linear_groups(block)):
             for path, layer in group:
-                out.append(LayerInfo(f"{prefix}.{b}.{path}", layer, b, ATTN if g < 2 else MLP, path, g))
+                out.append(LayerInfo(f"{prefix}.{b}.{path}", layer, b,
+                                     ATTN if adapter.layer_kind(path) == "attn" else MLP, path, g))
     if not out:
         raise AdvisorError("the model has no linear layers to probe (no transformer blocks with nn.Linear "
                            "projections); probes need at least one")

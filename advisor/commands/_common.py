@@ -8,8 +8,11 @@ from typing import Any
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required, help="alias, zoo:NAME, Hugging Face id, local folder or .gguf file")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps); default cpu")
-    p.add_argument("--dtype", default="float32", help="model dtype: float32 (default), bfloat16, float16")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype: auto (default: the checkpoint's on a GPU; on a CPU bfloat16 for a 16-bit "
+                        "checkpoint when the CPU has bf16 instructions, else float32), float32, bfloat16, float16")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow Python code shipped with the checkpoint to run (off by default: unsafe)")
 
@@ -38,8 +41,9 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
 def protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """What :func:`add_protocol_args` parsed (plus --device and --store), as ``advisor.api.prepare``'s
     keyword arguments: every command passes the whole protocol, none a part of it."""
-    return {k: getattr(args, k) for k in ("calib", "eval", "seq_len", "max_windows", "n_calib", "seed", "device",
-                                          "store")}
+    out = {k: getattr(args, k) for k in ("calib", "eval", "seq_len", "max_windows", "n_calib", "seed", "store")}
+    out["model_options"] = model_options(args)
+    return out
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -73,11 +77,20 @@ def add_json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def load_model(args: argparse.Namespace, **kwargs: Any):
+def model_options(args: argparse.Namespace):
+    """The loader's options from --device, --dtype and --trust-remote-code (every command passes all three)."""
+    from advisor.models.loading import ModelOptions
+
+    return ModelOptions(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def load_model(args: argparse.Namespace, job: str = "load", **kwargs: Any):
+    """Load ``--model`` with the command's model options; ``job`` names the work that follows for the
+    memory preflight (its sizes come from --seq-len / --n-calib where the command has them)."""
     from advisor.models.loading import load
 
-    return load(args.model, device=args.device, dtype=args.dtype,
-                trust_remote_code=args.trust_remote_code, **kwargs)
+    params = {k: getattr(args, k) for k in ("seq_len", "n_calib") if getattr(args, k, None) is not None}
+    return load(args.model, options=model_options(args), job=job, job_params=params, **kwargs)
 
 
 def eval_windows_for(loaded, args: argparse.Namespace):

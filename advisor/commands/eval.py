@@ -16,9 +16,9 @@ def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.models.evaluate import perplexity
 
-    loaded = load_model(args)
+    loaded = load_model(args, job="eval")
     windows = eval_windows_for(loaded, args)
-    result = perplexity(loaded.model, windows, batch_size=args.batch_size, device=args.device)
+    result = perplexity(loaded.model, windows, batch_size=args.batch_size)
     out = dict(result.to_dict(), model=loaded.source.to_dict())
     if args.json:
         emit_json(out)

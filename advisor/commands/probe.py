@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     settings = parse_overrides(args.overrides)
     resolve_all_settings(names, settings)
     corpus = load_corpus(args.calib)
-    loaded = load_model(args)
+    loaded = load_model(args, job="probe")
     calib = calibration_windows(loaded.tokenizer, corpus, args.n_calib, args.calib_seq_len, seed=args.seed,
                                 max_context=loaded.adapter.max_context)
     record, cached = cached_run_probes(loaded, calib, names=names, seed=args.seed, settings=settings,

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         from advisor.models.saving import check_output_dir
 
         check_output_dir(args.out)
-    loaded = load_model(args)
+    loaded = load_model(args, job="quantize")
     windows = eval_windows_for(loaded, args)
     calib = calib_windows_for(loaded, args, exclude=windows)
     baseline = perplexity(loaded.model, windows, batch_size=args.batch_size, desc="baseline")
