@@ -110,6 +110,15 @@ class ModelOptions:
                 "trust_remote_code": self.trust_remote_code}
 
 
+def merge_options(options: ModelOptions | None, device=None, dtype=None, trust_remote_code=None) -> ModelOptions:
+    """``options`` (default: CPU, float32) with the keywords that were given replacing their fields."""
+    options = options or ModelOptions(device="cpu", dtype="float32")
+    return ModelOptions(device=str(device) if device is not None else options.device,
+                        dtype=str(dtype).replace("torch.", "") if dtype is not None else options.dtype,
+                        trust_remote_code=options.trust_remote_code if trust_remote_code is None
+                        else bool(trust_remote_code))
+
+
 def checkpoint_dtype(kind: str, local: str) -> torch.dtype | None:
     """The dtype the weights are stored in (config.json's ``torch_dtype``/``dtype``, else the safetensors
     header's most common float type); None for GGUF (quantized storage, dequantized to float32)."""
@@ -164,6 +173,10 @@ class LoadedModel:
     @property
     def family(self) -> str:
         return self.adapter.family.name
+
+    def resolved_options(self) -> dict[str, Any]:
+        """The model options as they were resolved (``auto`` replaced by the device and dtype used)."""
+        return dict(self.info.get("options", {}), **{k: self.info[k] for k in ("device", "dtype") if k in self.info})
 
     def n_params(self, non_embedding: bool = False) -> int:
         """Parameter count; ``non_embedding`` counts only the transformer blocks' parameters."""
@@ -314,11 +327,7 @@ def load(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show progress; theirs clutter stderr
-    options = options or ModelOptions(device="cpu", dtype="float32")
-    options = ModelOptions(device=str(device) if device is not None else options.device,
-                           dtype=dtype if dtype is not None else options.dtype,
-                           trust_remote_code=options.trust_remote_code if trust_remote_code is None
-                           else trust_remote_code)
+    options = merge_options(options, device, dtype, trust_remote_code)
     trust_remote_code = options.trust_remote_code
     device = resolve_device(options.device)
     kind, target, notes = resolve(name)

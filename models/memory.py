@@ -13,7 +13,7 @@ import stat
 import struct
 from pathlib import Path
 
-from advisor.models.errors import AdvisorError
+from advisor.models.errors import AdvisorError, ModelNotFoundError
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}
@@ -56,7 +56,7 @@ def read_safetensors_header(path: Path) -> dict:
         AdvisorError: not a regular file, truncated, or a header that is not a plausible safetensors header.
     """
     def bad(why: str) -> AdvisorError:
-        return AdvisorError(f"{path} is not a valid safetensors file ({why}); it may be truncated or corrupted: "
+        return ModelNotFoundError(f"{path} is not a valid safetensors file ({why}); it may be truncated or corrupted: "
                             "re-download or re-save it")
 
     with open_regular(path, "weights file") as f:
@@ -121,7 +121,7 @@ class _Bounded:
         self.f, self.size, self.path, self.pos = f, size, path, 0
 
     def bad(self, why: str) -> AdvisorError:
-        return AdvisorError(f"{self.path} is not a valid GGUF file ({why} at byte {self.pos} of {self.size}); it may "
+        return ModelNotFoundError(f"{self.path} is not a valid GGUF file ({why} at byte {self.pos} of {self.size}); it may "
                             "be truncated or corrupted: re-download it")
 
     def need(self, n: int, what: str) -> None:

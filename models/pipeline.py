@@ -163,7 +163,7 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
     blocks = adapter.blocks()
     prefix = adapter.blocks_prefix()
     reports: list[LayerReport] = []
-    n_layers_total = sum(len(g) for g in adapter.linear_groups(blocks[0])) * len(blocks)
+    n_layers_total = sum(adapter.n_linear_per_block())
     bar = tqdm(total=n_layers_total, desc=f"quantize {spec}", unit="layer", disable=not progress, leave=False)
 
     inputs: list[torch.Tensor] = []
@@ -194,13 +194,22 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
                         handle.remove()
                     stats = LayerStats(H=collector.H, n_tokens=collector.n,
                                        act_abs_mean=None if collector.abs_sum is None else collector.abs_sum / collector.n)
+                group_method, group_spec = method, spec
+                if need_stats and stats.n_tokens == 0:
+                    # no calibration token reached these layers (MoE experts the router never chose): there
+                    # is nothing to fit, so they are rounded to nearest, and the report says so
+                    group_method, group_spec = _unreached_fallback(spec)
+                    stats = LayerStats()
                 for path, layer in group:
                     full = f"{prefix}.{bi}.{path}"
                     bar.set_postfix_str(f"block {bi} {path}")
                     if full in skip_layers:
                         bar.update(1)
                         continue
-                    reports.append(_quantize_layer(block, path, full, layer, method, spec, stats, pack))
+                    report = _quantize_layer(block, path, full, layer, group_method, group_spec, stats, pack)
+                    if group_method is not method:
+                        report.info["unreached"] = "no calibration tokens reached this layer: rounded to nearest"
+                    reports.append(report)
                     bar.update(1)
             if need_stats and bi + 1 < len(blocks):
                 with torch.no_grad():
@@ -214,6 +223,12 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
                           seconds=time.perf_counter() - t0, packed=pack,
                           calibration=dict(calib.protocol) if calib is not None and need_stats else {},
                           layers=reports)
+
+
+def _unreached_fallback(spec):
+    from advisor.quantizers import QuantSpec, get_method
+
+    return get_method("rtn"), QuantSpec("rtn", spec.dtype, spec.group_size, spec.symmetric)
 
 
 def _check_memory(loaded, spec, calib, need_h: bool, need_abs: bool, device: torch.device) -> None:

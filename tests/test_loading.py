@@ -113,3 +113,162 @@ def test_quantization_memory_estimate_and_refusal():
     assert check_quantization_fits(14 * 2**30, gptq, "x", available=64 * 2**30) > gptq
     with pytest.raises(AdvisorError, match=r"working memory.*--n-calib"):
         check_quantization_fits(14 * 2**30, gptq, "quantizing with gptq:int4:g128", available=4 * 2**30)
+
+
+# -- model options: every command honours --device, --dtype and --trust-remote-code ------------------
+MODEL_COMMANDS = {
+    "probe": ["probe", "--probes", "sqnr"],
+    "predict": ["predict", "--spec", "rtn:int4"],
+    "plan": ["plan", "--max-ppl-delta", "1"],
+    "quantize": ["quantize", "--spec", "rtn:int4"],
+    "recommend": ["recommend", "--max-ppl-delta", "1"],
+    "eval": ["eval"],
+}
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_every_command_with_model_options_passes_all_of_them_to_the_loader(monkeypatch, tiny_folder, tmp_path):
+    """Fails when a command drops --device, --dtype or --trust-remote-code on the way to the loader, or when
+    a new command takes model options without being listed here."""
+    import advisor.models.loading as loading
+    from advisor.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    with_options = {name for name, p in sub.choices.items()
+                    if {"--dtype", "--device", "--trust-remote-code"} <= set(p._option_string_actions)}
+    assert with_options == set(MODEL_COMMANDS)
+    seen = {}
+
+    def fake_load(name, device=None, dtype=None, trust_remote_code=None, attn_implementation=None, *, options=None,
+                  job="load", job_params=None):
+        seen["options"] = loading.merge_options(options, device, dtype, trust_remote_code)
+        raise _Stop
+
+    monkeypatch.setattr(loading, "load", fake_load)
+    for name, argv in MODEL_COMMANDS.items():
+        for flags, expected in (
+                (["--dtype", "bfloat16", "--device", "cpu", "--trust-remote-code"],
+                 loading.ModelOptions("cpu", "bfloat16", True)),
+                (["--dtype", "float16", "--device", "auto"], loading.ModelOptions("auto", "float16", False))):
+            seen.clear()
+            with pytest.raises(_Stop):
+                main(["--debug", *argv, "--model", str(tiny_folder), *flags])
+            assert seen["options"] == expected, (name, flags)
+    seen.clear()
+    with pytest.raises(_Stop):
+        main(["--debug", "eval", "--model", str(tiny_folder)])
+    assert seen["options"] == loading.ModelOptions("auto", "auto", False)  # the defaults
+
+
+def test_dtype_bfloat16_reaches_the_weights(tiny_folder, capsys):
+    import json
+
+    from advisor.cli import main
+
+    code = main(["quantize", "--model", str(tiny_folder), "--spec", "rtn:int4:g32", "--calib", "stdlib-code",
+                 "--eval", "stdlib-code", "--seq-len", "64", "--max-windows", "2", "--n-calib", "2", "--json",
+                 "--dtype", "bfloat16", "--device", "cpu"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model_options"]["dtype"] == "bfloat16"
+    loaded = load(str(tiny_folder), dtype="bfloat16")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+def test_auto_device_and_dtype(monkeypatch, tiny_folder):
+    import advisor.models.loading as loading
+
+    dev = loading.resolve_device("auto")
+    assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu") or dev.type == "mps"
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: True)
+    assert loading.resolve_dtype("auto", cpu, torch.bfloat16) == torch.bfloat16
+    assert loading.resolve_dtype("auto", cpu, torch.float16) == torch.bfloat16
+    assert loading.resolve_dtype("auto", cpu, torch.float32) == torch.float32
+    assert loading.resolve_dtype("auto", torch.device("cuda"), torch.float16) == torch.float16
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: False)
+    assert loading.resolve_dtype("auto", cpu, torch.bfloat16) == torch.float32
+    assert loading.resolve_dtype("float16", cpu, torch.bfloat16) == torch.float16
+    loaded = load(str(tiny_folder), options=loading.ModelOptions())  # an fp32 checkpoint stays fp32
+    assert next(loaded.model.parameters()).dtype == torch.float32 and loaded.info["device"] == str(dev)
+
+
+def test_device_that_does_not_exist_is_refused_before_loading():
+    import advisor.models.loading as loading
+
+    if not torch.cuda.is_available():
+        with pytest.raises(AdvisorError, match="--device cuda: this machine has no CUDA GPU"):
+            loading.resolve_device("cuda")
+    with pytest.raises(AdvisorError, match="not a torch device name"):
+        loading.resolve_device("gpu0")
+    with pytest.raises(AdvisorError, match="unknown dtype 'fp8'"):
+        loading.ModelOptions(dtype="fp8")
+
+
+def test_memory_preflight_refuses_with_the_estimate_and_what_would_fit(tiny_folder):
+    from advisor.models.memory import check_job_fits, model_numel
+
+    numel = model_numel("folder", tiny_folder)
+    cpu = torch.device("cpu")
+    need = check_job_fits("m", "folder", tiny_folder, numel, torch.float32, cpu, "quantize", {}, available=1 << 40)
+    assert need > numel * 4
+    half = check_job_fits("m", "folder", tiny_folder, numel, torch.bfloat16, cpu, "quantize", {}, available=1 << 40)
+    with pytest.raises(AdvisorError, match=r"quantize of 'm' .* needs about .* GiB at its peak, but only .* "
+                                           r"available: use --dtype bfloat16"):
+        check_job_fits("m", "folder", tiny_folder, numel, torch.float32, cpu, "quantize", {}, available=half + 1)
+    with pytest.raises(AdvisorError, match="a GPU with enough memory"):
+        check_job_fits("m", "folder", tiny_folder, numel, torch.bfloat16, cpu, "probe", {}, available=1000)
+    probe = check_job_fits("m", "folder", tiny_folder, numel, torch.float32, cpu, "probe", {}, available=1 << 40)
+    evaluation = check_job_fits("m", "folder", tiny_folder, numel, torch.float32, cpu, "eval", {}, available=1 << 40)
+    assert probe > evaluation  # the estimate is of the whole job, not of the load
+
+
+@pytest.fixture(scope="module")
+def arch_folders(tmp_path_factory, tiny_tokenizer):
+    """Saved folders (config.json, model.safetensors, tokenizer) of tiny models of several architectures."""
+    from tests.conftest import tiny_model
+
+    def make(arch):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model = tiny_model(arch)
+        model.resize_token_embeddings(len(tiny_tokenizer))
+        model.save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        return folder
+
+    return make
+
+
+CONTRACT_FAST = ["falcon", "mixtral", "gpt_bigcode", "phi3", "gemma3_text"]
+
+
+def _contract(folder, capsys, *extra):
+    import json
+
+    from advisor.cli import main
+
+    code = main(["quantize", "--model", str(folder), "--spec", "rtn:int4:g32", "--calib", "stdlib-code", "--eval",
+                 "stdlib-code", "--seq-len", "64", "--max-windows", "2", "--n-calib", "2", "--json", *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = json.loads(captured.out)
+    assert out["ppl"] > 0 and out["bits_per_weight"] > 4
+    return out
+
+
+@pytest.mark.parametrize("arch", CONTRACT_FAST)
+def test_quantize_contract_on_a_folder_of_any_architecture(arch, arch_folders, capsys):
+    _contract(arch_folders(arch), capsys)
+
+
+@pytest.mark.slow
+def test_quantize_contract_on_every_tested_architecture(arch_folders, capsys):
+    from tests.conftest import ALL_ARCHS
+
+    for arch in ALL_ARCHS:
+        if arch not in CONTRACT_FAST:
+            _contract(arch_folders(arch), capsys)

@@ -9,7 +9,7 @@ from advisor.models.data import Windows
 from advisor.models.loading import LoadedModel, ModelSource
 from advisor.models.pipeline import quantize_model
 from advisor.quantizers import LayerStats, QuantSpec, get_method
-from tests.conftest import ARCHS, tiny_model
+from tests.conftest import ALL_ARCHS, ARCHS, tiny_model
 
 
 def _loaded(arch, seed=0):
@@ -132,3 +132,57 @@ def test_same_inputs_give_identical_quantized_weights(spec):
                                             fresh.adapter.linear_layers()):
         assert torch.equal(la.weight, lb.weight), name
         assert not torch.equal(la.weight, lf.weight), name  # every layer was quantized
+
+
+# -- every tested architecture -------------------------------------------------------------------
+PROBE_FAST = {
+    "hessian": {"n_probes": 2, "power_iters": 1},
+    "outliers": {"extra_sets": []},
+    "sqnr": {"dtypes": ["int4", "int8"]},
+    "second_order": {"dtypes": ["int4"]},
+    "perturbation": {"sigmas": [0.05]},
+    "rtn_loss": {"keys": ["int4_g16"]},
+}
+
+
+@pytest.fixture(scope="module")
+def _one_thread_module():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_packed_equals_fake_quant_and_probes_are_finite(arch, _one_thread_module):
+    """On every architecture: the packed model's perplexity equals the fake-quantized one's for RTN and
+    GPTQ (same weights, real kernels), and every probe gives finite features."""
+    import math
+
+    from advisor import probes
+    from advisor.models.evaluate import perplexity
+
+    calib, ev = _calib(2, 16), Windows(torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(5)),
+                                       {"seq_len": 16})
+    for spec in ("rtn:int4:g16", "gptq:int4:g16"):
+        fake, packed = _loaded(arch), _loaded(arch)
+        rf = quantize_model(fake, spec, calib, pack=False, progress=False)
+        rp = quantize_model(packed, spec, calib, pack=True, progress=False)
+        assert rf.n_layers == rp.n_layers == len(fake.adapter.linear_layers())
+        pf = perplexity(fake.model, ev, progress=False).ppl
+        pp = perplexity(packed.model, ev, progress=False).ppl
+        assert math.isfinite(pf) and pp == pytest.approx(pf, rel=1e-4), (arch, spec)
+    loaded = _loaded(arch)
+    record = probes.run_probes(loaded, calib, seed=0, settings=PROBE_FAST)
+    assert record.features and all(math.isfinite(v) for v in record.features.values()), arch
+
+
+def test_experts_no_calibration_token_reached_are_rounded_and_reported():
+    """GPTQ needs statistics; an expert the router never chose during calibration gets none: it is
+    rounded to nearest and its report says so, instead of failing or zeroing the expert."""
+    loaded = _loaded("mixtral")
+    one_token = Windows(torch.tensor([[3, 4]]), {"seq_len": 2})
+    result = quantize_model(loaded, "gptq:int4:g16", one_token, pack=False, progress=False)
+    unreached = [r for r in result.layers if "unreached" in r.info]
+    assert unreached and len(unreached) < len(result.layers)
+    assert all(".experts." in r.name for r in unreached)

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         "dl": measured.nll - baseline.nll, "nll": measured.nll, "baseline_nll": baseline.nll,
         "seconds": time.perf_counter() - t0, "quantize_seconds": result.seconds, "packed": result.packed,
         "model": loaded.source.to_dict(), "calibration": calib.protocol, "protocol": measured.protocol,
+        "model_options": loaded.resolved_options(),
     }
     if args.out:
         from advisor.models.saving import save_quantized_model

@@ -1,0 +1,311 @@
+"""Peak memory and time of `advisor probe`, `predict`, `quantize` (RTN, GPTQ) and `recommend` against model size.
+
+    python benchmarks/memory.py                         # llama ~50M, ~200M, ~800M (random weights, bf16)
+    python benchmarks/memory.py --sizes 50m 200m        # a subset
+    python benchmarks/memory.py --sizes 7b --commands probe predict quantize-rtn quantize-gptq
+                                                        # mistral-7b's configuration (~14.5 GB bf16): needs
+                                                        # >= 19 GB of available memory; see --min-available-gb
+
+Each model is a folder (config.json, model.safetensors, a byte-level tokenizer) of random bf16 weights,
+written tensor by tensor (never materialised in memory, so the 7B folder can be built on a machine that
+could not hold it twice). Each command runs in its own process (the CLI, in-process in a small wrapper)
+under ``nice``; its peak resident memory (``ru_maxrss``) and, where a GPU exists, peak CUDA memory are
+recorded, as bytes per parameter of the model. A least-squares fit of peak against parameter count
+(peak = a + b * params) per command follows, and a GPU time projection from the measured FLOPs of the
+model's forward and backward passes (a projection on paper, labelled so: no GPU was used).
+
+A watchdog stops a command when the machine's available memory falls under ``--stop-below-gb``.
+Results: benchmarks/results/memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "memory.json"
+
+# llama configurations: (hidden, intermediate, layers, heads, kv_heads, vocab)
+SIZES = {
+    "50m": (512, 1536, 8, 8, 8, 32000),
+    "200m": (1024, 2816, 12, 16, 16, 32000),
+    "800m": (1536, 4096, 24, 16, 16, 32000),
+    "7b": (4096, 14336, 32, 32, 8, 32000),  # mistral-7b
+}
+PROTOCOL = ["--calib", "stdlib-code", "--seq-len", "64", "--n-calib", "2"]
+COMMANDS = {
+    "probe": ["probe", "--calib", "stdlib-code", "--n-calib", "2", "--calib-seq-len", "64", "--no-cache"],
+    "predict": ["predict", *PROTOCOL, "--eval", "stdlib-code", "--max-windows", "2", "--spec", "rtn:int4:g128"],
+    "quantize-rtn": ["quantize", "--spec", "rtn:int4:g128", *PROTOCOL, "--eval", "stdlib-code", "--max-windows", "2"],
+    "quantize-gptq": ["quantize", "--spec", "gptq:int4:g128", *PROTOCOL, "--eval", "stdlib-code",
+                      "--max-windows", "2"],
+    "recommend": ["recommend", "--max-ppl-ratio", "1000", *PROTOCOL, "--eval", "stdlib-code", "--max-windows", "2",
+                  "--max-attempts", "1", "--no-explore", "--methods", "rtn"],
+}
+
+WRAPPER = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from advisor.cli import main
+code = main(sys.argv[2:])
+out = {"rc": code, "seconds": time.perf_counter() - t0,
+       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+try:
+    import torch
+    if torch.cuda.is_available():
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+except Exception:
+    pass
+open(sys.argv[1], "w").write(json.dumps(out))
+"""
+
+
+def llama_config(size: str) -> dict:
+    h, i, n, heads, kv, vocab = SIZES[size]
+    return {"architectures": ["MistralForCausalLM" if size == "7b" else "LlamaForCausalLM"],
+            "model_type": "mistral" if size == "7b" else "llama", "hidden_size": h, "intermediate_size": i,
+            "num_hidden_layers": n, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
+    for b in range(n):
+        p = f"model.layers.{b}."
+        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
+                (p + "post_attention_layernorm.weight", (h,))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (cfg["vocab_size"], h))]
+    return out
+
+
+def n_params(cfg: dict) -> int:
+    import math
+
+    return sum(math.prod(s) for _, s in tensor_shapes(cfg))
+
+
+def write_random_safetensors(path: Path, cfg: dict, seed: int = 0) -> None:
+    """A bf16 safetensors file of random weights, tensor by tensor: at most one tensor in memory."""
+    import math
+
+    import torch
+
+    shapes = tensor_shapes(cfg)
+    header, offset = {}, 0
+    for name, shape in shapes:
+        nbytes = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    gen = torch.Generator().manual_seed(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes:
+            if name.endswith("norm.weight"):
+                t = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                std = 0.02 if "embed" in name or "lm_head" in name else 1 / math.sqrt(shape[-1])
+                t = (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
+            f.write(t.view(torch.int16).numpy().tobytes())
+            del t
+
+
+def write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet()),
+                                  special_tokens=["<unk>", "<s>", "</s>"])
+    text = Path(sys.modules["os"].__file__).read_text() * 2  # any Python text: the corpora are Python code
+    tok.train_from_iterator([text], trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def build_folder(size: str, root: Path) -> Path:
+    folder = root / f"llama-{size}"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = llama_config(size)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_tokenizer(folder)
+    write_random_safetensors(folder / "model.safetensors", cfg)
+    done.write_text("ok")
+    return folder
+
+
+def available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_command(folder: Path, name: str, stop_below_gb: float, timeout: float, env: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        wrapper = Path(tmp) / "wrapper.py"
+        wrapper.write_text(WRAPPER)
+        argv = ["nice", "-n", "10", sys.executable, str(wrapper), str(out), *COMMANDS[name], "--model", str(folder),
+                "--json"]
+        if name == "predict" or name == "recommend":
+            argv += ["--store", str(Path(tmp) / "store.sqlite")]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stopped = {}
+
+        def watch():
+            while proc.poll() is None:
+                if available_gb() < stop_below_gb:
+                    stopped["why"] = f"stopped: available memory fell under {stop_below_gb} GB"
+                    proc.kill()
+                time.sleep(0.5)
+
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            stopped["why"] = f"stopped after {timeout:.0f} s"
+        result = json.loads(out.read_text()) if out.exists() else {"rc": proc.returncode}
+        result["wall_seconds"] = time.perf_counter() - t0
+        if stopped:
+            result["stopped"] = stopped["why"]
+        if result.get("rc"):
+            result["stderr_tail"] = (err or "")[-400:]
+        return result
+
+
+def fit(points: list[tuple[int, int]]) -> dict | None:
+    """peak = a + b * params, least squares (b: marginal bytes per parameter)."""
+    if len(points) < 2:
+        return None
+    import numpy as np
+
+    x = np.array([p for p, _ in points], dtype=float)
+    y = np.array([m for _, m in points], dtype=float)
+    b, a = np.polyfit(x, y, 1)
+    return {"intercept_bytes": float(a), "bytes_per_param": float(b), "n_points": len(points)}
+
+
+def flops_projection(cfg: dict, measured: dict) -> dict:
+    """GPU time of each command projected from its FLOPs (2 N per token forward, 6 N with backward) at an
+    assumed sustained bf16 rate: a projection on paper, not a measurement."""
+    n = n_params(cfg)
+    tokens = {"probe": 2 * 64, "predict": 2 * 64 + 2 * 64, "quantize-rtn": 2 * 64, "quantize-gptq": 2 * 64,
+              "recommend": 3 * 2 * 64}
+    passes = {"probe": 6 * 40, "predict": 6 * 40 + 2, "quantize-rtn": 2 * 2, "quantize-gptq": 2 * 2 + 2 * 4,
+              "recommend": 6 * 40 + 2 * 3}  # probe: ~40 forward+backward equivalents (Hessian, Fisher, ...)
+    rates = {"A100 (bf16, 40% of 312 TFLOP/s)": 0.4 * 312e12, "H100 (bf16, 40% of 989 TFLOP/s)": 0.4 * 989e12}
+    out = {"label": "PROJECTION from FLOP counts, not measured on a GPU", "params": n, "assumptions":
+           "FLOPs = passes x N x tokens; probe ~40 forward+backward passes over 2 x 64 tokens; GPTQ solver time "
+           "(Cholesky of each layer's Hessian) added as 4/3 d^3 per layer"}
+    for rate_name, rate in rates.items():
+        row = {}
+        for cmd in measured:
+            f = passes.get(cmd, 2) * n * tokens.get(cmd, 128) / 2
+            if cmd == "quantize-gptq":
+                d = cfg["hidden_size"]
+                f += cfg["num_hidden_layers"] * 7 * (4 / 3) * max(d, cfg["intermediate_size"]) ** 3 / 7
+            row[cmd] = {"flops": f, "seconds": f / rate}
+        out[rate_name] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=["50m", "200m", "800m"], choices=list(SIZES))
+    p.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
+    p.add_argument("--work", default=None, help="folder for the model folders (default: a temp folder, kept)")
+    p.add_argument("--min-available-gb", type=float, default=None,
+                   help="skip a size unless this much memory is available (default: 1.3 x its bf16 weights)")
+    p.add_argument("--stop-below-gb", type=float, default=2.0, help="kill a command under this available memory")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    work = Path(args.work or Path(tempfile.gettempdir()) / "advisor-memory-bench")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+        flags = next(ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        cpu, flags = platform.processor(), []
+    report = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    report.update({"cpu": cpu, "isa": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))),
+                   "cores": os.cpu_count(), "python": platform.python_version()})
+    runs = report.setdefault("runs", {})
+    for size in args.sizes:
+        cfg = llama_config(size)
+        n = n_params(cfg)
+        weights = 2 * n
+        need = args.min_available_gb if args.min_available_gb is not None else 1.3 * weights / 2**30
+        if available_gb() < need:
+            print(f"{size}: skipped, {available_gb():.1f} GB available < {need:.1f} GB", flush=True)
+            runs.setdefault(size, {})["skipped"] = f"{available_gb():.1f} GB available < {need:.1f} GB"
+            continue
+        t0 = time.perf_counter()
+        folder = build_folder(size, work)
+        row = runs.setdefault(size, {})
+        row.update(params=n, weights_bytes=weights, build_seconds=time.perf_counter() - t0, config=cfg)
+        for cmd in args.commands:
+            r = run_command(folder, cmd, args.stop_below_gb, args.timeout, env)
+            if "peak_rss_bytes" in r:
+                r["rss_bytes_per_param"] = r["peak_rss_bytes"] / n
+                r["rss_over_weights"] = r["peak_rss_bytes"] / weights
+            row[cmd] = r
+            print(f"{size:>5} {cmd:<14} rc {r.get('rc')} {r.get('seconds', r['wall_seconds']):8.1f}s peak "
+                  f"{r.get('peak_rss_bytes', 0) / 2**30:6.2f} GiB = {r.get('rss_bytes_per_param', float('nan')):5.2f}"
+                  f" B/param ({r.get('rss_over_weights', float('nan')):.2f}x bf16 weights) {r.get('stopped', '')}",
+                  flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))
+    fits = {}
+    for cmd in COMMANDS:
+        pts = [(r["params"], r[cmd]["peak_rss_bytes"]) for s, r in runs.items()
+               if s != "7b" and cmd in r and r[cmd].get("rc") == 0 and "peak_rss_bytes" in r[cmd]]
+        fits[cmd] = fit(pts)
+    report["fit_peak_vs_params"] = fits
+    if "7b" in runs and "params" in runs["7b"]:
+        measured = {c: v for c, v in runs["7b"].items() if isinstance(v, dict) and "rc" in v}
+        report["gpu_projection_7b"] = flops_projection(llama_config("7b"), measured or dict.fromkeys(COMMANDS))
+    else:
+        report["gpu_projection_7b"] = flops_projection(llama_config("7b"), dict.fromkeys(COMMANDS))
+    report["projected_7b_peak_from_fit"] = {
+        cmd: (f["intercept_bytes"] + f["bytes_per_param"] * n_params(llama_config("7b"))) if f else None
+        for cmd, f in fits.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    for cmd, f in fits.items():
+        if f:
+            print(f"fit {cmd:<14} peak = {f['intercept_bytes'] / 2**30:.2f} GiB + {f['bytes_per_param']:.2f} B x params"
+                  f"  -> 7B projected {report['projected_7b_peak_from_fit'][cmd] / 2**30:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
