@@ -244,8 +244,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip a size unless this much memory is available (default: 1.3 x its bf16 weights)")
     p.add_argument("--stop-below-gb", type=float, default=2.0, help="kill a command under this available memory")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
+    p.add_argument("--probes", default=None,
+                   help="probes for the probe command (default all; e.g. fisher, the issue's first measurement)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.probes:
+        COMMANDS["probe"] = COMMANDS["probe"] + ["--probes", args.probes]
+        report_probes = args.probes
+    else:
+        report_probes = "all"
 
     work = Path(args.work or Path(tempfile.gettempdir()) / "advisor-memory-bench")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -258,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu, flags = platform.processor(), []
     report = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     report.update({"cpu": cpu, "isa": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))),
-                   "cores": os.cpu_count(), "python": platform.python_version()})
+                   "cores": os.cpu_count(), "python": platform.python_version(), "probe_set": report_probes,
+                   "commands": {k: " ".join(v) for k, v in COMMANDS.items()}})
     runs = report.setdefault("runs", {})
     for size in args.sizes:
         cfg = llama_config(size)
