@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from advisor.models.errors import AdvisorError
@@ -188,7 +190,14 @@ def connect(address: str | None, num_cpus: int | None = None, runtime_env: dict 
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = dict(runtime_env=runtime_env) if runtime_env else {}
+    here = Path.cwd()
+    # Ray puts the driver's working folder on its workers' sys.path. From the root of an advisor source
+    # checkout that would make its bare layer folders (advisor/ without advisor.kernels, kernels/ shadowing
+    # Hugging Face's `kernels`) importable ahead of the installed package, so connect from elsewhere.
+    checkout = (here / "advisor" / "__init__.py").is_file() and (here / "kernels" / "__init__.py").is_file()
     try:
+        if checkout:
+            os.chdir(tempfile.gettempdir())
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address, **kwargs)
         else:  # "local": never attach to some other Ray instance found on this machine
@@ -196,6 +205,8 @@ def connect(address: str | None, num_cpus: int | None = None, runtime_env: dict 
     except ConnectionError as e:
         raise AdvisorError(f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
                            f"({e}); check --address (or RAY_ADDRESS) and that the cluster is up (`ray status`)") from e
+    finally:
+        os.chdir(here)
     return True
 
 

@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     timed("local jobs 1", jobs=1)
     timed("local jobs 2", jobs=2)
     t = time.perf_counter()
-    argv0, sys.argv[0] = sys.argv[0], str(tmp / "driver")  # Ray also puts the script's folder on its workers' path
-    try:
-        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
-    finally:
-        sys.argv[0] = argv0
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t
     try:
         timed("ray 1 worker", engine="ray", engine_options={"cpus_per_task": cores})

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from tests.conftest import PTB
+from tests.conftest import PTB, ROOT
 
 pytestmark = pytest.mark.skipif(not PTB.exists(), reason="needs ../shared")
 
@@ -237,7 +237,11 @@ def test_cli_contract_ray_engine_leaves_the_ok_runs_of_the_local_engine(tmp_path
               "--max-windows", "2", "--n-calib", "2", "--calib-seq-len", "64", "--no-probes", "--json"]
     local = _cli(*common, "--store", str(tmp_path / "local.sqlite"), cwd=tmp_path)
     assert local.returncode == 0, local.stderr[-3000:]
-    remote = _cli(*common, "--engine", "ray", "--jobs", "2", "--store", str(tmp_path / "ray.sqlite"), cwd=tmp_path)
+    # the console script from the checkout's root: Ray's workers must not import the checkout's bare folders
+    script = Path(sys.executable).with_name("advisor")
+    remote = subprocess.run([str(script), *common, "--engine", "ray", "--jobs", "2", "--store",
+                             str(tmp_path / "ray.sqlite")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, RAY_ADDRESS=""))
     assert remote.returncode == 0, remote.stderr[-3000:]
     assert json.loads(remote.stdout)["done"] == 2
     a, b = _rows(tmp_path / "local.sqlite"), _rows(tmp_path / "ray.sqlite")
