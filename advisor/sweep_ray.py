@@ -138,8 +138,16 @@ def _prepare(name: str, protocol, snapshot: dict, threads: int, on_model: Callab
 
 
 def _measure(name: str, protocol, baseline: dict, spec: str, threads: int) -> dict[str, Any]:
-    """Quantize and evaluate one spec on the worker's session of ``name``; return the run record."""
+    """Quantize and evaluate one spec on the worker's session of ``name``; return the run record.
+
+    ``baseline`` is the prepare task's ``{(fingerprint, protocol hash): baseline}``: a session kept from an
+    earlier sweep whose model files have changed since (another fingerprint) is loaded again."""
+    ((fp, _), base), = baseline.items()
     session = _session(name, protocol, {"baselines": baseline}, threads)
+    if session.fp != fp:
+        _SESSION.clear()
+        session = _session(name, protocol, {"baselines": baseline}, threads)
+    session.baseline_ppl, session.baseline_nll = float(base["ppl"]), float(base["nll"])
     return session.measure(spec)
 
 
@@ -240,6 +248,17 @@ def run_sweep_ray(models: list[str], specs: list[str], store: Store, protocol, *
     if gpus_per_task is None:
         gpus_per_task = 1 if str(protocol.device).startswith("cuda") else 0
     threads = max(1, int(cpus_per_task))
+    mem_cap = None
+    if local:  # no autoscaler can add what this machine lacks: a task it cannot place would wait forever
+        have = ray.cluster_resources()
+        for what, need in (("CPU", cpus_per_task), ("GPU", gpus_per_task)):
+            if need > have.get(what, 0):
+                if started:
+                    ray.shutdown()
+                raise AdvisorError(f"each task needs {need:g} {what}s but this machine's Ray instance has "
+                                   f"{have.get(what, 0):g}: lower --{what.lower()}s-per-task"
+                                   + (" or use --device cpu" if what == "GPU" else ""))
+        mem_cap = int(have.get("memory", 0)) or None  # beyond it the worker's own preflight refuses the model
     base_opts = dict(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=max_retries,
                      retry_exceptions=False)
     prepare = ray.remote(_prepare)
@@ -252,6 +271,7 @@ def run_sweep_ray(models: list[str], specs: list[str], store: Store, protocol, *
         snapshot = ray.put(store_snapshot(store))
         for name in models:
             mem = _estimate_memory(name)
+            mem = min(mem, mem_cap) if mem and mem_cap else mem
             opts = dict(base_opts, name=f"advisor-prepare {name}", **({"memory": mem} if mem else {}))
             pending[prepare.options(**opts).remote(name, protocol, snapshot, threads, on_model)] = ("prepare", name)
         while pending:
@@ -274,6 +294,7 @@ def run_sweep_ray(models: list[str], specs: list[str], store: Store, protocol, *
                                                               protocol.seed, include_failed=not retry_failed)]
                 summary.skipped += len(specs) - len(todo)
                 mem = int(result["n_params"] * 4 * 2 * 1.2) + _TASK_OVERHEAD_BYTES  # weights + pristine copy
+                mem = min(mem, mem_cap) if mem_cap else mem
                 opts = dict(base_opts, memory=mem)
                 bar.total += len(todo)
                 bar.refresh()

@@ -293,3 +293,17 @@ def test_killing_the_driver_and_rerunning_resumes(tiny_folder, tmp_path):
     rows = _rows(store)
     assert sorted(r[0] for r in rows) == sorted(specs) and all(r[1] == "ok" for r in rows)
     assert [r for r in rows if r[0] in {k[0] for k in kept}] == kept  # completed runs stay as they were
+
+
+def test_a_task_this_machine_cannot_place_is_refused_instead_of_waiting(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = _cli("sweep", "--models", "zoo:default", "--specs", "rtn:int8", "--engine", "ray", "--gpus-per-task", "1",
+               "--no-probes", "--store", str(tmp_path / "s.sqlite"), cwd=tmp_path)
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "error: each task needs 1 GPUs but this machine's Ray instance has 0: lower --gpus-per-task or " \
+                   "use --device cpu", out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
