@@ -5,18 +5,18 @@ Cost of a candidate on a given model:
   outliers; :meth:`QuantSpec.bits_per_weight` with the model's layer widths);
 - ``bytes``: those layers at that rate, plus every other parameter (embeddings, norms, head) at 16 bits;
 - ``relative_speed``: decode (batch 1) speed of the packed kernels relative to a bf16 ``nn.Linear``,
-  from the kernel benchmark shipped with the package (``advisor/data/kernel_speed.json``); a format
-  that was not measured takes the median measured speed of formats with the same code bits (nf3 that
-  of int3, mxfp6 that of fp6), and only with none of those the memory-bound estimate 16 / bits.
+  measured on this machine by :mod:`advisor.kernel_speed` (a short calibration, cached per CPU
+  model, kernel ISA path and version); a format that was not measured takes the median measured
+  speed of formats with the same code bits (nf3 that of int3, mxfp6 that of fp6), and with none of
+  those (or no calibration at all) the memory-bound estimate 16 / bits, marked
+  ``speed_source="estimate"``.
 Candidates are ranked by bytes, then by speed (faster first), then by how much compute the method
 needs to run (RTN first: at equal cost, the simplest solver that passes is the one to ship).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 # About 40 specs from ~2.2 to ~8.1 bits per weight. Methods are paired with the formats where
@@ -47,10 +47,12 @@ class Candidate:
     bits_per_weight: float
     bytes: int
     relative_speed: float  # decode speed vs bf16 nn.Linear (higher is faster)
+    speed_source: str = "measured"  # "measured" on this machine, or "estimate" (16 / bits)
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "method": self.method, "dtype": self.dtype, "group_size": self.group_size,
-                "bits_per_weight": self.bits_per_weight, "bytes": self.bytes, "relative_speed": self.relative_speed}
+                "bits_per_weight": self.bits_per_weight, "bytes": self.bytes, "relative_speed": self.relative_speed,
+                "speed_source": self.speed_source}
 
 
 def default_specs(methods: Iterable[str] | None = None, dtypes: Iterable[str] | None = None) -> list[str]:
@@ -72,10 +74,10 @@ def default_specs(methods: Iterable[str] | None = None, dtypes: Iterable[str] | 
 
 
 def _kernel_speed_table() -> dict[str, float]:
-    path = Path(__file__).with_name("data") / "kernel_speed.json"
-    if not path.exists():
-        return {}
-    return {k: float(v) for k, v in json.loads(path.read_text()).get("speedup_vs_bf16_batch1", {}).items()}
+    """This machine's measured speeds (calibrating once if allowed), or {} (then estimates)."""
+    from advisor.kernel_speed import speeds
+
+    return speeds().speeds
 
 
 def _dtype_names() -> set[str]:
@@ -100,15 +102,15 @@ def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
     bpw = bits / n if n else float("nan")
     total_bytes = int(math.ceil(bits / 8)) + 2 * other_params
     table = _kernel_speed_table() if speed_table is None else speed_table
-    speed = table.get(spec.dtype)
+    speed, source = table.get(spec.dtype), "measured"
     if speed is None:
         from advisor.quantizers import get_dtype
 
         bits, known = get_dtype(spec.dtype).bits, _dtype_names()
         same = sorted(v for k, v in table.items() if k in known and get_dtype(k).bits == bits)
-        speed = same[len(same) // 2] if same else 16.0 / max(bpw, 1e-9)
+        speed, source = (same[len(same) // 2], "measured") if same else (16.0 / max(bpw, 1e-9), "estimate")
     return Candidate(spec=str(spec), method=spec.method, dtype=spec.dtype, group_size=spec.group_size,
-                     bits_per_weight=bpw, bytes=total_bytes, relative_speed=speed)
+                     bits_per_weight=bpw, bytes=total_bytes, relative_speed=speed, speed_source=source)
 
 
 # Solver compute, cheapest first: the tie-break between candidates of equal bytes and speed.

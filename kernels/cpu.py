@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -703,10 +704,7 @@ WIDE_UNIT = 8  # codes per 32-bit lane = phase-order unit of the wide kernel
 # 0 / 1024 / 2048 for FP6 (noisy shared machine)
 PREFETCH_BYTES = 512
 # the int4 kernel above streams a single row of nibbles: the distance must cover the DRAM latency at
-# its higher code rate. Batch 1, 2 threads, weights cold (L3 flushed before each call), median of
-# 100 calls, two alternating rounds (/tmp/s4/cold2.py in session 4): 11008x4096 512 B 3.05 / 2.80
-# ms, 1024 B 2.21 / 2.68, 1536 B 2.19 / 2.22, 2048 B 2.23 / 2.04; 4096x4096 512 B 1.12 / 1.38,
-# 2048 B 0.98 / 1.25. (No prefetch at all: 6.8 ms vs 6.0 ms at 512 B for 11008x4096.)
+# its higher code rate (2 KB measured best of 0.5-2 KB with the weights cold; docs/kernels.md item 10)
 NIB4_PREFETCH_BYTES = 2048
 
 
@@ -1204,25 +1202,30 @@ _GEMV = (_gemv_work_crumb2, _gemv_work_nib4, _gemv_work_byte8, _gemv_work_planes
 _DEQUANT = (_qdequant_crumb2, _qdequant_nib4, _qdequant_byte8, _qdequant_planes, _qdequant_split6)
 
 
-def qgemv(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-          vdec=None, simd=0):
-    """y (B, out) = W x for phase-ordered xp (B, n_pad) and group sums xsum (B, n_groups).
+class Packed(NamedTuple):
+    """What the kernels read of a packed layer, by name (see ``QuantLinear._fast_args``).
 
-    ``simd`` picks the kernel: 0 auto-vectorized loops, 1 explicit SIMD (xp in the layout's
-    phase order; batch 1 fused decode + dot, batch 2..8 decode per tile, four tokens per pass),
-    2 wide explicit SIMD (batch 1 only: split6, T % 128 == 0, xp phase-ordered with
-    ``WIDE_UNIT``; larger batches with 2 take the loops).
+    ``layout``: :data:`LAYOUT_ID` of the code layout; ``bits``: code width; ``qa``/``qb``: code
+    bytes (``qb`` the 2-bit segments of split6, else a 1x1 dummy); ``dec``: scalar decode
+    descriptor (see ``_val``); ``per_row``: ``dec`` has one table row per output row;
+    ``scales``/``offsets``: per-group arrays (see ``_load_row``); ``mult``/``add``: the decode
+    rule's affine fold (value = table value * mult + add before the group scale)."""
+    layout: int
+    bits: int
+    qa: np.ndarray
+    qb: np.ndarray
+    dec: Any
+    per_row: bool
+    scales: np.ndarray
+    offsets: Any
+    mult: np.float32
+    add: np.float32
 
-    Row tasks are claimed from an atomic counter, so any number of threads is correct. The
-    threads are torch's own OpenMP team (:mod:`kernels.team`), whose workers are still spinning
-    from the previous torch op; without it (a torch build not on OpenMP), the calling thread and
-    ``numba.get_num_threads() - 1`` helper threads (nogil). In that fallback the caller never
-    waits for a helper that has not started yet: it only waits for tasks already claimed; a late
-    helper finds the counter exhausted and returns without touching ``y``.
-    """
-    fn = _GEMV[layout]
-    args = (bits, qa, qb, dec, vdec, int(simd), per_row, scales, offsets, mult, add, xp, xsum, y,
-            T, tpg)
+
+def qgemv(p: Packed, xp, xsum, y, T, tpg, vdec=None, simd=0):
+    fn = _GEMV[p.layout]
+    args = (p.bits, p.qa, p.qb, p.dec, vdec, int(simd), p.per_row, p.scales, p.offsets, p.mult,
+            p.add, xp, xsum, y, T, tpg)
     ctr = np.zeros(2, np.int64)  # [next task to claim, tasks finished]
     n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if team.available():
@@ -1252,9 +1255,10 @@ def _helper_pool(n):
     return _POOL
 
 
-def qdequant(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
+def qdequant(p: Packed, W, T, tpg, unit):
     """Write the dequantized (out, n_pad) float32 matrix into ``W`` (natural column order)."""
-    _DEQUANT[layout](bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit)
+    _DEQUANT[p.layout](p.bits, p.qa, p.qb, p.dec, p.per_row, p.scales, p.offsets, p.mult, p.add,
+                       W, T, tpg, unit)
 
 
 @njit(cache=True)

@@ -28,6 +28,8 @@ from torch import nn
 from .codebook import Decode, classify_table, exmy_grid
 from .int_pack import UNIT, layout_for_bits, pack_codes, unpack_codes
 
+# Batch sizes up to this run the packed kernels on CPU; larger ones dequantize into bf16 and run
+# a bf16 GEMM (benchmarks/kernels.py measures both at the boundary).
 MAX_FAST_BATCH = 8
 MAX_TILE = 256
 
@@ -91,17 +93,22 @@ def _keep_torch_threads():
             torch.set_num_threads(n_torch_threads)
 
 
-def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int):
-    """The explicit-SIMD kernel's decode descriptor (see ``kernels.cpu._vdec``): its values
-    equal the scalar decode's, so ``mult``/``add`` folding is shared."""
-    if rule.kind == "affine":  # float(code); a register permute beats a convert for <= 4 bits
-        return np.arange(16, dtype=np.float32)[None] if bits <= 4 else None
+def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int, isa: str):
+    """The explicit-SIMD kernel's decode descriptor (see ``kernels.cpu._vdec``) for ISA path
+    ``isa``: its values equal the scalar decode's, so ``mult``/``add`` folding is shared.
+
+    A register lookup is one instruction on ``avx512``, so it decodes every table of up to 32
+    entries there; on ``avx2`` (two or four 8-lane permutes and blends) and ``portable`` (select
+    tree) integer codes convert directly and ExMy grids are built from their bits instead,
+    except 4-bit ExMy on ``avx2``, where the two-permute lookup is shorter."""
+    if rule.kind == "affine":  # float(code)
+        return np.arange(16, dtype=np.float32)[None] if bits <= 4 and isa == "avx512" else None
     if rule.kind == "exmy":
         n_exp, n_man, _ = rule.exmy
         grid = exmy_grid(n_exp, n_man).astype(np.float32)
-        if bits == 4 and 1 + n_exp + n_man == 4:  # the whole 16-code table in one register
+        if bits == 4 and 1 + n_exp + n_man == 4 and isa != "portable":  # 16 codes, one register
             return grid[None].copy()
-        if bits == 6 and n_exp + n_man == 5:  # 32 magnitudes in two registers + sign bit 5
+        if bits == 6 and n_exp + n_man == 5 and isa == "avx512":  # 32 magnitudes + sign bit 5
             return grid[:32].reshape(1, 2, 16).copy()
         return tuple(int(v) for v in rule.exmy)
     t2 = np.ascontiguousarray(table.reshape(-1, table.shape[-1]), dtype=np.float32)
@@ -187,6 +194,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._fast = None
         self._warm = False
+        self._cuda_int4_state = None
 
     # ------------------------------------------------------------------ stored pieces, decoded
     def packed_buffers(self) -> dict[str, torch.Tensor]:
@@ -242,7 +250,7 @@ class QuantLinear(nn.Module):
 
             W = np.empty((self.out_features, self.n_pad), np.float32)
             with _quiet_numba():
-                cpu.qdequant(*f["head"], W, self.tile, self.tiles_per_group,
+                cpu.qdequant(f["packed"], W, self.tile, self.tiles_per_group,
                              UNIT[self.layout])
             W = torch.from_numpy(W)[:, :self.in_features]
             out = self.outliers()
@@ -285,16 +293,89 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         if hasattr(self, "input_scale"):
             x2 = x2 / self.input_scale
-        n_tokens = x2.shape[0]
-        if x2.device.type != "cpu" or not self.tile:
-            y = x2 @ self._dequantize_torch().T
-        elif n_tokens <= MAX_FAST_BATCH:
+        path = self.forward_path(x2.shape[0], x2.device)
+        if path == "packed":
             y = self._gemv(x2)
+        elif path == "cuda_int4":
+            y = self._cuda_int4(x2)
+        elif path == "dequant_bf16":
+            y = (x2.to(torch.bfloat16) @ self._dequantize_bf16().T).float()
         else:
-            y = x2 @ self.dequantize().T
+            y = x2 @ self._dequantize_torch().T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward_path(self, n_tokens: int, device: torch.device | str = "cpu") -> str:
+        """Which computation :meth:`forward` runs for ``n_tokens`` rows on ``device``:
+
+        - ``packed``: the packed CPU kernels (decode, up to ``MAX_FAST_BATCH`` tokens);
+        - ``dequant_bf16``: dequantize once per call into bfloat16, then a bf16 GEMM (more
+          tokens on CPU, where the GEMM amortizes the decode; and on accelerators for layouts
+          torch's int4 kernel does not take);
+        - ``cuda_int4``: torch's CUDA int4 weight-only kernel (affine 4-bit codes, groups of
+          32..256; the repacked weight is kept beside the codes);
+        - ``dequant_fp32``: CPU layers without a fast kernel (group size not a multiple of 8).
+        """
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            if not self.tile:
+                return "dequant_fp32"
+            return "packed" if n_tokens <= MAX_FAST_BATCH else "dequant_bf16"
+        if dev.type == "cuda" and self._cuda_int4_ok():
+            return "cuda_int4"
+        return "dequant_bf16"
+
+    def _dequantize_bf16(self) -> torch.Tensor:
+        """bfloat16 (out, in) weight for this call (fast CPU kernel, else torch ops)."""
+        W = self.dequantize() if self.table.device.type == "cpu" and self.tile else \
+            self._dequantize_torch()
+        return W.to(torch.bfloat16)
+
+    def int4_tinygemm_params(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer in torch's int4 weight-only ("tinygemm") convention, or None if it does not
+        fit it: (codes int32 (out, in) in [0, 16), scales_and_zeros float32 (n_groups, out, 2))
+        with ``W = (code - 8) * scale + zero``. Fits: 4-bit affine codes (one shared table), no
+        outliers, a group size of 32, 64, 128 or 256 dividing ``in_features``."""
+        if self.bits != 4 or self.table.ndim != 1 or hasattr(self, "outlier_index") or \
+                self.group_size not in (32, 64, 128, 256) or self.in_features % self.group_size:
+            return None
+        t = self.table.float().cpu()
+        step = t[1] - t[0]
+        if not torch.equal(t, t[0] + step * torch.arange(16.0)):
+            return None
+        s = self.group_scales().cpu()
+        off = self.group_offsets()
+        off = torch.zeros_like(s) if off is None else off.cpu()
+        scale = s * step  # value = (t0 + step k) s + off = (k - 8) scale + zero
+        zero = t[0] * s + off + 8 * scale
+        return (self.codes().cpu().to(torch.int32),
+                torch.stack([scale.T, zero.T], dim=2).contiguous())
+
+    def _cuda_int4_ok(self) -> bool:
+        if getattr(self, "_cuda_int4_state", None) == "failed":
+            return False
+        return (hasattr(torch.ops.aten, "_weight_int4pack_mm")
+                and self.in_features % 1024 == 0 and self.out_features % 8 == 0
+                and self.int4_tinygemm_params() is not None)
+
+    def _cuda_int4(self, x2: torch.Tensor) -> torch.Tensor:
+        """torch's CUDA int4 kernel (bf16 activations); falls back to dequantize + bf16 GEMM
+        for good if the kernel refuses this device or layout."""
+        try:
+            if getattr(self, "_cuda_int4_state", None) is None:
+                codes, sz = self.int4_tinygemm_params()
+                dev = x2.device
+                packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(dev)
+                self._cuda_int4_state = (
+                    torch.ops.aten._convert_weight_to_int4pack(packed, 8),
+                    sz.to(device=dev, dtype=torch.bfloat16))
+            w, sz = self._cuda_int4_state
+            return torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), w, self.group_size,
+                                                      sz).float()
+        except (RuntimeError, NotImplementedError):
+            self._cuda_int4_state = "failed"
+            return (x2.to(torch.bfloat16) @ self._dequantize_bf16().T).float()
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         from . import cpu
@@ -311,7 +392,7 @@ class QuantLinear(nn.Module):
             xp, xsum = cpu.phase_order(x_np, self.n_pad, self.tile,
                                        cpu.WIDE_UNIT if wide else UNIT[self.layout],
                                        self.group_size, self.n_groups)
-            cpu.qgemv(*f["head"], xp, xsum, y, self.tile, self.tiles_per_group,
+            cpu.qgemv(f["packed"], xp, xsum, y, self.tile, self.tiles_per_group,
                       f["wdec"] if wide else f["vdec"], 2 if wide else int(f["simd"]))
             if f["outliers"] is not None:
                 rows, cols, vals = f["outliers"]
@@ -323,7 +404,8 @@ class QuantLinear(nn.Module):
         """Numpy views and the decode rule for the numba kernels (cached until buffers change)."""
         if self._fast is not None:
             return self._fast
-        from .cpu import LAYOUT_ID
+        from . import simd
+        from .cpu import LAYOUT_ID, Packed
 
         table = self.table.float().numpy()
         dec_rule: Decode = classify_table(table, self.bits)
@@ -360,9 +442,10 @@ class QuantLinear(nn.Module):
                     self.outlier_value.float().numpy())
         U = UNIT[self.layout]
         self._fast = {
-            "head": (LAYOUT_ID[self.layout], self.bits, qa, qb, dec, per_row, scales, offsets,
-                     np.float32(dec_rule.mult), np.float32(dec_rule.add)),
-            "vdec": _vector_decode(dec_rule, t2, per_row, self.bits),
+            "packed": Packed(layout=LAYOUT_ID[self.layout], bits=self.bits, qa=qa, qb=qb, dec=dec,
+                             per_row=per_row, scales=scales, offsets=offsets,
+                             mult=np.float32(dec_rule.mult), add=np.float32(dec_rule.add)),
+            "vdec": _vector_decode(dec_rule, t2, per_row, self.bits, simd.ISA),
             # explicit-SIMD batch-1 kernel: 16 codes per step of every phase of a tile
             # (bit planes: 3-bit codes only, which the kernel gathers with one multiply)
             "simd": bool((self.layout != "planes" or self.bits == 3) and self.tile
@@ -372,7 +455,7 @@ class QuantLinear(nn.Module):
             "outliers": outl,
             "decode": dec_rule,
         }
-        self._fast["wide"] = bool(self.layout == "split6" and self.tile
+        self._fast["wide"] = bool(simd.ISA == "avx512" and self.layout == "split6" and self.tile
                                   and self.tile % (16 * 8) == 0
                                   and self._fast["wdec"] is not None)
         return self._fast
@@ -380,11 +463,13 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._fast = None
         self._warm = False
+        self._cuda_int4_state = None
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._fast = None
         self._warm = False
+        self._cuda_int4_state = None
         return super()._load_from_state_dict(*args, **kwargs)
 
 

@@ -5,10 +5,19 @@ product over groups needs a vector accumulator that lives across groups (one hor
 row, not one per group) and table decodes by register permutes; neither can be expressed as a
 plain numba loop. These intrinsics give numba two value types, ``f32v`` (``<16 x float>``) and
 ``i32v`` (``<16 x i32>``), kept in registers like any scalar, plus the handful of operations the
-dequant-dot kernels need. Everything is portable LLVM IR except the permutes, which use the
-AVX-512 ``vpermps`` / ``vpermi2ps`` instructions when the host has them and fall back to
-per-lane extracts elsewhere (correct, slower). The FP6 kernel additionally views the same 512
-bits as 32 lanes of 16 bits (``vpermi2w`` decode to bfloat16, see the section at the end).
+dequant-dot kernels need. Everything is portable LLVM IR except the table lookups, which take
+one of three code paths chosen once per process (:data:`ISA`):
+
+- ``avx512``: ``vpermps`` / ``vpermi2ps`` on 16 lanes, ``vpermi2w`` on 32 16-bit lanes;
+- ``avx2``: 8-lane ``vpermps``; a 16-entry table is two 8-lane lookups and a blend on bit 3
+  of the code, a 32-entry table two of those and a blend on bit 4;
+- ``portable``: a select tree on the code's bits over broadcast table entries (plain
+  ``select``/``shufflevector`` IR, which LLVM lowers to blends on x86 and ``bsl`` on NEON).
+
+The host's features pick the path (``avx512`` needs AVX-512F+BW, ``avx2`` needs AVX2+FMA);
+``ADVISOR_KERNEL_ISA`` forces a path the host can run (tests and benchmarks use it). Compiled
+kernels are cached on disk per path (:func:`_install_cache_locator`), so a forced path never
+reuses another path's machine code.
 """
 from __future__ import annotations
 
@@ -25,12 +34,79 @@ _F = ir.FloatType()
 _I = ir.IntType(32)
 _FV = ir.VectorType(_F, V)
 _IV = ir.VectorType(_I, V)
-try:
-    HAS_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
-except Exception:  # pragma: no cover - feature query unavailable
-    HAS_AVX512 = False
-if os.environ.get("KERNELS_PORTABLE_SIMD"):  # test hook: force the portable lookups
-    HAS_AVX512 = False
+_F8 = ir.VectorType(_F, 8)
+_I8 = ir.VectorType(_I, 8)
+
+ISA_PATHS = ("avx512", "avx2", "portable")  # fastest first
+ISA_ENV = "ADVISOR_KERNEL_ISA"
+_NEEDS = {"avx512": ("avx512f", "avx512bw", "fma"), "avx2": ("avx2", "fma"), "portable": ()}
+
+
+def host_features() -> dict[str, bool]:
+    """LLVM's view of the host CPU's features (empty when it cannot be queried)."""
+    try:
+        return dict(llvm.get_host_cpu_features())
+    except Exception:  # pragma: no cover - feature query unavailable
+        return {}
+
+
+def runnable_paths(features: dict[str, bool] | None = None) -> list[str]:
+    """The ISA paths this host can run, fastest first."""
+    f = host_features() if features is None else features
+    return [p for p in ISA_PATHS if all(f.get(n, False) for n in _NEEDS[p])]
+
+
+def select_isa(requested: str | None = None, features: dict[str, bool] | None = None) -> str:
+    """The path to compile: ``requested`` (or ``$ADVISOR_KERNEL_ISA``) if the host runs it,
+    else the host's fastest. A requested path the host cannot run is an error."""
+    ok = runnable_paths(features)
+    req = (os.environ.get(ISA_ENV) if requested is None else requested) or ""
+    req = req.strip().lower()
+    if not req or req == "auto":
+        return ok[0]
+    if req not in ISA_PATHS:
+        raise ValueError(f"error: {ISA_ENV}={req!r} is not a kernel path; use one of "
+                         f"{', '.join(ISA_PATHS)} or auto")
+    if req not in ok:
+        raise ValueError(f"error: {ISA_ENV}={req} needs CPU features {', '.join(_NEEDS[req])}, "
+                         f"which this host lacks; it can run {', '.join(ok)}")
+    return req
+
+
+ISA = select_isa()
+HAS_AVX512 = ISA == "avx512"
+
+
+def _install_cache_locator() -> None:
+    """Keep numba's on-disk cache of this package's kernels in a folder per ISA path.
+
+    numba keys a cache entry on the signature and the host CPU, not on module globals such as
+    :data:`ISA` that the intrinsics read at code generation; without this, forcing a path would
+    load the machine code of the path compiled first. Files outside this folder keep numba's
+    own locators."""
+    from numba.core import caching, config
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    class IsaCacheLocator(caching.InTreeCacheLocator):
+        def __init__(self, py_func, py_file):
+            super().__init__(py_func, py_file)
+            base = (os.path.join(config.CACHE_DIR, self.get_suitable_cache_subpath(py_file))
+                    if config.CACHE_DIR else self._cache_path)
+            self._cache_path = os.path.join(base, f"isa-{ISA}")
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != here:
+                return None
+            return super().from_function(py_func, py_file)
+
+    classes = caching.CacheImpl._locator_classes
+    if not any(c.__name__ == "IsaCacheLocator" for c in classes):
+        classes.insert(0, IsaCacheLocator)
+
+
+_install_cache_locator()
 
 
 class F32V(types.Type):
@@ -249,62 +325,87 @@ def vexmy(typingctx, c, n_exp, n_man, bias):
     return f32v(i32v, n_exp, n_man, bias), codegen
 
 
-@intrinsic
-def vtable(typingctx, tt, start):
-    """Vector of the 16 float32 values ``tt[start:start+16]`` of a float32 tuple (literal start)."""
-    if not isinstance(start, types.IntegerLiteral):
-        return None
-    s = start.literal_value
-
-    def codegen(context, builder, sig, args):
-        v = ir.Constant(_FV, ir.Undefined)
-        for i in range(V):
-            v = builder.insert_element(v, builder.extract_value(args[0], s + i),
-                                       ir.Constant(_I, i))
-        return v
-    return f32v(tt, start), codegen
+def _half(builder, v, h, n=8):
+    """Lanes ``h*n .. h*n+n-1`` of a 16-lane vector."""
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I, n),
+                                                    list(range(h * n, h * n + n))))
 
 
-def _lane_lookup(builder, tables, idx, n_bits):
-    """Portable fallback: per-lane dynamic extract from ``tables`` (1 or 2 vectors)."""
-    out = ir.Constant(_FV, ir.Undefined)
-    for i in range(V):
-        k = builder.and_(builder.extract_element(idx, ir.Constant(_I, i)),
-                         ir.Constant(_I, (1 << n_bits) - 1))
+def _join(builder, a, b):
+    """Two 8-lane vectors as one 16-lane vector."""
+    return builder.shuffle_vector(a, b, ir.Constant(_IV, list(range(2 * 8))))
+
+
+def _has_bit(builder, k, bit):
+    zero = ir.Constant(k.type, [0] * k.type.count)
+    return builder.icmp_unsigned("!=", builder.and_(k, ir.Constant(k.type, [1 << bit] * k.type.count)),
+                                 zero)
+
+
+def _avx2_lookup(builder, tables, k):
+    """``(tables[0] ++ tables[1] ...)[k]`` per lane from 8-lane ``vpermps`` lookups (which read
+    the low 3 bits of ``k``), blended on bits 3 and 4 of the code."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F8, [_F8, _I8]),
+                                        "llvm.x86.avx2.permps")
+    eights = [t8 for t in tables for t8 in (_half(builder, t, 0), _half(builder, t, 1))]
+    out = []
+    for h in range(2):
+        kh = _half(builder, k, h)
+        vals = [builder.call(fn, [t8, kh]) for t8 in eights]  # table entries 8m .. 8m+7
+        bit = 3
+        while len(vals) > 1:
+            sel = _has_bit(builder, kh, bit)
+            vals = [builder.select(sel, vals[m + 1], vals[m]) for m in range(0, len(vals), 2)]
+            bit += 1
+        out.append(vals[0])
+    return _join(builder, out[0], out[1])
+
+
+def _select_tree(builder, tables, k, n_bits):
+    """Portable lookup: a binary select tree on the bits of ``k`` over the table entries, each
+    broadcast to all lanes (shuffles with constant masks and selects only)."""
+    entries = []
+    for t in tables:
+        for e in range(V):
+            entries.append(builder.shuffle_vector(t, t, ir.Constant(_IV, [e] * V)))
+    vals = entries[:1 << n_bits]
+    bit = 0
+    while len(vals) > 1:
+        sel = _has_bit(builder, k, bit)
+        vals = [builder.select(sel, vals[m + 1], vals[m]) for m in range(0, len(vals), 2)]
+        bit += 1
+    return vals[0]
+
+
+def _lookup(builder, tables, k, n_bits):
+    """``(tables ...)[k & (2**n_bits - 1)]`` per lane on the ISA path's instructions."""
+    if ISA == "avx512":
         if len(tables) == 1:
-            val = builder.extract_element(tables[0], k)
-        else:
-            lo = builder.extract_element(tables[0], builder.and_(k, ir.Constant(_I, 15)))
-            hi = builder.extract_element(tables[1], builder.and_(k, ir.Constant(_I, 15)))
-            val = builder.select(builder.icmp_unsigned("<", k, ir.Constant(_I, 16)), lo, hi)
-        out = builder.insert_element(out, val, ir.Constant(_I, i))
-    return out
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_FV, [_FV, _IV]), "llvm.x86.avx512.permvar.sf.512")
+            return builder.call(fn, [tables[0], k])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_FV, [_FV, _IV, _FV]),
+            "llvm.x86.avx512.vpermi2var.ps.512")
+        return builder.call(fn, [tables[0], k, tables[1]])
+    if ISA == "avx2":
+        return _avx2_lookup(builder, tables, k)
+    return _select_tree(builder, tables, k, n_bits)
 
 
 @intrinsic
 def vperm16(typingctx, table, idx):
-    """``table[idx & 15]`` per lane for a 16-entry register table (``vpermps``)."""
+    """``table[idx & 15]`` per lane for a 16-entry register table."""
     def codegen(context, builder, sig, args):
-        t, k = args
-        if HAS_AVX512:
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_FV, [_FV, _IV]), "llvm.x86.avx512.permvar.sf.512")
-            return builder.call(fn, [t, k])
-        return _lane_lookup(builder, [t], k, 4)
+        return _lookup(builder, [args[0]], args[1], 4)
     return f32v(f32v, i32v), codegen
 
 
 @intrinsic
 def vperm32(typingctx, lo, hi, idx):
-    """``(lo ++ hi)[idx & 31]`` per lane: a 32-entry register table (``vpermi2ps``)."""
+    """``(lo ++ hi)[idx & 31]`` per lane: a 32-entry register table."""
     def codegen(context, builder, sig, args):
-        a, b, k = args
-        if HAS_AVX512:
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_FV, [_FV, _IV, _FV]),
-                "llvm.x86.avx512.vpermi2var.ps.512")
-            return builder.call(fn, [a, k, b])
-        return _lane_lookup(builder, [a, b], k, 5)
+        return _lookup(builder, [args[0], args[1]], args[2], 5)
     return f32v(f32v, f32v, i32v), codegen
 
 
@@ -366,10 +467,11 @@ def vcode6w(typingctx, w, s, k):
 @intrinsic
 def vperm64w(typingctx, lo, hi, idx):
     """``(lo ++ hi)[idx & 63]`` per 16-bit lane: a 64-entry table of 16-bit values in two
-    registers (``vpermi2w``)."""
+    registers: ``vpermi2w`` on the ``avx512`` path, per-lane extracts elsewhere (correct, slow:
+    QuantLinear takes the kernel that uses this only on ``avx512``)."""
     def codegen(context, builder, sig, args):
         a, b, k = (builder.bitcast(v, _WV) for v in args)
-        if HAS_AVX512:
+        if ISA == "avx512":
             fn = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(_WV, [_WV, _WV, _WV]),
                 "llvm.x86.avx512.vpermi2var.hi.512")

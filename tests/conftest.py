@@ -112,4 +112,7 @@ def _isolated_home(tmp_path_factory):
     """Tests never write into the user's ADVISOR_HOME; hub access is off."""
     os.environ["ADVISOR_HOME"] = str(tmp_path_factory.mktemp("advisor-home"))
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # plan/recommend do not time the kernels in tests (speeds are labelled estimates);
+    # tests/test_kernel_speed.py runs the calibration itself
+    os.environ.setdefault("ADVISOR_KERNEL_CALIBRATION", "0")
     os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from advisor import kernels
+from advisor.kernels import simd
 from advisor.kernels.codebook import exmy_grid
 
 warnings.filterwarnings("ignore", module="numba")
 BATCHES = [1, 3, 8, 33]
+BF16_TOL = 2e-2  # max error / max |y| of a bf16 GEMM (8-bit mantissas, fp32 accumulation)
 
 
 def _rel_err(a, b):
@@ -40,7 +42,10 @@ def _check(mod, batches=BATCHES, seed=1, prefill=True):
         batches = [b for b in batches if b <= kernels.linear.MAX_FAST_BATCH]
     for b in batches:
         x = torch.randn(b, mod.in_features, generator=g)
-        assert _rel_err(mod(x), mod.reference_forward(x)) < 1e-5, b
+        # more than MAX_FAST_BATCH tokens: bf16 activations and weights (BF16_TOL, see
+        # test_prefill_runs_in_bf16_within_its_tolerance); the decode kernels are fp32
+        tol = 1e-5 if b <= kernels.linear.MAX_FAST_BATCH else BF16_TOL
+        assert _rel_err(mod(x), mod.reference_forward(x)) < tol, b
     x3 = torch.randn(2, 3, mod.in_features, generator=g)  # leading dims are kept
     assert mod(x3).shape == (2, 3, mod.out_features)
     if not prefill:
@@ -119,7 +124,8 @@ def test_fast_forward_matches_reference(name):
 # Which batch-1 forwards take the wide FP6 kernel (6-bit codes exact in bf16, 128k-code tiles).
 WIDE_EXPECTED = {"int4_g128": False, "int4_odd_group_tail": False,
                  "int4_partial_last_group": False, "fp6_e3m2_per_channel": False,
-                 "fp6_odd_width": False, "nf4_g64": False, "fp6_e3m2_simd": True,
+                 "fp6_odd_width": False, "nf4_g64": False,
+                 "fp6_e3m2_simd": simd.ISA == "avx512",  # vpermi2w: AVX-512 only
                  "int3_g128": False, "int3_g128_simd": False}
 
 
@@ -131,7 +137,7 @@ def _qgemv(mod, x, mode, vdec):
     xp, xsum = cpu.phase_order(x.numpy(), mod.n_pad, mod.tile, unit, mod.group_size,
                                mod.n_groups)
     y = torch.empty(x.shape[0], mod.out_features).numpy()
-    cpu.qgemv(*f["head"], xp, xsum, y, mod.tile, mod.tiles_per_group, vdec, mode)
+    cpu.qgemv(f["packed"], xp, xsum, y, mod.tile, mod.tiles_per_group, vdec, mode)
     return torch.from_numpy(y)
 
 
@@ -166,33 +172,16 @@ def test_wide_fp6_kernel_formats_and_generic_decode():
     for spec, wide in specs:
         mod = _build(spec)
         f = mod._fast_args()
-        assert f["wide"] is wide
+        assert f["wide"] is (wide and simd.ISA == "avx512")  # vpermi2w: AVX-512 only
+        assert (f["wdec"] is not None) is wide
         x = torch.randn(1, mod.in_features, generator=g)
         ref = mod.reference_forward(x)
         assert _rel_err(mod(x), ref) < 1e-5
-        if wide:
+        if wide:  # also off AVX-512, where the lookup is per lane (QuantLinear does not take it)
             assert _rel_err(_qgemv(mod, x, 2, f["wdec"]), ref) < 1e-5
-    mod = _build(specs[0][0])  # the 5-bit vpermi2ps + sign decode on 32-bit lanes
+    mod = _build(specs[0][0])  # the path's FP6 decode (32-entry lookup + sign, or ExMy bits)
     x = torch.randn(1, mod.in_features, generator=g)
     assert _rel_err(_qgemv(mod, x, 2, mod._fast_args()["vdec"]), mod.reference_forward(x)) < 1e-5
-
-
-@pytest.mark.slow
-def test_portable_simd_fallback_without_avx512(tmp_path):
-    """The non-AVX-512 lookup (per-lane extracts) gives the same results (fresh process, cache)."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import torch; from advisor import kernels; from advisor.kernels import simd; assert not simd.HAS_AVX512\n"
-            "from advisor.kernels.codebook import exmy_grid\n"
-            "for bits, table in ((4, torch.arange(16.0)), (6, torch.tensor(exmy_grid(3, 2)).float())):\n"
-            "    m = kernels.pack_linear(torch.randint(0, 2 ** bits, (20, 512)), torch.rand(20, 4),"
-            " None, bits=bits, table=table, group_size=128)\n"
-            "    x = torch.randn(1, 512); r = m.reference_forward(x)\n"
-            "    assert ((m(x) - r).abs().max() / r.abs().max()) < 1e-5\n")
-    env = dict(os.environ, KERNELS_PORTABLE_SIMD="1", NUMBA_CACHE_DIR=str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path)
 
 
 @pytest.mark.slow
