@@ -12,11 +12,13 @@ every ratio compares measurements taken at the same moment on a shared machine. 
 a 512 MB buffer, read + write). Every row records the CPU model, the kernel ISA path and the
 load average.
 
-``--isa avx2`` (or ``portable``) forces that kernel path (``ADVISOR_KERNEL_ISA``). On a host
-with AVX-512 it also compiles the numba kernels for a CPU without AVX-512 (``NUMBA_CPU_NAME``
-/ ``NUMBA_CPU_FEATURES``) and caps torch's own kernels at AVX2 (``ATEN_CPU_CAPABILITY``,
-``ONEDNN_MAX_CPU_ISA``), so the baselines and the peer run the instructions an AVX2-only CPU
-has too; the result is still this CPU's cores and memory, not an AVX2-only machine's.
+``--isa avx2`` (or ``portable``) forces that kernel path (``ADVISOR_KERNEL_ISA``): the table
+lookups take that path's instructions, while LLVM still targets the host for the rest of the
+kernel and torch keeps its own dispatch. ``--no-avx512`` on an AVX-512 host also compiles the
+numba kernels for a CPU without AVX-512 (``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES``; a separate
+cold compile of every format) and caps torch's own kernels at AVX2 (``ATEN_CPU_CAPABILITY``,
+``ONEDNN_MAX_CPU_ISA``), so the kernels, the baselines and the peer all run AVX2 instructions.
+Either way the result is this CPU's cores and memory, not an AVX2-only machine's.
 
 ``--single-thread`` runs torch and numba on one thread and times with the process CPU clock:
 on a machine shared with other jobs this measures the kernels' own cost per core, which a
@@ -40,10 +42,10 @@ import time
 import warnings
 
 
-def _force_isa(isa: str) -> None:
-    """Environment for ``--isa`` (before numba or torch load; see the module doc)."""
+def _force_isa(isa: str, no_avx512: bool) -> None:
+    """Environment for ``--isa`` / ``--no-avx512`` (before numba or torch load; module doc)."""
     os.environ["ADVISOR_KERNEL_ISA"] = isa
-    if isa == "avx512":
+    if isa == "avx512" or not no_avx512:
         return
     import llvmlite.binding as llvm
 
@@ -209,7 +211,8 @@ def run(quick: bool = False, names=None, log=print, single_thread: bool = False)
         "cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "n_cores": os.cpu_count(),
         "isa": simd.ISA, "isa_paths_runnable": simd.runnable_paths(),
         "numba_cpu_name": os.environ.get("NUMBA_CPU_NAME"),
-        "numba_avx512_codegen": "-avx512f" not in os.environ.get("NUMBA_CPU_FEATURES", ""),
+        "numba_avx512_codegen": ("-avx512f" not in os.environ.get("NUMBA_CPU_FEATURES", "")
+                                 and simd.host_features().get("avx512f", False)),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "load_avg_before": os.getloadavg(),
@@ -316,12 +319,14 @@ def markdown(result: dict) -> str:
              "|" + "---|" * 18]
     for r in result["rows"]:
         peer = r.get("torch_int4_seconds")
+        peer_ms = "" if peer is None else f"{peer * 1e3:.3f}"
+        peer_x = "" if peer is None else f"{peer / r['seconds']:.2f}"
         lines.append(f"| {r['format']} | {r['shape']} | {r['batch']} | {r['forward_path']} | "
                      f"{r['seconds'] * 1e3:.3f} "
                      f"| {r['fp32_seconds'] * 1e3:.3f} | {r['bf16_seconds'] * 1e3:.3f} | "
-                     f"{'' if peer is None else f'{peer * 1e3:.3f}'} | "
+                     f"{peer_ms} | "
                      f"{r['speedup_vs_fp32']:.2f} | {r['speedup_vs_bf16']:.2f} | "
-                     f"{'' if peer is None else f'{peer / r['seconds']:.2f}'} | "
+                     f"{peer_x} | "
                      f"{r.get('speedup_vs_dequant_bf16', float('nan')):.2f} | "
                      f"{r['min_speedup_vs_fp32']:.2f} | {r['min_speedup_vs_bf16']:.2f} | "
                      f"{r['gbps']:.1f} | {100 * r['bandwidth_share']:.0f} | "
@@ -342,10 +347,14 @@ def main(argv=None) -> None:
                     help="1 thread, CPU-time clock (robust on a busy shared machine)")
     ap.add_argument("--isa", choices=("avx512", "avx2", "portable"), default=None,
                     help="force a kernel ISA path (default: the host's fastest)")
+    ap.add_argument("--no-avx512", action="store_true",
+                    help="with --isa avx2/portable: no AVX-512 in numba's or torch's code either")
     ap.add_argument("--out", default=None, help="result file (default benchmarks/results/kernels-<isa>.json)")
     args = ap.parse_args(argv)
+    if args.no_avx512 and args.isa in (None, "avx512"):
+        ap.error("--no-avx512 needs --isa avx2 or --isa portable")
     if args.isa:
-        _force_isa(args.isa)
+        _force_isa(args.isa, args.no_avx512)
     warnings.filterwarnings("ignore")
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     result = run(args.quick, args.formats, log, args.single_thread)

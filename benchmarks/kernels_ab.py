@@ -66,9 +66,15 @@ def _run(args) -> None:
             call = (f["wdec"] if wide else f["vdec"], 2 if wide else int(f["simd"]))
             sides = {"this": this, "rev": rev}
             outs = {}
+            def gemv(m, y):  # the named Packed argument, or the positional form of older trees
+                if hasattr(m, "Packed"):
+                    m.qgemv(m.Packed(*f["packed"]), xp, xsum, y, mod.tile, mod.tiles_per_group, *call)
+                else:
+                    m.qgemv(*f["packed"], xp, xsum, y, mod.tile, mod.tiles_per_group, *call)
+
             for name, m in sides.items():  # first call compiles (or loads numba's cache)
                 outs[name] = np.zeros((B, 4096), np.float32)
-                m.qgemv(f["packed"], xp, xsum, outs[name], mod.tile, mod.tiles_per_group, *call)
+                gemv(m, outs[name])
             if not np.array_equal(outs["this"], outs["rev"]):
                 raise SystemExit(f"{fmt} batch {B}: outputs differ between this tree and {args.against}")
             times = {"this": [], "rev": []}
@@ -77,7 +83,7 @@ def _run(args) -> None:
                     y = np.zeros((B, 4096), np.float32)
                     t = time.perf_counter()
                     for _ in range(20):
-                        sides[name].qgemv(f["packed"], xp, xsum, y, mod.tile, mod.tiles_per_group, *call)
+                        gemv(sides[name], y)
                     times[name].append((time.perf_counter() - t) / 20 * 1e3)
             row = {"format": fmt, "batch": B, "this_ms": statistics.median(times["this"]),
                    "rev_ms": statistics.median(times["rev"])}

@@ -110,7 +110,9 @@ def test_packed_model_perplexity_equals_fake_quant(spec):
     assert n_packed == result.n_layers > 0
     a = perplexity(fake.model, windows)
     b = perplexity(packed.model, windows)
-    assert b.nll == pytest.approx(a.nll, rel=1e-5, abs=1e-5), (a.nll, b.nll)
+    # the windows are prefill batches, which QuantLinear runs as bf16 GEMMs (docs/kernels.md):
+    # within 1e-3 nats (0.1% perplexity) of the fp32 fake-quant model; decode batches are fp32
+    assert b.nll == pytest.approx(a.nll, rel=0, abs=1e-3), (a.nll, b.nll)
     base = perplexity(_loaded("llama").model, windows)
     assert a.nll != base.nll  # the quantization did something measurable
 
