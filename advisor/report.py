@@ -41,7 +41,9 @@ _HEADER = f"{'spec':<30} {'bits/w':>7} {'MB':>9} {'speed':>6} {'pred dPPL':>10} 
 def _row(c: dict[str, Any], *flags: str) -> str:
     """One candidate: cost, predicted dPPL and interval, then ``flags`` (and `*` when extrapolated)."""
     mark = " *" if c.get("method_gain_extrapolated") else ""
-    return (f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {c['relative_speed']:6.2f} "
+    # "~": not measured on this machine, the memory-bound estimate 16 / bits (advisor/kernel_speed.py)
+    speed = ("~" if c.get("speed_source") == "estimate" else "") + f"{c['relative_speed']:.2f}"
+    return (f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {speed:>6} "
             f"{c['pred_dppl']:10.4f} [{c['pred_dppl_lower']:9.4f},{c['pred_dppl_upper']:9.4f}] "
             + " ".join(f"{f:>4}" for f in flags) + mark)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from typing import Any
 
@@ -31,6 +32,7 @@ from .int_pack import UNIT, layout_for_bits, pack_codes, unpack_codes
 # Batch sizes up to this run the packed kernels on CPU; larger ones dequantize into bf16 and run
 # a bf16 GEMM (benchmarks/kernels.py measures both at the boundary).
 MAX_FAST_BATCH = 8
+INT4_ENV = "ADVISOR_KERNEL_INT4"  # "torch": int4 layers on torch's CPU int4 kernel (opt-in)
 MAX_TILE = 256
 
 
@@ -195,6 +197,7 @@ class QuantLinear(nn.Module):
         self._fast = None
         self._warm = False
         self._cuda_int4_state = None
+        self._torch_int4_state = None
 
     # ------------------------------------------------------------------ stored pieces, decoded
     def packed_buffers(self) -> dict[str, torch.Tensor]:
@@ -298,6 +301,8 @@ class QuantLinear(nn.Module):
             y = self._gemv(x2)
         elif path == "cuda_int4":
             y = self._cuda_int4(x2)
+        elif path == "torch_int4":
+            y = self._torch_int4_cpu(x2)
         elif path == "dequant_bf16":
             y = (x2.to(torch.bfloat16) @ self._dequantize_bf16().T).float()
         else:
@@ -315,10 +320,15 @@ class QuantLinear(nn.Module):
           torch's int4 kernel does not take);
         - ``cuda_int4``: torch's CUDA int4 weight-only kernel (affine 4-bit codes, groups of
           32..256; the repacked weight is kept beside the codes);
+        - ``torch_int4``: torch's CPU int4 weight-only kernel, any batch, opted into with
+          ``ADVISOR_KERNEL_INT4=torch`` for layers that fit its layout (bf16 activations; the
+          repacked weight is kept beside the codes, the same bytes again);
         - ``dequant_fp32``: CPU layers without a fast kernel (group size not a multiple of 8).
         """
         dev = torch.device(device)
         if dev.type == "cpu":
+            if os.environ.get(INT4_ENV, "packed") == "torch" and self._torch_int4_cpu_ok():
+                return "torch_int4"
             if not self.tile:
                 return "dequant_fp32"
             return "packed" if n_tokens <= MAX_FAST_BATCH else "dequant_bf16"
@@ -351,6 +361,20 @@ class QuantLinear(nn.Module):
         zero = t[0] * s + off + 8 * scale
         return (self.codes().cpu().to(torch.int32),
                 torch.stack([scale.T, zero.T], dim=2).contiguous())
+
+    def _torch_int4_cpu_ok(self) -> bool:
+        return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+                and self.int4_tinygemm_params() is not None)
+
+    def _torch_int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_torch_int4_state", None) is None:
+            codes, sz = self.int4_tinygemm_params()
+            self._torch_int4_state = (
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2),
+                sz.to(torch.bfloat16))
+        w, sz = self._torch_int4_state
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), w,
+                                                          self.group_size, sz).float()
 
     def _cuda_int4_ok(self) -> bool:
         if getattr(self, "_cuda_int4_state", None) == "failed":
@@ -464,12 +488,14 @@ class QuantLinear(nn.Module):
         self._fast = None
         self._warm = False
         self._cuda_int4_state = None
+        self._torch_int4_state = None
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._fast = None
         self._warm = False
         self._cuda_int4_state = None
+        self._torch_int4_state = None
         return super()._load_from_state_dict(*args, **kwargs)
 
 

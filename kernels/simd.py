@@ -89,17 +89,31 @@ def _install_cache_locator() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
 
     class IsaCacheLocator(caching.InTreeCacheLocator):
-        def __init__(self, py_func, py_file):
+        """numba's in-tree (or ``NUMBA_CACHE_DIR``, or user-wide) cache folder + ``isa-<path>``."""
+
+        def __init__(self, py_func, py_file, base):
             super().__init__(py_func, py_file)
-            base = (os.path.join(config.CACHE_DIR, self.get_suitable_cache_subpath(py_file))
-                    if config.CACHE_DIR else self._cache_path)
             self._cache_path = os.path.join(base, f"isa-{ISA}")
 
         @classmethod
         def from_function(cls, py_func, py_file):
             if os.path.dirname(os.path.abspath(py_file)) != here:
                 return None
-            return super().from_function(py_func, py_file)
+            for locator in (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator,
+                            caching.UserWideCacheLocator):
+                try:
+                    base = locator.from_function(py_func, py_file)
+                except Exception:  # pragma: no cover - a locator that cannot apply here
+                    base = None
+                if base is None:
+                    continue
+                self = cls(py_func, py_file, base.get_cache_path())
+                try:
+                    self.ensure_cache_path()
+                except OSError:
+                    continue
+                return self
+            return None
 
     classes = caching.CacheImpl._locator_classes
     if not any(c.__name__ == "IsaCacheLocator" for c in classes):

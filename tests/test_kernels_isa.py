@@ -188,3 +188,20 @@ def test_prefill_runs_in_bf16_within_its_tolerance():
         x = torch.randn(40, 256, generator=g)
         assert mod.forward_path(40) == "dequant_bf16"
         assert _rel_err(mod(x), mod.reference_forward(x)) < 2e-2
+
+
+def test_opt_in_torch_int4_cpu_kernel(monkeypatch):
+    """ADVISOR_KERNEL_INT4=torch: int4 layers that fit torch's layout run its CPU int4 kernel at
+    every batch (bf16 activations, within the bf16 tolerance); other layers are unaffected."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 kernel")
+    mod = _int4(out=24)
+    assert mod.forward_path(1) == "packed"
+    monkeypatch.setenv(kernels.linear.INT4_ENV, "torch")
+    assert mod.forward_path(1) == mod.forward_path(64) == "torch_int4"
+    for b in (1, 8, 20):
+        x = torch.randn(b, mod.in_features)
+        assert _rel_err(mod(x), mod.reference_forward(x)) < 2e-2
+    nf4 = kernels.pack_linear(torch.randint(0, 16, (16, 256)), torch.rand(16, 2), None, bits=4,
+                              table=torch.linspace(-1, 1, 16) ** 3, group_size=128)
+    assert nf4.forward_path(1) == "packed"
