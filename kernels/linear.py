@@ -363,7 +363,9 @@ class QuantLinear(nn.Module):
                 torch.stack([scale.T, zero.T], dim=2).contiguous())
 
     def _torch_int4_cpu_ok(self) -> bool:
+        """torch's CPU int4 layout: out % 16 == 0, in % 32 == 0, and int4_tinygemm_params."""
         return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+                and self.out_features % 16 == 0 and self.in_features % 32 == 0
                 and self.int4_tinygemm_params() is not None)
 
     def _torch_int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:

@@ -195,9 +195,10 @@ def test_opt_in_torch_int4_cpu_kernel(monkeypatch):
     every batch (bf16 activations, within the bf16 tolerance); other layers are unaffected."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         pytest.skip("this torch has no CPU int4 kernel")
-    mod = _int4(out=24)
+    mod = _int4(out=32)
     assert mod.forward_path(1) == "packed"
     monkeypatch.setenv(kernels.linear.INT4_ENV, "torch")
+    assert _int4(out=24).forward_path(1) == "packed"  # torch's CPU layout needs out % 16 == 0
     assert mod.forward_path(1) == mod.forward_path(64) == "torch_int4"
     for b in (1, 8, 20):
         x = torch.randn(b, mod.in_features)
