@@ -177,7 +177,8 @@ def test_packed_perplexity_equals_fake_quant_perplexity(arch, spec, _one_thread_
     assert rf.n_layers == rp.n_layers == len(fake.adapter.linear_layers())
     pf = perplexity(fake.model, ev, progress=False).ppl
     pp = perplexity(packed.model, ev, progress=False).ppl
-    assert math.isfinite(pf) and pp == pytest.approx(pf, rel=1e-4), (arch, spec)
+    # prefill batches run as bf16 GEMMs (docs/kernels.md): within 1e-3 nats of fake quant
+    assert math.isfinite(pf) and math.log(pp) == pytest.approx(math.log(pf), abs=1e-3), (arch, spec)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
