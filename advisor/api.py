@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from advisor.protocol import Protocol
 from advisor.store import Store, open_store
 from advisor.models.errors import AdvisorError
 
@@ -25,10 +26,6 @@ from advisor.models.errors import AdvisorError
 # the brute-force cheapest 0.54): 90% upper bounds of milli-nat losses rarely fit a 1% budget, which
 # is why recommend then explores cheaper, plausible candidates (see recommend()).
 DECISION_CONFIDENCE = 0.9
-
-
-class NothingPredictedError(AdvisorError):
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ class Budget:
 
 @dataclass
 class Context:
-    """A loaded model with its windows, baseline and features: what plan and recommend share."""
+    """A loaded model with its protocol, windows, baseline and features: what plan, recommend and sweeps share."""
 
     loaded: Any
     eval: Any
@@ -68,43 +65,45 @@ class Context:
     features: dict[str, float]
     provenance: dict[str, Any]
     store: Store
+    protocol: Protocol = field(default_factory=Protocol)
 
 
-def prepare(model: str | Any, *, calib: str = "stdlib-code:calib", eval: str = "stdlib-code:eval",
-            seq_len: int = 512, max_windows: int | None = 20, n_calib: int = 16, seed: int = 0,
-            device: str | None = None, store: Store | str | None = None, progress: bool = True,
-            model_options: Any = None) -> Context:
-    """Load (if a name), cut windows, measure or reuse the baseline and the probes.
+def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str | None = None,
+            model_options: Any = None, store: Store | str | None = None, progress: bool = True,
+            probes: bool = True, job: str = "predict", **protocol_fields: Any) -> Context:
+    """Load (if a name), cut the protocol's windows, measure or reuse the baseline and the probes.
 
-    ``model_options``: a ``models.loading.ModelOptions`` (device, dtype, remote code); ``device`` replaces
-    its device. Without either the model loads on the CPU in float32."""
-    from advisor.probing import probe_features, probe_windows
-    from advisor.models.data import calibration_windows, eval_windows, load_corpus
+    ``protocol``: a :class:`advisor.protocol.Protocol`; its fields may also be given as keywords
+    (``seq_len=256``, ``bos="never"``), alone or replacing some of ``protocol``'s. ``model_options``: a
+    ``models.loading.ModelOptions`` (device, dtype, remote code); ``device`` replaces its device. Without
+    either the model loads on the CPU in float32. ``probes=False`` skips the probes (sweeps run them
+    through their ``on_model`` hook). ``job`` names the work for the loader's memory preflight."""
+    from advisor.probing import probe_features
     from advisor.models.evaluate import perplexity
     from advisor.models.loading import load
 
+    protocol = Protocol.from_kwargs(protocol, **protocol_fields)
     store = store if isinstance(store, Store) else open_store(store)
     if isinstance(model, str):
-        loaded = load(model, device=device, options=model_options, job="predict",
-                      job_params={"seq_len": seq_len, "n_calib": n_calib})
+        loaded = load(model, device=device, options=model_options, job=job,
+                      job_params={"seq_len": protocol.seq_len, "n_calib": protocol.n_calib})
     else:
         loaded = model
-    ctx_len = loaded.adapter.max_context
-    ev = eval_windows(loaded.tokenizer, load_corpus(eval), seq_len, max_windows, max_context=ctx_len)
-    cal = calibration_windows(loaded.tokenizer, load_corpus(calib), n_calib, seq_len, seed=seed, exclude=ev,
-                              max_context=ctx_len)
+    ev, cal = protocol.windows(loaded)
     fp = loaded.source.fingerprint
     store.add_model(fp, loaded.source.name, family=loaded.family, source_kind=loaded.source.kind,
                     n_params=loaded.n_params(), non_embedding_params=loaded.n_params(non_embedding=True),
                     info=loaded.source.to_dict())
     base = store.baseline(fp, ev.protocol)
     if base is None:
-        r = perplexity(loaded.model, ev, progress=progress, desc="baseline")
+        r = perplexity(loaded.model, ev, batch_size=protocol.batch_size, progress=progress, desc="baseline")
         store.add_baseline(fp, ev.protocol, r.ppl, r.nll, r.n_tokens, r.seconds)
         base = store.baseline(fp, ev.protocol)
-    features, provenance = probe_features(loaded, probe_windows(loaded, calib, exclude=ev, seed=seed), store=store,
-                                          seed=seed, loss_windows=cal)
-    return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store)
+    features, provenance = {}, {}
+    if probes:
+        features, provenance = probe_features(loaded, protocol.probe_windows(loaded, exclude=ev), store=store,
+                                              seed=protocol.seed, loss_windows=cal)
+    return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store, protocol)
 
 
 def _check_request(confidence: float, max_bytes: int | None) -> None:

@@ -17,16 +17,6 @@ from advisor.store import Store, protocol_key
 PROBE_FORMAT = 1  # bump when probe definitions change, so stale cached features are not reused
 
 
-def probe_windows(loaded, calib_data: str, exclude=None, seed: int = 0):
-    """The probes' own (small) calibration windows, cut from the calibration corpus."""
-    from advisor.models.data import calibration_windows, load_corpus
-    from advisor.probes import DEFAULT_CALIB_SEQ_LEN, DEFAULT_N_CALIB
-
-    seq = min(DEFAULT_CALIB_SEQ_LEN, loaded.adapter.max_context or DEFAULT_CALIB_SEQ_LEN)
-    return calibration_windows(loaded.tokenizer, load_corpus(calib_data), DEFAULT_N_CALIB, seq, seed=seed,
-                               exclude=exclude, max_context=loaded.adapter.max_context)
-
-
 def _cached_bundle(loaded, windows, key: dict[str, Any], names: list[str], settings: dict, store: Store | None,
                    seed: int) -> tuple[dict[str, float], dict[str, Any]]:
     from advisor.probes import run_probes
@@ -49,7 +39,7 @@ def probe_features(loaded, calib, store: Store | None = None, seed: int = 0, los
     """Run (or reuse from ``store``) the probes; returns (features, provenance).
 
     Args:
-        calib: the probes' windows (``probe_windows``) for the landscape probes.
+        calib: the probes' windows (``Protocol.probe_windows``) for the landscape probes.
         loss_windows: windows for ``rtn_loss`` (the quantization calibration windows: their first
             ``RTN_LOSS_SETTINGS['n_windows']``); None = skip it (the predictor then falls back to the
             second-order estimate).
@@ -68,7 +58,6 @@ def probe_features(loaded, calib, store: Store | None = None, seed: int = 0, los
 
 def store_probes(session) -> None:
     """Sweep hook: probe one model (cached) so its runs can be joined with its features."""
-    windows = probe_windows(session.loaded, session.protocol.calib_data, exclude=session.eval,
-                            seed=session.protocol.seed)
+    windows = session.protocol.probe_windows(session.loaded, exclude=session.eval)
     probe_features(session.loaded, windows, store=session.store, seed=session.protocol.seed,
                    loss_windows=session.calib)

@@ -8,6 +8,26 @@ from typing import Any
 from advisor.models.saving import atomic_write_text
 
 
+def _se(x: float | None, digits: int) -> str:
+    return "" if x is None else f" ± {x:.{digits}f}"
+
+
+def format_measurement(m: dict[str, Any]) -> str:
+    """A measurement against its baseline: ``dPPL = x ± se (dL ...), KL mean ± se, ...``.
+
+    ``m``: ``ppl_delta``, ``dl``, ``dl_se``, ``baseline_ppl`` and optionally ``kld`` (KLStats.to_dict())."""
+    import math
+
+    dl, se = m["dl"], m.get("dl_se")
+    dppl_se = None if se is None else m["baseline_ppl"] * math.exp(dl) * se  # delta method
+    text = f"dPPL = {m['ppl_delta']:+.4f}{_se(dppl_se, 4)} (dL {dl:+.5f}{_se(se, 5)} nats)"
+    k = m.get("kld")
+    if k:
+        text += (f", KL mean {k['mean']:.5f}{_se(k.get('se'), 5)} (median {k['median']:.5f}, p99 {k['p99']:.4f}, "
+                 f"max {k['max']:.3f}), same top token {k['same_top_rate']:.1%}, mean |dp| {k['mean_abs_dp']:.4f}")
+    return text
+
+
 def extrapolation_footnote(method_guard: bool | None) -> str:
     """The footnote for candidates marked `*` (method gain extrapolated); ``None``: the predictor is unknown."""
     bound = {True: "the predictor's upper bound allows no gain there",

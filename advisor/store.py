@@ -18,7 +18,13 @@ from typing import Any, Iterator
 
 from advisor.models.errors import AdvisorError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Each step brings a store of the version before it to the next one, in one transaction.
+MIGRATIONS = {
+    1: ("ALTER TABLE runs ADD COLUMN dl_se REAL",
+        "ALTER TABLE runs ADD COLUMN kld_mean REAL",
+        "ALTER TABLE runs ADD COLUMN kld TEXT NOT NULL DEFAULT '{}'"),
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,6 +72,9 @@ CREATE TABLE IF NOT EXISTS runs (
     nll REAL,
     baseline_nll REAL,
     dl REAL,
+    dl_se REAL,
+    kld_mean REAL,
+    kld TEXT NOT NULL DEFAULT '{}',
     bits_per_weight REAL,
     seconds REAL,
     packed INTEGER,
@@ -81,8 +90,8 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 RUN_COLUMNS = ("model_fp", "model_name", "spec", "calib_hash", "protocol_hash", "seed", "status", "ppl",
-               "baseline_ppl", "nll", "baseline_nll", "dl", "bits_per_weight", "seconds", "packed", "source",
-               "error", "calibration", "protocol", "versions", "extra")
+               "baseline_ppl", "nll", "baseline_nll", "dl", "dl_se", "kld_mean", "kld", "bits_per_weight", "seconds",
+               "packed", "source", "error", "calibration", "protocol", "versions", "extra")
 
 
 def stable_hash(obj: Any) -> str:
@@ -93,7 +102,7 @@ def stable_hash(obj: Any) -> str:
 def protocol_key(protocol: dict[str, Any]) -> dict[str, Any]:
     """The parts of a window protocol that define what was measured (not timings or paths)."""
     keys = ("dataset", "split", "format", "text_sha256", "tokenizer", "seq_len", "n_windows", "windows",
-            "seed", "region_start_token", "add_special_tokens")
+            "seed", "region_start_token", "add_special_tokens", "bos_token_id")
     return {k: protocol.get(k) for k in keys if k in protocol}
 
 
@@ -101,6 +110,15 @@ def _finite_or_none(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
+
+
+def _finite_tree(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (stored JSON stays strict)."""
+    if isinstance(x, dict):
+        return {k: _finite_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_tree(v) for v in x]
+    return _finite_or_none(x)
 
 
 @dataclass
@@ -122,18 +140,30 @@ class Store:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "meta" not in tables:  # someone else's database: refused before anything is written
+                self._conn.close()
+                raise AdvisorError(f"{self.path} is a SQLite database but not an advisor measurement store (no meta "
+                                   "table; it was left untouched); point --store at a new file")
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             with self.transaction() as c:
+                has_runs = c.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone()
+                row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() if has_runs else None
+                version = int(row["value"]) if row is not None else None
+                while version is not None and version in MIGRATIONS:  # an older store: bring it up to date
+                    for stmt in MIGRATIONS[version]:
+                        c.execute(stmt)
+                    version += 1
+                    c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
-                row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if row is None:
-                    c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row["value"]) != SCHEMA_VERSION:
-                    raise AdvisorError(f"measurement store {self.path} has schema version {row['value']}, this advisor "
+                if version is None:
+                    c.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif version != SCHEMA_VERSION:
+                    raise AdvisorError(f"measurement store {self.path} has schema version {version}, this advisor "
                                        f"reads version {SCHEMA_VERSION}: export it with the version that wrote it, or "
                                        "use a new --store path")
         except sqlite3.DatabaseError as e:
@@ -227,8 +257,11 @@ class Store:
         row["protocol_hash"] = stable_hash(protocol_key(row.get("protocol") or {}))
         if row.get("dl") is None and row.get("nll") is not None and row.get("baseline_nll") is not None:
             row["dl"] = row["nll"] - row["baseline_nll"]
-        for key in ("calibration", "protocol", "versions", "extra"):
-            row[key] = json.dumps(row.get(key) or {}, default=str)
+        kld = row.get("kld") or {}
+        if row.get("kld_mean") is None and kld.get("mean") is not None:
+            row["kld_mean"] = kld["mean"]
+        for key in ("calibration", "protocol", "versions", "extra", "kld"):
+            row[key] = json.dumps(_finite_tree(row.get(key) or {}), default=str)
         unknown = set(row) - set(RUN_COLUMNS)
         if unknown:
             raise ValueError(f"unknown run fields {sorted(unknown)}; known: {', '.join(RUN_COLUMNS)}")

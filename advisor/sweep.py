@@ -17,27 +17,18 @@ from typing import Any, Callable
 
 import torch
 
+from advisor.protocol import Protocol
 from advisor.store import Store
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """How every run of a sweep is measured (the same for baseline and quantized models)."""
+class SweepProtocol(Protocol):
+    """A sweep's :class:`advisor.protocol.Protocol` with the device its models load on: one value that
+    travels to every worker (local processes or Ray tasks). The device is not part of any fingerprint."""
 
-    eval_data: str = "stdlib-code:eval"
-    calib_data: str = "stdlib-code:calib"
-    seq_len: int = 512
-    max_windows: int | None = 20
-    n_calib: int = 16
-    calib_seq_len: int = 512
-    seed: int = 0
     device: str = "cpu"
-    batch_size: int = 4
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -59,34 +50,33 @@ def _versions() -> dict[str, str]:
 
 
 class ModelSession:
-    """One loaded model with its windows, baseline and pristine weights, ready to measure specs."""
+    """One loaded model with its windows, baseline and pristine weights, ready to measure specs.
+
+    The windows and baseline come from :func:`advisor.api.prepare` with the sweep's protocol, so a
+    sweep measures exactly what plan, predict and recommend measure."""
 
     def __init__(self, name: str, protocol: Protocol, store: Store, progress: bool = False):
-        from advisor.models.data import calibration_windows, eval_windows, load_corpus
-        from advisor.models.evaluate import perplexity
-        from advisor.models.loading import load
+        from advisor.api import prepare
 
         self.name, self.protocol, self.store, self.progress = name, protocol, store, progress
-        self.loaded = load(name, device=protocol.device)
-        tok, ctx = self.loaded.tokenizer, self.loaded.adapter.max_context
-        self.eval = eval_windows(tok, load_corpus(protocol.eval_data), protocol.seq_len, protocol.max_windows,
-                                 max_context=ctx)
-        self.calib = calibration_windows(tok, load_corpus(protocol.calib_data), protocol.n_calib,
-                                         protocol.calib_seq_len, seed=protocol.seed, exclude=self.eval,
-                                         max_context=ctx)
-        fp = self.loaded.source.fingerprint
-        self.fp = fp
-        store.add_model(fp, name, family=self.loaded.family, source_kind=self.loaded.source.kind,
-                        n_params=self.loaded.n_params(), non_embedding_params=self.loaded.n_params(non_embedding=True),
-                        info=self.loaded.source.to_dict())
-        base = store.baseline(fp, self.eval.protocol)
-        if base is None:
-            r = perplexity(self.loaded.model, self.eval, batch_size=protocol.batch_size, progress=progress,
-                           desc=f"{name} baseline")
-            store.add_baseline(fp, self.eval.protocol, r.ppl, r.nll, r.n_tokens, r.seconds)
-            base = store.baseline(fp, self.eval.protocol)
-        self.baseline_ppl, self.baseline_nll = float(base["ppl"]), float(base["nll"])
+        ctx = prepare(name, protocol, device=getattr(protocol, "device", "cpu"), store=store, progress=progress,
+                      probes=False)
+        self.loaded, self.eval, self.calib, self.fp = ctx.loaded, ctx.eval, ctx.calib, ctx.loaded.source.fingerprint
+        self.baseline_ppl, self.baseline_nll = ctx.baseline_ppl, ctx.baseline_nll
         self._pristine = {n: layer.weight.data.clone() for n, layer in self.loaded.adapter.linear_layers()}
+        self._reference = None
+
+    @property
+    def reference(self):
+        """The baseline's bounded next-token distributions on the evaluation windows (for KL statistics),
+        measured on first use: a sweep whose pairs are all in the store never pays for it."""
+        if self._reference is None:
+            from advisor.models.evaluate import DEFAULT_TOP_K, perplexity
+
+            r = perplexity(self.loaded.model, self.eval, batch_size=self.protocol.batch_size, progress=self.progress,
+                           desc=f"{self.name} baseline", top_k=DEFAULT_TOP_K)
+            self._reference = r.reference
+        return self._reference
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -99,9 +89,10 @@ class ModelSession:
 
     def measure(self, spec: str, source: str = "sweep") -> dict[str, Any]:
         """Quantize (fake-quant), evaluate, record one run; weights are restored afterwards."""
-        from advisor.models.evaluate import perplexity
+        from advisor.models.evaluate import paired_se, perplexity
         from advisor.models.pipeline import quantize_model
 
+        reference = self.reference  # before the weights change
         t0 = time.perf_counter()
         row: dict[str, Any] = dict(model_fp=self.fp, model_name=self.name, spec=spec, calibration=self.calib.protocol,
                                    protocol=self.eval.protocol, seed=self.protocol.seed, baseline_ppl=self.baseline_ppl,
@@ -109,8 +100,9 @@ class ModelSession:
         try:
             q = quantize_model(self.loaded, spec, self.calib, pack=False, progress=self.progress)
             r = perplexity(self.loaded.model, self.eval, batch_size=self.protocol.batch_size, progress=self.progress,
-                           desc=f"{self.name} {spec}")
+                           desc=f"{self.name} {spec}", reference=reference)
             row.update(status="ok", ppl=r.ppl, nll=r.nll, dl=r.nll - self.baseline_nll,
+                       dl_se=paired_se(r.window_nll, reference.window_nll), kld=r.kld.to_dict(),
                        bits_per_weight=q.bits_per_weight,
                        extra={"quantize_seconds": q.seconds, "eval_seconds": r.seconds,
                               "mean_rel_error": _mean([x.rel_error for x in q.layers])})
@@ -160,6 +152,8 @@ def run_sweep(models: list[str], specs: list[str], store: Store, protocol: Proto
     if address and engine != "ray":
         raise ValueError("a Ray address needs engine='ray' (--engine ray)")
     specs = [str(QuantSpec.parse(s)) for s in specs]  # validate all before any work
+    if not isinstance(protocol, SweepProtocol):  # the device travels with the protocol to every worker
+        protocol = SweepProtocol(**protocol.to_dict())
     if engine == "ray":
         from advisor.sweep_ray import run_sweep_ray
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     specs = args.specs or [s for s in DEFAULT_SPECS if s.startswith("rtn:")] + METHOD_SPECS
     store = open_store(args.store or advisor_home() / f"predictor_blind_{args.name}.sqlite")
-    protocol = Protocol(eval_data=args.eval, calib_data=args.calib or args.eval)
+    protocol = Protocol(eval=args.eval, calib=args.calib or args.eval)
     t0 = time.perf_counter()
     summary = run_sweep([args.model], specs, store, protocol, on_model=store_probes)
     if summary.failed:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         group = mruns["group"].iloc[0]
         train = df[(df["group"] != group) & (df["prequantized_source"].fillna(0).astype(int) == 0)]
         predictor = fit(train)
-        loaded = load(name, device=proto.device)
+        loaded = load(name, device="cpu")
         order = [c.spec for c in enumerate_candidates(loaded, sorted(mruns["spec"].unique()))]
         bpw = dict(zip(mruns["spec"], mruns["bits_per_weight"]))
         sweep_seconds = dict(zip(mruns["spec"], mruns["seconds"]))
@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 rec = recommend(loaded, max_ppl_ratio=1 + frac, confidence=args.confidence,
                                 explore=not args.no_explore, max_attempts=args.max_attempts, predictor=predictor, specs=order, store=store,
-                                calib=proto.calib_data, eval=proto.eval_data, seq_len=proto.seq_len,
-                                max_windows=proto.max_windows, n_calib=proto.n_calib, seed=proto.seed,
-                                progress=False)
+                                protocol=proto, progress=False)
                 rec_seconds = time.perf_counter() - t0
                 base_seconds = float(store._conn.execute("SELECT seconds FROM baselines").fetchone()[0])
                 store.close()

@@ -12,10 +12,20 @@ Corpus specs (``advisor ls datasets``):
   present on every machine, so it serves the embedded default. It depends on the Python version; the
   text's sha256 in every protocol fingerprint says exactly which text was used.
 
-Evaluation windows are the first ``max_windows`` non-overlapping ``seq_len`` windows of the
-tokenized corpus (standard protocol). Calibration windows are drawn at seeded random offsets from the
-calibration corpus; when it is the same corpus as the evaluation one, only from the tokens after the
-evaluation region, so the two never overlap.
+Evaluation windows are the first ``max_windows`` non-overlapping windows of the tokenized corpus.
+Calibration windows are drawn at seeded random offsets from the calibration corpus; when it is the
+same corpus as the evaluation one, only from the tokens after the evaluation region, so the two never
+overlap.
+
+Beginning of sequence (``bos``): with ``never`` a window is ``seq_len`` text tokens (the GPTQ papers'
+protocol, written for OPT and LLaMA-1). With ``always`` it is the tokenizer's BOS token followed by
+``seq_len - 1`` text tokens, as lm-evaluation-harness and llama.cpp's ``llama-perplexity`` feed a model
+that is trained to see BOS first; the BOS position is context, never a scored target, so both
+conventions score ``seq_len - 1`` text tokens per window. ``auto`` (the default) prepends BOS when the
+tokenizer adds one to its own encodings (``add_bos_token`` or its post-processor) and the id exists in
+the model's vocabulary. The resolved convention is part of every window protocol (``bos_token_id``), so
+figures measured under different conventions are never mixed; ``never`` leaves the protocol as it
+always was, so records measured before the option existed keep their fingerprints.
 """
 from __future__ import annotations
 
@@ -41,10 +51,14 @@ class Corpus:
     protocol: dict[str, Any]  # dataset, source, split, join, text_sha256, ...
 
 
+BOS_MODES = ("auto", "always", "never")
+
+
 @dataclass
 class Windows:
     ids: torch.Tensor  # (n_windows, seq_len) int64
     protocol: dict[str, Any] = field(default_factory=dict)
+    offsets: tuple[int, ...] = ()  # where each window's text tokens start in the tokenized corpus
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -199,57 +213,145 @@ def tokenize(tokenizer, corpus: Corpus) -> torch.Tensor:
     return torch.tensor(enc["input_ids"], dtype=torch.long)
 
 
-def _check_seq_len(seq_len: int, max_context: int | None) -> None:
-    if seq_len < 2:
-        raise DataError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token first in its own encodings, as ``tokenizer(text)`` does by
+    default. The encoding decides, not the ``add_bos_token`` attribute: a post-processor template can add
+    BOS while the attribute says False, and the encoding is what the model saw in training and use."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        ids = tokenizer("a", add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
+    except Exception:  # a tokenizer that cannot encode with special tokens: fall back on its flag
+        return getattr(tokenizer, "add_bos_token", False) is True
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_bos(tokenizer, bos: str = "auto", vocab_size: int | None = None) -> int | None:
+    """The BOS id each window starts with under the convention ``bos`` (``auto|always|never``), or None.
+
+    Raises:
+        DataError: an unknown mode, or ``always`` for a tokenizer without a BOS token in the vocabulary.
+    """
+    if bos not in BOS_MODES:
+        raise DataError(f"--bos must be one of {', '.join(BOS_MODES)}, got {bos!r}")
+    if bos == "never":
+        return None
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    exists = bos_id is not None and (vocab_size is None or 0 <= int(bos_id) < vocab_size)
+    if bos == "always":
+        if not exists:
+            raise DataError("--bos always: this tokenizer has no beginning-of-sequence token"
+                            + (f" inside the model's vocabulary of {vocab_size}" if bos_id is not None else "")
+                            + "; use --bos auto or never")
+        return int(bos_id)
+    return int(bos_id) if exists and tokenizer_adds_bos(tokenizer) else None
+
+
+def _check_seq_len(seq_len: int, max_context: int | None, bos_id: int | None = None) -> None:
+    if seq_len < 2 + (bos_id is not None):
+        raise DataError(f"--seq-len must be at least {2 + (bos_id is not None)} tokens"
+                        f"{' with a BOS token' if bos_id is not None else ''}, got {seq_len}")
     if max_context is not None and seq_len > max_context:
         raise DataError(f"--seq-len {seq_len} is beyond the model's context of {max_context} tokens; "
                         f"use --seq-len {max_context} or less")
 
 
+def _bos_protocol(bos_id: int | None, mode: str) -> dict[str, Any]:
+    """The window protocol's BOS entries: ``bos_token_id`` (hashed into fingerprints) only when BOS is
+    prepended, so ``never`` keeps the fingerprints of the protocol without BOS."""
+    return {"bos": mode} if bos_id is None else {"bos": mode, "bos_token_id": bos_id}
+
+
+def _with_bos(text_windows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    if bos_id is None:
+        return text_windows
+    col = torch.full((text_windows.shape[0], 1), bos_id, dtype=text_windows.dtype)
+    return torch.cat([col, text_windows], dim=1)
+
+
+def text_tokens_per_window(protocol: dict[str, Any]) -> int:
+    """Corpus tokens one window of ``protocol`` consumes (``seq_len`` less the BOS position)."""
+    return int(protocol["seq_len"]) - (protocol.get("bos_token_id") is not None)
+
+
 def eval_windows(tokenizer, corpus: Corpus, seq_len: int, max_windows: int | None = None,
-                 max_context: int | None = None, ids: torch.Tensor | None = None) -> Windows:
-    """The first ``max_windows`` non-overlapping windows of ``seq_len`` tokens (tail dropped).
+                 max_context: int | None = None, ids: torch.Tensor | None = None, bos: str = "never",
+                 vocab_size: int | None = None) -> Windows:
+    """The first ``max_windows`` non-overlapping windows of ``seq_len`` tokens (tail dropped); under a
+    BOS convention each is BOS + ``seq_len - 1`` text tokens (see the module docstring).
 
     Raises:
         DataError: corpus shorter than one window, or seq_len beyond the model's context.
     """
-    _check_seq_len(seq_len, max_context)
+    bos_id = resolve_bos(tokenizer, bos, vocab_size)
+    _check_seq_len(seq_len, max_context, bos_id)
     ids = tokenize(tokenizer, corpus) if ids is None else ids
-    n_avail = ids.numel() // seq_len
+    step = seq_len - (bos_id is not None)
+    n_avail = ids.numel() // step
     if n_avail == 0:
         raise DataError(f"corpus {corpus.name!r} has {ids.numel()} tokens, fewer than one window of "
                         f"--seq-len {seq_len}; use a longer corpus or a smaller --seq-len")
     if max_windows is not None and max_windows < 1:
         raise DataError(f"--max-windows must be positive, got {max_windows}")
     n = n_avail if max_windows is None else min(n_avail, max_windows)
-    windows = ids[: n * seq_len].view(n, seq_len)
+    windows = _with_bos(ids[: n * step].view(n, step), bos_id)
     proto = dict(corpus.protocol, role="eval", tokenizer=tokenizer_id(tokenizer), add_special_tokens=False,
-                 n_corpus_tokens=int(ids.numel()), seq_len=seq_len, n_windows=n, windows="first-n-non-overlapping")
-    return Windows(ids=windows, protocol=proto)
+                 n_corpus_tokens=int(ids.numel()), seq_len=seq_len, n_windows=n, windows="first-n-non-overlapping",
+                 **_bos_protocol(bos_id, bos))
+    return Windows(ids=windows, protocol=proto, offsets=tuple(range(0, n * step, step)))
+
+
+def more_eval_windows(tokenizer, corpus: Corpus, ev: Windows, n_more: int, avoid: Windows | None = None) -> Windows:
+    """Up to ``n_more`` further windows after ``ev``'s, on the same grid, skipping any that overlaps a window
+    of ``avoid`` (the calibration windows) from the same text: a sequential test's extra evidence.
+    May return fewer (or none) when the corpus runs out."""
+    bos_id = ev.protocol.get("bos_token_id")
+    step = text_tokens_per_window(ev.protocol)
+    ids = tokenize(tokenizer, corpus)
+    spans = []
+    if avoid is not None and avoid.protocol.get("text_sha256") == corpus.protocol["text_sha256"]:
+        a_step = text_tokens_per_window(avoid.protocol)
+        spans = [(o, o + a_step) for o in avoid.offsets]
+    rows, offsets = [], []
+    k = len(ev)
+    while len(rows) < n_more and (k + 1) * step <= ids.numel():
+        lo, hi = k * step, (k + 1) * step
+        if not any(lo < b and a < hi for a, b in spans):
+            rows.append(ids[lo:hi])
+            offsets.append(lo)
+        k += 1
+    windows = _with_bos(torch.stack(rows), bos_id) if rows else torch.empty((0, ev.ids.shape[1]), dtype=torch.long)
+    proto = dict(ev.protocol, role="eval-extension", n_windows=len(rows), windows="next-non-overlapping-after-eval")
+    return Windows(ids=windows, protocol=proto, offsets=tuple(offsets))
 
 
 def calibration_windows(tokenizer, corpus: Corpus, n_windows: int, seq_len: int, seed: int = 0,
-                        exclude: Windows | None = None, max_context: int | None = None) -> Windows:
-    """``n_windows`` random windows of ``seq_len`` tokens at seeded offsets.
+                        exclude: Windows | None = None, max_context: int | None = None, bos: str = "never",
+                        vocab_size: int | None = None) -> Windows:
+    """``n_windows`` random windows of ``seq_len`` tokens at seeded offsets (BOS first under a BOS
+    convention, as in :func:`eval_windows`).
 
     When ``exclude`` comes from the same text (same sha256), windows are drawn only from tokens after
     the evaluation region, so calibration never sees evaluation tokens.
     """
-    _check_seq_len(seq_len, max_context)
+    bos_id = resolve_bos(tokenizer, bos, vocab_size)
+    _check_seq_len(seq_len, max_context, bos_id)
     if n_windows < 1:
         raise DataError(f"the number of calibration windows must be positive, got {n_windows}")
     ids = tokenize(tokenizer, corpus)
     start = 0
     if exclude is not None and exclude.protocol.get("text_sha256") == corpus.protocol["text_sha256"]:
-        start = exclude.protocol["n_windows"] * exclude.protocol["seq_len"]
+        start = exclude.protocol["n_windows"] * text_tokens_per_window(exclude.protocol)
+    step = seq_len - (bos_id is not None)
     usable = ids.numel() - start
-    if usable < seq_len:
+    if usable < step:
         raise DataError(f"calibration corpus {corpus.name!r} has {usable} usable tokens (after excluding the "
                         f"evaluation windows), fewer than one window of {seq_len}; use a different --calib")
     rng = random.Random(seed)
-    offsets = sorted(start + rng.randrange(0, usable - seq_len + 1) for _ in range(n_windows))
-    windows = torch.stack([ids[o : o + seq_len] for o in offsets])
+    offsets = sorted(start + rng.randrange(0, usable - step + 1) for _ in range(n_windows))
+    windows = _with_bos(torch.stack([ids[o : o + step] for o in offsets]), bos_id)
     proto = dict(corpus.protocol, role="calibration", tokenizer=tokenizer_id(tokenizer), seq_len=seq_len,
-                 n_windows=n_windows, seed=seed, region_start_token=start, windows="seeded-random-offsets")
-    return Windows(ids=windows, protocol=proto)
+                 n_windows=n_windows, seed=seed, region_start_token=start, windows="seeded-random-offsets",
+                 **_bos_protocol(bos_id, bos))
+    return Windows(ids=windows, protocol=proto, offsets=tuple(offsets))

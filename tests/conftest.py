@@ -96,6 +96,34 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bos_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with a ``<bos>`` token that its encodings start with (``TemplateProcessing``), as
+    Llama-style tokenizers with ``add_bos_token`` do; id ``len(tiny_tokenizer)``, so a model needs one more row."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    tok.add_special_tokens(["<bos>"])
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_folder(tmp_path_factory, tiny_bos_tokenizer):
+    """A saved tiny random llama whose tokenizer adds BOS."""
+    folder = tmp_path_factory.mktemp("tiny-llama-bos")
+    model = tiny_model("llama")
+    model.config.bos_token_id = tiny_bos_tokenizer.bos_token_id
+    model.resize_token_embeddings(len(tiny_bos_tokenizer))
+    model.config.vocab_size = len(tiny_bos_tokenizer)
+    model.save_pretrained(folder)
+    tiny_bos_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny_tokenizer):
     """A saved Hugging Face folder (safetensors + tokenizer) of a tiny random llama."""
     folder = tmp_path_factory.mktemp("tiny-llama")

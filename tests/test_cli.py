@@ -27,25 +27,47 @@ def test_help_is_fast_and_lists_commands(tmp_path):
     assert res.returncode == 0 and "eval" in res.stdout and "ls" in res.stdout
 
 
-def test_sweep_predict_and_recommend_share_the_protocol_defaults():
-    """A prediction is only as good as the match between its probes and the runs it was fitted on: the three
-    commands default to one protocol (predict once lacked --n-calib and could not match recommend)."""
-    import inspect
+MEASURING = {"eval": ["eval", "--model", "m"], "quantize": ["quantize", "--model", "m", "--spec", "rtn:int8"],
+             "sweep": ["sweep", "--models", "m"], "predict": ["predict", "--model", "m"],
+             "plan": ["plan", "--model", "m"], "recommend": ["recommend", "--model", "m", "--max-ppl-delta", "1"]}
 
-    from advisor.api import prepare
+
+@pytest.mark.parametrize("cmd", sorted(MEASURING))
+def test_every_measuring_command_builds_the_one_protocol(cmd):
+    """One Protocol, from one set of options: each measuring command's defaults are the API's defaults, and
+    every option reaches the Protocol (a non-default value on the command line comes out in it)."""
+    from advisor.cli import build_parser
+    from advisor.commands._common import protocol_from
+    from advisor.protocol import Protocol
+
+    parser = build_parser()
+    assert protocol_from(parser.parse_args(MEASURING[cmd])) == Protocol()
+    calib = [] if cmd == "eval" else ["--calib", "file:c", "--n-calib", "3", "--calib-seq-len", "64", "--seed", "7"]
+    argv = MEASURING[cmd] + ["--data", "file:e", "--seq-len", "128", "--max-windows", "all", "--bos", "never",
+                             "--batch-size", "2"] + calib
+    got = protocol_from(parser.parse_args(argv))
+    want = dict(eval="file:e", seq_len=128, max_windows=None, bos="never", batch_size=2)
+    if cmd != "eval":
+        want.update(calib="file:c", n_calib=3, calib_seq_len=64, seed=7)
+    assert got == Protocol(**want)
+
+
+def test_every_flag_has_help_showing_its_default():
+    import argparse
+
     from advisor.cli import build_parser
 
-    keys = ["calib", "eval", "seq_len", "max_windows", "n_calib", "seed"]
     parser = build_parser()
-    argv = {"sweep": ["sweep", "--models", "m"], "predict": ["predict", "--model", "m"],
-            "recommend": ["recommend", "--model", "m", "--max-ppl-delta", "1"]}
-    seen = {cmd: {k: getattr(parser.parse_args(a), k) for k in keys} for cmd, a in argv.items()}
-    api = {k: v.default for k, v in inspect.signature(prepare).parameters.items() if k in keys}
-    assert seen["sweep"] == seen["predict"] == seen["recommend"] == api
-    from advisor.commands._common import protocol_kwargs
-
-    passed = protocol_kwargs(parser.parse_args(argv["predict"]))
-    assert set(keys) <= set(passed) <= set(inspect.signature(prepare).parameters)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = []
+    for cmd, p in sub.choices.items():
+        for action in p._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            shows_default = action.default in (None, False, []) or "default" in (action.help or "")
+            if not action.help or not shows_default:
+                missing.append((cmd, action.option_strings[0]))
+    assert not missing
 
 
 @pytest.mark.parametrize("kind", ["models", "datasets"])

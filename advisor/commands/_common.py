@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
@@ -17,33 +16,23 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="allow Python code shipped with the checkpoint to run (off by default: unsafe)")
 
 
-def add_eval_args(p: argparse.ArgumentParser, default_data: str = "stdlib-code:eval") -> None:
-    p.add_argument("--eval", "--data", dest="eval", default=default_data,
-                   help=f"evaluation corpus (default {default_data}; see `advisor ls datasets`)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default 1)")
+def add_protocol_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
+    """The measurement protocol's options, identical on every measuring command (advisor.protocol)."""
+    from advisor.protocol import add_protocol_args as add
+
+    add(p, calib=calib)
 
 
-def add_protocol_args(p: argparse.ArgumentParser) -> None:
-    """The measurement protocol shared by sweep, predict and recommend: the same defaults in all three, so a
-    prediction uses the probes and baseline its fitting runs and its verification were measured with."""
-    p.add_argument("--calib", default="stdlib-code:calib",
-                   help="calibration corpus (default stdlib-code:calib; see `advisor ls datasets`)")
-    p.add_argument("--eval", default="stdlib-code:eval",
-                   help="evaluation corpus (default stdlib-code:eval; see `advisor ls datasets`)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--max-windows", type=int, default=20, help="evaluation windows (default 20)")
-    p.add_argument("--n-calib", type=int, default=16, help="calibration windows (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
+def protocol_from(args: argparse.Namespace):
+    """The :class:`advisor.protocol.Protocol` the command line asked for (validated)."""
+    from advisor.protocol import Protocol
+
+    return Protocol.from_args(args)
 
 
 def protocol_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """What :func:`add_protocol_args` parsed (plus --device and --store), as ``advisor.api.prepare``'s
-    keyword arguments: every command passes the whole protocol, none a part of it."""
-    out = {k: getattr(args, k) for k in ("calib", "eval", "seq_len", "max_windows", "n_calib", "seed", "store")}
-    out["model_options"] = model_options(args)
-    return out
+    """``advisor.api.prepare``'s keywords from the command line: the protocol, the loader's options, the store."""
+    return {"protocol": protocol_from(args), "model_options": model_options(args), "store": getattr(args, "store", None)}
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -91,31 +80,3 @@ def load_model(args: argparse.Namespace, job: str = "load", **kwargs: Any):
 
     params = {k: getattr(args, k) for k in ("seq_len", "n_calib") if getattr(args, k, None) is not None}
     return load(args.model, options=model_options(args), job=job, job_params=params, **kwargs)
-
-
-def eval_windows_for(loaded, args: argparse.Namespace):
-    from advisor.models.data import eval_windows, load_corpus
-
-    corpus = load_corpus(args.eval)
-    return eval_windows(loaded.tokenizer, corpus, args.seq_len, args.max_windows,
-                        max_context=loaded.adapter.max_context)
-
-
-def progress_enabled() -> bool:
-    return sys.stderr.isatty()
-
-
-def add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="stdlib-code:calib",
-                   help="calibration corpus (default stdlib-code:calib; see `advisor ls datasets`)")
-    p.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration window (default: --seq-len)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration window offsets (default 0)")
-
-
-def calib_windows_for(loaded, args: argparse.Namespace, exclude=None):
-    from advisor.models.data import calibration_windows, load_corpus
-
-    corpus = load_corpus(args.calib)
-    return calibration_windows(loaded.tokenizer, corpus, args.n_calib, args.calib_seq_len or args.seq_len,
-                               seed=args.seed, exclude=exclude, max_context=loaded.adapter.max_context)

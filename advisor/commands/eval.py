@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from advisor.commands._common import add_eval_args, add_json_arg, add_model_args, eval_windows_for, load_model
+from advisor.commands._common import add_json_arg, add_model_args, add_protocol_args, load_model, protocol_from
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    add_eval_args(p)
+    add_protocol_args(p, calib=False)
     add_json_arg(p)
 
 
@@ -16,9 +16,10 @@ def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.models.evaluate import perplexity
 
+    protocol = protocol_from(args)  # validated before the model loads
     loaded = load_model(args, job="eval")
-    windows = eval_windows_for(loaded, args)
-    result = perplexity(loaded.model, windows, batch_size=args.batch_size)
+    windows = protocol.eval_windows(loaded)
+    result = perplexity(loaded.model, windows, batch_size=protocol.batch_size)
     out = dict(result.to_dict(), model=loaded.source.to_dict())
     if args.json:
         emit_json(out)

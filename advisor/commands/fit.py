@@ -10,8 +10,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--with-shipped", action="store_true", help="add the shipped fitting data")
     p.add_argument("--out", default=None, help="write the fitted predictor (JSON) here")
     p.add_argument("--report", action="store_true", help="leave-one-family-out and transfer accuracy")
-    p.add_argument("--confidence", type=float, default=0.9, help="interval coverage for the report")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--confidence", type=float, default=0.9, help="interval coverage for the report (default 0.9)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def run(args: argparse.Namespace) -> int:

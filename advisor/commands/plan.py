@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from advisor.commands._common import add_memory_args, add_model_args, add_protocol_args
+    from advisor.commands._common import add_json_arg, add_memory_args, add_model_args, add_protocol_args
 
     add_model_args(p)
     q = p.add_mutually_exclusive_group()
@@ -21,7 +21,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default=None, help="predictor JSON from `advisor fit` (default: shipped)")
     p.add_argument("--csv", default=None, help="also write every candidate to this CSV file")
     p.add_argument("--top", type=int, default=40, help="candidates shown in the table (default 40)")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,15 +5,15 @@ import argparse
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from advisor.commands._common import add_model_args, add_protocol_args
+    from advisor.commands._common import add_json_arg, add_model_args, add_protocol_args
 
     add_model_args(p)
     p.add_argument("--spec", default=None, help="one spec (default: every candidate of the default grid)")
     add_protocol_args(p)
-    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--confidence", type=float, default=0.9, help="coverage of the predicted interval (default 0.9)")
     p.add_argument("--predictor", default=None, help="predictor JSON (default: shipped)")
-    p.add_argument("--store", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
+    add_json_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help=f"calibration windows (default {DEFAULT_N_CALIB})")
     p.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN,
                    help=f"tokens per calibration window (default {DEFAULT_CALIB_SEQ_LEN})")
+    from advisor.protocol import BOS_MODES, DEFAULT
+
+    p.add_argument("--bos", choices=BOS_MODES, default=DEFAULT.bos,
+                   help=f"beginning-of-sequence convention of the windows, as in every measuring command "
+                        f"(default {DEFAULT.bos})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PROBE.KEY=VALUE",
                    help="override a probe setting, value in JSON (repeatable), e.g. --set hessian.n_probes=8")
     p.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
@@ -52,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.probe_cache import cached_run_probes
     from advisor.models.data import calibration_windows, load_corpus
+    from advisor.protocol import model_vocab_size
     from advisor.probes import PROBES, get_probe, resolve_all_settings
 
     t0 = time.perf_counter()
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.calib)
     loaded = load_model(args, job="probe")
     calib = calibration_windows(loaded.tokenizer, corpus, args.n_calib, args.calib_seq_len, seed=args.seed,
-                                max_context=loaded.adapter.max_context)
+                                max_context=loaded.adapter.max_context, bos=args.bos,
+                                vocab_size=model_vocab_size(loaded))
     record, cached = cached_run_probes(loaded, calib, names=names, seed=args.seed, settings=settings,
                                        use_cache=not args.no_cache)
     out = record.to_dict()

@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    from advisor.commands._common import add_memory_args, add_model_args, add_protocol_args
+    from advisor.commands._common import add_json_arg, add_memory_args, add_model_args, add_protocol_args
 
     add_model_args(p)
     g = p.add_mutually_exclusive_group(required=True)
@@ -20,13 +20,13 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "candidates whose median prediction meets the budget)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
-    p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up")
+    p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up (default 3)")
     add_protocol_args(p)
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
     p.add_argument("--predictor", default=None, help="predictor JSON from `advisor fit` (default: shipped)")
     p.add_argument("--out", default=None, help="report folder (markdown, JSON, PNG, packed model)")
     p.add_argument("--dry-run", action="store_true", help="predict and rank only; quantize nothing")
-    p.add_argument("--json", action="store_true")
+    add_json_arg(p)
 
 
 def _split(s: str | None) -> list[str] | None:

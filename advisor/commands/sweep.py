@@ -14,10 +14,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="spec strings, or 'default' for the default candidate grid")
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
     add_protocol_args(p)
-    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device each model is loaded on (default cpu)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="parallel worker processes (--engine ray on a new local instance: tasks at once)")
+                   help="parallel worker processes, default 1 (--engine ray on a new local instance: tasks at once)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local (default): this process and --jobs worker processes on this machine; ray: every "
                         "model's preparation (baseline, probes) and every (model, spec) measurement is a Ray task, "
@@ -39,7 +38,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-raw", default=None,
                    help="after the sweep, export the store's runs as recorded (every status, no features) to this "
                         "CSV/parquet file")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
 def expand_models(names: list[str]) -> list[str]:
@@ -66,7 +65,8 @@ def expand_specs(specs: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.store import open_store
-    from advisor.sweep import Protocol, run_sweep
+    from advisor.commands._common import protocol_from
+    from advisor.sweep import SweepProtocol, run_sweep
     from advisor.models.errors import AdvisorError
 
     if args.jobs < 1:
@@ -81,10 +81,8 @@ def run(args: argparse.Namespace) -> int:
         from advisor.sweep_ray import _import_ray
 
         _import_ray()  # a missing extra is said before any store or model is opened
+    protocol = SweepProtocol(**protocol_from(args).to_dict(), device=args.device)
     store = open_store(args.store)
-    protocol = Protocol(eval_data=args.eval, calib_data=args.calib, seq_len=args.seq_len,
-                        max_windows=args.max_windows, n_calib=args.n_calib, calib_seq_len=args.calib_seq_len,
-                        seed=args.seed, device=args.device)
     on_model = None
     if not args.no_probes:
         from advisor.probing import store_probes
