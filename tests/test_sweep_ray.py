@@ -27,10 +27,10 @@ COLUMNS = "spec, status, ppl, nll, dl, bits_per_weight, error"
 
 
 def _protocol(**kw):
-    from advisor.sweep import Protocol
+    from advisor.sweep import SweepProtocol
 
-    return Protocol(eval_data=f"file:{PTB}", calib_data=f"file:{PTB}", seq_len=32, max_windows=3, n_calib=2,
-                    calib_seq_len=32, **kw)
+    return SweepProtocol(eval=f"file:{PTB}", calib=f"file:{PTB}", seq_len=32, max_windows=3, n_calib=2,
+                         calib_seq_len=32, **kw)
 
 
 @pytest.fixture(scope="module")
