@@ -8,6 +8,9 @@ For each transformer block, input to output:
   2. quantize the group's layers and swap them for packed ``QuantLinear`` modules (or, with
      ``pack=False``, write the dequantized weights back: "fake quantization");
   3. run the quantized block once more to produce the next block's inputs.
+With packing, a block's layers keep their dequantized weights (dense matmuls) while the block's
+statistics passes run, and are swapped for packed modules when the block is done: the same numbers
+within float rounding, without running calibration through the packed kernels.
 Peak memory: the model plus one block's activations for the calibration windows.
 Methods that need no statistics (RTN) skip the forward passes entirely.
 """
@@ -171,6 +174,7 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
     if need_stats:
         inputs, kwargs = capture_block_inputs(model, blocks[0], calib, device)
 
+    pending: list = []  # packed layers wait for the end of their block (see _quantize_layer)
     try:
         for bi, block in enumerate(blocks):
             for group in adapter.linear_groups(block):
@@ -206,7 +210,8 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
                     if full in skip_layers:
                         bar.update(1)
                         continue
-                    report = _quantize_layer(block, path, full, layer, group_method, group_spec, stats, pack)
+                    report = _quantize_layer(block, path, full, layer, group_method, group_spec, stats, pack,
+                                             pending if pack and need_stats else None)
                     if group_method is not method:
                         report.info["unreached"] = "no calibration tokens reached this layer: rounded to nearest"
                     reports.append(report)
@@ -214,6 +219,9 @@ def quantize_model(loaded, spec, calib: Windows | None, *, pack: bool = True, pr
             if need_stats and bi + 1 < len(blocks):
                 with torch.no_grad():
                     inputs = _run_block(block, inputs, kwargs)
+            for path, qw, layer in pending:  # the block's statistics passes ran on dense dequantized weights
+                _pack_into(block, path, qw, layer)
+            pending.clear()
     finally:
         bar.close()
 
@@ -245,8 +253,16 @@ def _check_memory(loaded, spec, calib, need_h: bool, need_abs: bool, device: tor
     check_quantization_fits(model_bytes, work, f"quantizing with {spec}")
 
 
+def _pack_into(block: nn.Module, path: str, qw, layer: nn.Linear) -> None:
+    qlinear = qw.pack(bias=None if layer.bias is None else layer.bias.data.float())
+    qlinear.to(layer.weight.device)
+    _set_module(block, path, qlinear)
+
+
 def _quantize_layer(block: nn.Module, path: str, full: str, layer: nn.Linear, method, spec, stats,
-                    pack: bool) -> LayerReport:
+                    pack: bool, pending: list | None = None) -> LayerReport:
+    """Quantize one layer. ``pack`` swaps in the packed module at once, unless ``pending`` is given: then the
+    dequantized weights are written in place and ``(path, qw, layer)`` is appended for packing later."""
     W = layer.weight.data
     qw = method.quantize(W.float(), spec, stats, name=full)
     W_hat = qw.dequantize().to(W.device)
@@ -256,11 +272,11 @@ def _quantize_layer(block: nn.Module, path: str, full: str, layer: nn.Linear, me
 
         base = layer_error(W.float(), torch.zeros_like(W, dtype=torch.float32), stats.H)
         rel = layer_error(W.float(), W_hat, stats.H) / base if base > 0 else 0.0
-    if pack:
-        qlinear = qw.pack(bias=None if layer.bias is None else layer.bias.data.float())
-        qlinear.to(W.device)
-        _set_module(block, path, qlinear)
+    if pack and pending is None:
+        _pack_into(block, path, qw, layer)
     else:
+        if pending is not None:
+            pending.append((path, qw, layer))
         with torch.no_grad():
             layer.weight.copy_(W_hat.to(W.dtype))
     info = {k: v for k, v in qw.info.items() if isinstance(v, (int, float, str, bool))}
