@@ -70,15 +70,18 @@ class Context:
 
 def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str | None = None,
             model_options: Any = None, store: Store | str | None = None, progress: bool = True,
-            probes: bool = True, job: str = "predict", **protocol_fields: Any) -> Context:
-    """Load (if a name), cut the protocol's windows, measure or reuse the baseline and the probes.
+            probes: bool = True, job: str = "predict", specs: list[str] | None = None,
+            **protocol_fields: Any) -> Context:
+    """Load (if a name), cut the protocol's windows, measure or reuse the baseline and the probes that the
+    candidates ``specs`` need (None: the default grid's); with ``progress``, the probes' cost estimate
+    and ETA first.
 
     ``protocol``: a :class:`advisor.protocol.Protocol`; its fields may also be given as keywords
     (``seq_len=256``, ``bos="never"``), alone or replacing some of ``protocol``'s. ``model_options``: a
     ``models.loading.ModelOptions`` (device, dtype, remote code); ``device`` replaces its device. Without
     either the model loads on the CPU in float32. ``probes=False`` skips the probes (sweeps run them
     through their ``on_model`` hook). ``job`` names the work for the loader's memory preflight."""
-    from advisor.probing import probe_features
+    from advisor.probing import probe_features, probe_keys
     from advisor.models.evaluate import perplexity
     from advisor.models.loading import load
 
@@ -102,7 +105,9 @@ def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str |
     features, provenance = {}, {}
     if probes:
         features, provenance = probe_features(loaded, protocol.probe_windows(loaded, exclude=ev), store=store,
-                                              seed=protocol.seed, loss_windows=cal)
+                                              seed=protocol.seed, loss_windows=cal, keys=probe_keys(specs),
+                                              progress=progress,
+                                              seconds_per_token=(base["seconds"] or 0) / max(1, base["n_tokens"]))
     return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store, protocol)
 
 
@@ -170,8 +175,9 @@ def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | 
     ppl_budget = max_ppl_delta is not None or max_ppl_ratio is not None
     if ppl_budget:
         Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
-    ctx = prepare(model, **prepare_kwargs)
-    df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
+    specs = _specs(specs, methods, dtypes)
+    ctx = prepare(model, specs=specs, **prepare_kwargs)
+    df = predict_candidates(ctx, specs, confidence, predictor)
     df.attrs["baseline_ppl"] = ctx.baseline_ppl
     df.attrs["budget"] = {"confidence": confidence, "max_bytes": max_bytes}
     df["chosen"] = False
@@ -282,9 +288,10 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         from advisor.models.saving import check_output_dir
 
         check_output_dir(Path(out) / "model")
-    ctx = prepare(model, progress=progress, **prepare_kwargs)
+    specs = _specs(specs, methods, dtypes)
+    ctx = prepare(model, progress=progress, specs=specs, **prepare_kwargs)
     budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
-    df = predict_candidates(ctx, _specs(specs, methods, dtypes), confidence, predictor)
+    df = predict_candidates(ctx, specs, confidence, predictor)
     df["passes"] = df["pred_dl_upper"] <= budget.max_dl
     df["plausible"] = df["pred_dl"] <= budget.max_dl  # the median prediction meets the budget
     description = budget.description

@@ -91,6 +91,8 @@ def stored_features(store, fp: str, calib_text: str | None = None) -> dict[str, 
     """
     rows = store._conn.execute("SELECT features, provenance FROM probes WHERE model_fp=? ORDER BY created_at",
                                (fp,)).fetchall()
+    # `advisor probe` records hold the caller's settings, not the predictor's (advisor.probing)
+    rows = [row for row in rows if _as_dict(row["provenance"]).get("predictor", True) is not False]
     if calib_text is not None:
         texts = [_text_of(_as_dict(row["provenance"]).get("calibration")) for row in rows]
         if any(texts):

@@ -13,6 +13,7 @@ import zlib
 
 import torch
 
+from advisor.models.errors import AdvisorError
 from advisor.probes._util import LayerInfo, spec_key
 
 # Group sizes compared by ``sqnr`` (None = one scale per output channel); MX types have a fixed block.
@@ -51,6 +52,22 @@ def configs(dtypes: list[str] | None = None, all_group_sizes: bool = True) -> li
         for g in (SQNR_GROUP_SIZES if all_group_sizes else (default_group(name),)):
             out.append((name, g, spec_key(name, g)))
     return out
+
+
+def format_table(keys: list[str] | None) -> list[tuple[str, int | None, str]]:
+    """(dtype, group size, key) of the requested feature keys (None: every data type at its default group).
+
+    Raises:
+        AdvisorError: a key that names no (data type, group size) of the ``sqnr`` grid.
+    """
+    if keys is None:
+        return configs(None, all_group_sizes=False)
+    known = {k: (d, g, k) for d, g, k in configs(None, all_group_sizes=True)}
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise AdvisorError(f"unknown format keys {unknown}; keys look like int4_g128, int8_pc, mxfp4 "
+                           f"(known: {', '.join(sorted(known))})")
+    return [known[k] for k in dict.fromkeys(keys)]
 
 
 def sampled_rows(layer_index: int, out_features: int, fraction: float, min_rows: int, seed: int) -> torch.Tensor:

@@ -4,8 +4,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import weakref
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,18 +98,142 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def token_nll(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token NLL per window, float32 (batch,); ``targets`` (batch, seq_len - 1) default ids[:, 1:]."""
+    """Mean next-token NLL per window, float32 (batch,); ``targets`` (batch, seq_len - 1) default ids[:, 1:].
+
+    Differentiable; materialises the full ``(batch, seq_len, vocab)`` logits (the reference of
+    ``chunked_window_nll``, and what the Hessian's double backward runs through on its few tokens).
+    """
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
     targets = ids[:, 1:] if targets is None else targets
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return nll.view(ids.shape[0], -1).mean(dim=1)
 
 
+# Bytes of float32 logits one chunk of tokens may hold (``chunk_tokens``): 64 MiB, i.e. 64 tokens of a
+# 262k vocabulary, 340 of a 49k one.
+LOGIT_CHUNK_BYTES = 64 << 20
+
+
+def chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk of the head so that its float32 logits stay under ``LOGIT_CHUNK_BYTES``."""
+    return max(16, LOGIT_CHUNK_BYTES // (4 * max(1, int(vocab))))
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A causal LM cut before its output head: ``model(ids).logits == logits(body(ids))``.
+
+    ``body`` returns the final hidden states (after the last norm); ``logits`` applies the output
+    projection and the model's logit transform (Gemma's ``final_logit_softcapping``, Cohere's
+    ``logit_scale``). ``split_head`` checks the identity on the model before handing one out.
+    """
+
+    body: nn.Module
+    head: nn.Module
+    softcap: float | None = None
+    scale: float | None = None
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body(input_ids=ids, use_cache=False).last_hidden_state
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.head(h)
+        if self.scale is not None:
+            out = out * self.scale
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+_SPLITS: "weakref.WeakKeyDictionary[nn.Module, HeadSplit | None]" = weakref.WeakKeyDictionary()
+
+
+def split_head(model: nn.Module, probe_ids: torch.Tensor | None = None) -> HeadSplit | None:
+    """The model's ``HeadSplit``, or None when it cannot be cut generically (then callers use full logits).
+
+    The cut is the transformers convention (``model.base_model`` -> ``last_hidden_state``,
+    ``get_output_embeddings()``); it is verified once per model by comparing the logits both ways on
+    the first 8 tokens of ``probe_ids`` (a few tokens of a model whose head does more, e.g. a hidden
+    state rescaled before the head, fail the check and fall back).
+    """
+    if model in _SPLITS:
+        return _SPLITS[model]
+    split = None
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if body is not None and body is not model and isinstance(head, nn.Module):
+        cand = HeadSplit(body, head, getattr(config, "final_logit_softcapping", None),
+                         getattr(config, "logit_scale", None))
+        ids = (probe_ids[:1, :8] if probe_ids is not None else torch.zeros(1, 8, dtype=torch.long))
+        ids = ids.to(device_of(model))
+        try:
+            with torch.no_grad():
+                want = model(input_ids=ids, use_cache=False).logits.float()
+                got = cand.logits(cand.hidden(ids)).float()
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                split = cand
+            else:
+                log.info("output head of %s is not the generic cut; probes use full logits", type(model).__name__)
+        except (TypeError, AttributeError, ValueError, RuntimeError) as e:
+            log.info("cannot cut %s before its head (%s); probes use full logits", type(model).__name__, e)
+    _SPLITS[model] = split
+    return split
+
+
+def chunked_nll_from_hidden(split: HeadSplit, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL (N,) float32 of hidden states ``h`` (N, d) for ``targets`` (N,), the head applied to
+    ``chunk_tokens`` tokens at a time (no ``(N, vocab)`` tensor). Not differentiable."""
+    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    step = chunk_tokens(split.head.weight.shape[0] if hasattr(split.head, "weight") else 1)
+    for i in range(0, h.shape[0], step):
+        logits = split.logits(h[i : i + step]).float()
+        out[i : i + step] = F.cross_entropy(logits, targets[i : i + step], reduction="none")
+    return out
+
+
+def chunked_window_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``token_nll`` without gradients and without the full logits: (batch,) float32.
+
+    The hidden states of the whole batch are computed once and the head runs on chunks of tokens, so
+    the float32 logits held at once are ``chunk_tokens(vocab)`` rows, not ``batch * seq_len``; models
+    that cannot be cut (``split_head``) take the full-logits path.
+    """
+    with torch.no_grad():
+        split = split_head(model, ids)
+        if split is None:
+            return token_nll(model, ids)
+        h = split.hidden(ids)[:, :-1]
+        nll = chunked_nll_from_hidden(split, h.reshape(-1, h.shape[-1]), ids[:, 1:].reshape(-1))
+        return nll.view(ids.shape[0], -1).mean(dim=1)
+
+
+def chunked_nll_backward(split: HeadSplit, h: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d sum(weights * nll) / dh, nll)`` for hidden states ``h`` (N, d) without the full logits.
+
+    Each chunk's logits are built, differentiated with respect to its slice of ``h`` and dropped; the
+    returned gradient (N, d) is then pushed through the body with one ``autograd.grad`` call.
+    """
+    hd = h.detach()
+    grad = torch.zeros_like(hd, dtype=torch.float32)
+    nll = torch.empty(hd.shape[0], dtype=torch.float32, device=hd.device)
+    step = chunk_tokens(split.head.weight.shape[0] if hasattr(split.head, "weight") else 1)
+    for i in range(0, hd.shape[0], step):
+        part = hd[i : i + step].clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(split.logits(part).float(), targets[i : i + step], reduction="none")
+            (g,) = torch.autograd.grad((loss * weights[i : i + step]).sum(), part)
+        grad[i : i + step] = g.float()
+        nll[i : i + step] = loss.detach()
+    return grad.to(h.dtype), nll
+
+
 def _batched_window_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """``token_nll`` of ``ids`` in batches of ``batch_size`` windows, one (batch,) tensor per batch."""
     dev = device_of(model)
     for i in range(0, ids.shape[0], batch_size):
-        yield token_nll(model, ids[i : i + batch_size].to(dev))
+        yield chunked_window_nll(model, ids[i : i + batch_size].to(dev))
 
 
 @torch.no_grad()
@@ -190,6 +315,38 @@ def input_hooks(layers: Sequence[LayerInfo], fn) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def swapped_weights(layers: Sequence[LayerInfo], make: Callable[..., torch.Tensor], *extra) -> Iterator[None]:
+    """Each layer computes with ``make(W, layer_name, *extra)`` instead of ``W`` during its own forward call.
+
+    A pre-hook swaps ``weight.data`` for the replacement (in the weight's dtype) and a forward hook
+    swaps the original storage back, so only one layer's replacement exists at a time, the model is
+    never copied, and the weights are restored bitwise. For layers called once per forward pass.
+    """
+    handles = []
+    for li in layers:
+        module = li.module
+
+        def pre(mod, args, name=li.name):
+            original = mod.weight.data
+            mod._probe_original = original
+            mod.weight.data = make(original, name, *extra).to(original.dtype)
+
+        def post(mod, args, out):
+            mod.weight.data = mod.__dict__.pop("_probe_original")
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for li in layers:  # an exception inside a forward pass skips its post hook
+            original = li.module.__dict__.pop("_probe_original", None)
+            if original is not None:
+                li.module.weight.data = original
 
 
 def spec_key(dtype: str, group_size: int | None, block_size: int | None = None) -> str:

@@ -16,7 +16,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pandas as pd
 
@@ -67,6 +67,8 @@ class ProbeContext:
 
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     cache: dict[Any, Any] = field(default_factory=dict)
+    # called as progress(step, done, total) by probes with several steps (rtn_loss: one per format)
+    progress: Callable[[str, int, int], None] | None = None
 
 
 class Probe:
@@ -224,7 +226,8 @@ def resolve_all_settings(names: list[str], settings: Mapping[str, Mapping[str, A
 
 
 def run_probes(loaded, calib: Windows, names: list[str] | None = None, seed: int = 0,
-               settings: Mapping[str, Mapping[str, Any]] | None = None) -> FeatureRecord:
+               settings: Mapping[str, Mapping[str, Any]] | None = None,
+               context: ProbeContext | None = None) -> FeatureRecord:
     """Run several probes (default: all registered) and merge them into one ``FeatureRecord``.
 
     Args:
@@ -233,6 +236,8 @@ def run_probes(loaded, calib: Windows, names: list[str] | None = None, seed: int
         names: probe names in the order to run them (``fisher`` before ``second_order`` shares work).
         seed: seeds every probe.
         settings: ``{probe name: {setting: value}}`` overrides.
+        context: shared scratch space to use (e.g. with a ``progress`` callback, or one that already
+            holds intermediates of the same windows); a fresh one when ``None``.
     Raises:
         AdvisorError: unknown probe or setting, no linear layers, empty calibration set.
     """
@@ -243,7 +248,9 @@ def run_probes(loaded, calib: Windows, names: list[str] | None = None, seed: int
         raise AdvisorError(f"no probes selected; known: {', '.join(PROBES)}")
     resolved = resolve_all_settings(names, settings)
     check_inputs(loaded, calib)
-    context = ProbeContext(settings={k: dict(v) for k, v in (settings or {}).items()})
+    if context is None:
+        context = ProbeContext()
+    context.settings.update({k: dict(v) for k, v in (settings or {}).items()})
     t0 = time.perf_counter()
     results = []
     for name in names:

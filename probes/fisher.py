@@ -13,26 +13,50 @@ uncorrelated given the inputs, so the scaled estimator is unbiased for the true 
 Gauss-Newton diagonal); with ``labels="empirical"`` (default, the brief's "empirical Fisher") the
 real next tokens are the targets. Then ``dL ~ 1/2 sum_i F_ii e_i^2`` (``second_order``).
 
-The full diagonal stays in the run's ``ProbeContext`` (``cache["fisher.diag"]``) for ``second_order``.
+Memory: the probe keeps no model-sized tensor. All windows go through one forward/backward pass
+(``batch_size`` >= windows, the default), the head runs on chunks of tokens (no ``(tokens, vocab)``
+float32 logits, ``_util.chunked_nll_backward``), and each layer's per-window gradients are folded
+into that layer's statistics (trace, max, mean-gradient norm) and into the rows ``second_order``
+samples as soon as its output gradient exists; only one layer's ``(out, in)`` accumulators live at
+a time. With fewer windows per pass than windows, the diagonal is accumulated over passes first
+(two float32 copies of the linear weights). The sampled rows of the diagonal and of the mean
+gradient stay in the run's ``ProbeContext`` (``cache["fisher.rows"]``) for ``second_order``.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advisor.probes._util import device_of, first_windows, grad_only, layer_infos, preserved_state, token_nll
+from advisor.probes._util import (chunk_tokens, chunked_nll_backward, chunked_nll_from_hidden, device_of, first_windows,
+                                  grad_only, layer_infos, preserved_state, split_head, token_nll)
+from advisor.probes._rtn import layer_rows
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, get_probe, register
+
+
+def sample_targets(logits_rows: Callable[[int, int], torch.Tensor], n_rows: int, step: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    """Next tokens drawn from ``softmax(logits_rows(i, j))`` chunk by chunk (``step`` rows), CPU generator.
+
+    The fast path and the reference draw through this one function with the same chunking, so they
+    draw the same tokens."""
+    out = []
+    for i in range(0, n_rows, step):
+        probs = torch.softmax(logits_rows(i, min(i + step, n_rows)).detach().float(), -1).cpu()
+        out.append(torch.multinomial(probs, 1, generator=gen).view(-1))
+    return torch.cat(out)
 
 
 def fisher_diagonal_reference(model, params: list[torch.Tensor], ids: torch.Tensor, labels: str = "empirical",
                               seed: int = 0) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
     """The token-scaled Fisher diagonal ``F = n_pred * mean_w g_w^2`` (module docstring) and the mean gradient,
-    one backward pass per window (the slow, obviously correct reference of ``fisher_diagonal``).
+    one backward pass per window through the full logits (the slow, obviously correct reference of
+    ``fisher_diagonal``).
 
     Args:
         model: returns ``.logits`` (batch, seq_len, vocab) for ``model(input_ids=..., use_cache=False)``.
@@ -53,9 +77,10 @@ def fisher_diagonal_reference(model, params: list[torch.Tensor], ids: torch.Tens
         targets = None
         if labels == "sampled":
             with torch.no_grad():
-                logits = model(input_ids=window, use_cache=False).logits[:, :-1].float()
-                probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), -1).cpu()
-                targets = torch.multinomial(probs, 1, generator=gen).view(1, -1).to(window.device)
+                logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+                step = chunk_tokens(logits.shape[-1])
+                targets = sample_targets(lambda i, j: logits[i:j], logits.shape[0], step, gen)
+                targets = targets.view(1, -1).to(window.device)
         loss = token_nll(model, window, targets).sum()
         grads = torch.autograd.grad(loss, params)
         for s, m, g in zip(sq, mean, grads):
@@ -68,25 +93,62 @@ def fisher_diagonal_reference(model, params: list[torch.Tensor], ids: torch.Tens
     return sq, total_nll / ids.shape[0], mean
 
 
-def _sample_targets(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Next tokens drawn from softmax(logits) (1, T, vocab) -> (1, T) long, with a CPU generator."""
-    probs = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]).float(), -1).cpu()
-    return torch.multinomial(probs, 1, generator=gen).view(1, -1).to(logits.device)
+def _output_gradients(model, split, batch: torch.Tensor, outputs_of: Callable[[], list[torch.Tensor]], labels: str,
+                      gen: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``d(sum of window-mean NLLs)/d(layer outputs)`` of one batch and the empirical per-window NLL.
+
+    Through the head in chunks when the model can be cut (``split``, from ``_util.split_head``), else the
+    full logits.
+    ``outputs_of`` returns the layer outputs recorded by the forward pass (call after it)."""
+    b, n_pred = batch.shape[0], batch.shape[1] - 1
+    real = batch[:, 1:].reshape(-1)
+    if split is None:
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        flat = logits.reshape(-1, logits.shape[-1])
+        targets = real
+        if labels == "sampled":  # window by window: the same draws as the reference
+            step = chunk_tokens(flat.shape[-1])
+            targets = torch.cat([sample_targets(lambda i, j, w=w: flat[w * n_pred + i : w * n_pred + j], n_pred,
+                                                step, gen) for w in range(b)]).to(batch.device)
+        nll = F.cross_entropy(flat, targets, reduction="none").view(b, -1).mean(1)
+        deltas = torch.autograd.grad(nll.sum(), outputs_of())
+        with torch.no_grad():
+            if labels == "sampled":
+                nll = F.cross_entropy(flat, real, reduction="none").view(b, -1).mean(1)
+        return deltas, nll.detach()
+    h = split.hidden(batch)[:, :-1]
+    flat = h.reshape(-1, h.shape[-1])
+    targets = real
+    if labels == "sampled":
+        step = chunk_tokens(split.head.weight.shape[0])
+        with torch.no_grad():
+            targets = torch.cat([sample_targets(lambda i, j, w=w: split.logits(flat[w * n_pred + i : w * n_pred + j]),
+                                                n_pred, step, gen) for w in range(b)]).to(batch.device)
+    weights = torch.full((flat.shape[0],), 1.0 / n_pred, device=flat.device)
+    grad_h, tok = chunked_nll_backward(split, flat, targets, weights)
+    deltas = torch.autograd.grad(flat, outputs_of(), grad_outputs=grad_h)
+    if labels == "sampled":
+        tok = chunked_nll_from_hidden(split, flat.detach(), real)
+    return deltas, tok.view(b, -1).mean(1)
 
 
 def fisher_diagonal(model, layers: list[nn.Linear], ids: torch.Tensor, labels: str = "empirical", seed: int = 0,
-                    batch_size: int = 8) -> tuple[list[torch.Tensor], float, list[torch.Tensor]]:
+                    batch_size: int = 8, fold: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+                    ) -> tuple[list[torch.Tensor] | None, float, list[torch.Tensor] | None]:
     """``fisher_diagonal_reference`` for the weights of ``layers`` with one backward pass per batch of windows.
 
     Per-window weight gradients of a linear layer ``y = x W^T`` are ``G_w = sum_t delta_wt x_wt^T`` with
     ``delta = dLoss/dy``: windows in a batch do not interact, so the gradient of the batch's summed loss
     w.r.t. window w's outputs is that window's own. The backward pass only computes ``delta`` for
-    every layer output (no weight gradients); one ``bmm`` per layer gives all ``G_w``.
+    every layer output (no weight gradients); one matrix product per window and layer gives ``G_w``.
 
     Args:
         layers: linear modules whose weights require grad (so their outputs are in the graph); each is
             called once per forward pass.
-        batch_size: windows per forward/backward pass (memory: activations and (batch, out, in) per layer).
+        batch_size: windows per forward/backward pass (memory: activations, one layer's (out, in)).
+        fold: when given, called as ``fold(i, F_i, mean_i)`` once per layer with that layer's finished
+            diagonal and mean gradient, which are then dropped (the bounded-memory path); the function
+            then returns None for both lists.
     Returns:
         (F per weight, mean empirical NLL over windows, mean_w G_w per weight)
     """
@@ -94,10 +156,13 @@ def fisher_diagonal(model, layers: list[nn.Linear], ids: torch.Tensor, labels: s
         raise ValueError(f"fisher labels must be 'empirical' or 'sampled', got {labels!r}")
     gen = torch.Generator().manual_seed(seed)
     n_windows, n_pred = ids.shape[0], ids.shape[1] - 1
-    sq = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
-    mean = [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
+    batch_size = max(1, int(batch_size))
+    one_pass = fold is not None and n_windows <= batch_size
+    sq = None if one_pass else [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
+    mean = None if one_pass else [torch.zeros_like(m.weight, dtype=torch.float32) for m in layers]
     total_nll = 0.0
-    for start in range(0, n_windows, max(1, int(batch_size))):
+    split = split_head(model, ids)  # before the hooks: its check runs a forward pass
+    for start in range(0, n_windows, batch_size):
         batch = ids[start : start + batch_size]
         seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -108,32 +173,39 @@ def fisher_diagonal(model, layers: list[nn.Linear], ids: torch.Tensor, labels: s
 
         handles = [m.register_forward_hook(functools.partial(keep, i=i)) for i, m in enumerate(layers)]
         try:
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (b, T-1, vocab)
+            deltas, nll = _output_gradients(model, split, batch, lambda: [seen[i][1] for i in range(len(layers))],
+                                            labels, gen)
         finally:
             for h in handles:
                 h.remove()
-        flat = logits.reshape(-1, logits.shape[-1])
-        real = batch[:, 1:]
-        if labels == "sampled":  # window by window: the same draws as the reference
-            targets = torch.cat([_sample_targets(logits[w : w + 1], gen) for w in range(batch.shape[0])])
-        else:
-            targets = real
-        nll = F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(batch.shape[0], -1).mean(1)
-        outputs = [seen[i][1] for i in range(len(layers))]
-        deltas = torch.autograd.grad(nll.sum(), outputs)
+        deltas = list(deltas)
         with torch.no_grad():
-            for i, d in enumerate(deltas):
-                x = seen[i][0]
-                G = torch.bmm(d.reshape(d.shape[0], -1, d.shape[-1]).transpose(1, 2).float(),
-                              x.reshape(x.shape[0], -1, x.shape[-1]).float())  # (b, out, in)
-                sq[i].add_(G.pow(2).sum(0))
-                mean[i].add_(G.sum(0), alpha=1.0 / n_windows)
-            if labels == "sampled":
-                nll = F.cross_entropy(flat, real.reshape(-1), reduction="none").view(batch.shape[0], -1).mean(1)
+            for i in range(len(layers)):
+                d, x = deltas[i], seen[i][0]
+                d = d.reshape(d.shape[0], -1, d.shape[-1]).float()
+                x = x.reshape(x.shape[0], -1, x.shape[-1]).float()
+                s_i = sq[i] if sq is not None else torch.zeros_like(layers[i].weight, dtype=torch.float32)
+                m_i = mean[i] if mean is not None else torch.zeros_like(layers[i].weight, dtype=torch.float32)
+                for w in range(d.shape[0]):
+                    G = d[w].T @ x[w]  # (out, in)
+                    s_i.addcmul_(G, G)
+                    m_i.add_(G, alpha=1.0 / n_windows)
+                del G
+                deltas[i] = None
+                seen[i] = (None, None)
+                if one_pass:
+                    fold(i, s_i.mul_(n_pred / n_windows), m_i)
+                del s_i, m_i
             total_nll += float(nll.sum())
-        del seen, outputs, deltas, logits
+        del seen, deltas
+    if one_pass:
+        return None, total_nll / n_windows, None
     for s in sq:
         s.mul_(n_pred / n_windows)
+    if fold is not None:
+        for i in range(len(layers)):
+            fold(i, sq[i], mean[i])
+        return None, total_nll / n_windows, None
     return sq, total_nll / n_windows, mean
 
 
@@ -153,22 +225,29 @@ class FisherProbe(Probe):
         ids = first_windows(calib, settings["n_windows"]).to(device_of(model))
         n_windows, n_pred = ids.shape[0], ids.shape[1] - 1
         params = [li.module.weight for li in layers]
+        rows_key = second_order_rows_key(context, seed)
+        sample = layer_rows(layers, *rows_key)
+        rows: list[dict | None] = [None] * len(layers)
+        diag_rows: dict[str, torch.Tensor] = {}
+        grad_rows: dict[str, torch.Tensor] = {}
+
+        def fold(i: int, f: torch.Tensor, m: torch.Tensor) -> None:
+            li, r = layers[i], sample[i].to(f.device)
+            tr = float(f.double().sum())
+            top = float(f.max())
+            rows[i] = {"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role,
+                       "n_params": li.n_params, "trace": tr, "trace_per_param": tr / li.n_params,
+                       "max": top, "max_over_mean": top / (tr / li.n_params) if tr > 0 else 0.0,
+                       "mean_grad_sq_norm": float(m.double().pow(2).sum())}
+            diag_rows[li.name] = f[r].cpu().clone()
+            grad_rows[li.name] = m[r].cpu().clone()
+
         with preserved_state(model), torch.enable_grad():
             grad_only(model, params)
-            sq, nll, mean = fisher_diagonal(model, [li.module for li in layers], ids, settings["labels"], seed,
-                                            int(settings["batch_size"]))
-        diag = {li.name: f for li, f in zip(layers, sq)}
-        context.cache["fisher.diag"] = diag
-        context.cache["fisher.mean_grad"] = {li.name: m for li, m in zip(layers, mean)}
+            _, nll, _ = fisher_diagonal(model, [li.module for li in layers], ids, settings["labels"], seed,
+                                        int(settings["batch_size"]), fold=fold)
+        context.cache["fisher.rows"] = {"key": rows_key, "diag": diag_rows, "mean_grad": grad_rows}
         context.cache["fisher.settings"] = dict(settings)
-        rows = []
-        for li, m in zip(layers, mean):
-            f = diag[li.name]
-            tr = float(f.double().sum())
-            rows.append({"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role,
-                         "n_params": li.n_params, "trace": tr, "trace_per_param": tr / li.n_params,
-                         "max": float(f.max()), "max_over_mean": float(f.max()) / (tr / li.n_params) if tr > 0 else 0.0,
-                         "mean_grad_sq_norm": float(m.double().pow(2).sum())})
         frame = pd.DataFrame(rows)
         total = float(frame["trace"].sum())
         n_params = int(frame["n_params"].sum())
@@ -198,12 +277,20 @@ def _ratio(kinds: pd.DataFrame, a: str, b: str) -> float:
     return float(pa / pb) if pb > 0 else 0.0
 
 
+def second_order_rows_key(context: ProbeContext, seed: int) -> tuple[int | None, int, int]:
+    """(max_elements, min_rows, seed) of the rows ``second_order`` samples with the run's settings."""
+    so = get_probe("second_order").resolve_settings(context.settings.get("second_order"))
+    return so["max_elements"], int(so["min_rows"]), seed
+
+
 def ensure_fisher(loaded, calib, seed: int, context: ProbeContext) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The run's Fisher diagonal and mean gradient (layer name -> (out, in)), computing them with the run's
-    ``fisher`` settings when absent."""
-    if "fisher.diag" not in context.cache:
+    """The Fisher diagonal and mean gradient at the rows ``second_order`` samples (layer name -> (rows, in)),
+    computing them with the run's ``fisher`` settings when the run has not (or for other rows)."""
+    held = context.cache.get("fisher.rows")
+    if held is None or held["key"] != second_order_rows_key(context, seed):
         get_probe("fisher").run(loaded, calib, seed=seed, settings=context.settings.get("fisher"), context=context)
-    return context.cache["fisher.diag"], context.cache["fisher.mean_grad"]
+        held = context.cache["fisher.rows"]
+    return held["diag"], held["mean_grad"]
 
 
 register(FisherProbe())

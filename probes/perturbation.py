@@ -13,7 +13,9 @@ Fitted per target (averaged over directions):
 - ``slope``: log-log slope of dNLL vs sigma above the knee (2 for a quadratic bowl; larger = step).
 - ``quad_coef``: least-squares ``c`` in ``dNLL = c sigma^2`` over points up to the knee
   (second-order theory: ``c = 1/2 sum_i H_ii rms_row(i)^2``).
-Weights are restored exactly (from a copy) after every measurement.
+Each layer computes with its noisy weights only during its own call (``_util.swapped_weights``; the
+direction is regenerated from its seed), so the weights are never modified and no copy of the model
+or of the noise is held.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from advisor.probes._util import ATTN, MLP, device_of, first_windows, layer_infos, mean_nll, preserved_state, sigma_key
+from advisor.probes._util import (ATTN, MLP, device_of, first_windows, layer_infos, mean_nll, preserved_state, sigma_key,
+                                  swapped_weights)
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 
 TARGETS = ("all", ATTN, MLP)
@@ -94,31 +97,24 @@ class PerturbationProbe(Probe):
         rows = []
         with preserved_state(model), torch.no_grad():
             base = mean_nll(model, ids)
-            originals = {li.name: li.module.weight.detach().clone() for li in layers}
-            rms = {li.name: originals[li.name].float().pow(2).mean(1, keepdim=True).sqrt() for li in layers}
-            try:
-                for d in range(int(settings["n_directions"])):
-                    # one direction Z per layer, shared by every target and sigma (radial curves)
-                    noise = {}
-                    for i, li in enumerate(layers):
-                        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{d}:{i}".encode()))
-                        z = torch.randn(li.module.weight.shape, generator=gen)
-                        noise[li.name] = (z * rms[li.name].cpu()).to(li.module.weight.device, li.module.weight.dtype)
-                    for target in targets:
-                        chosen = [li for li in layers if target == "all" or li.kind == target]
-                        if not chosen:
-                            continue
-                        for sigma in sigmas:
-                            for li in chosen:
-                                li.module.weight.copy_(originals[li.name]).add_(noise[li.name], alpha=float(sigma))
+            rms = {li.name: li.module.weight.detach().float().pow(2).mean(1, keepdim=True).sqrt().cpu() for li in layers}
+            index = {li.name: i for i, li in enumerate(layers)}
+            for d in range(int(settings["n_directions"])):
+                def noisy(W: torch.Tensor, name: str, sigma: float, d=d) -> torch.Tensor:
+                    # the direction Z of this layer, regenerated from its seed at each call: one layer's
+                    # noise exists at a time, and every target and sigma sees the same Z (radial curves)
+                    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{d}:{index[name]}".encode()))
+                    z = torch.randn(W.shape, generator=gen)
+                    return W.add((z * rms[name]).to(W.device, W.dtype), alpha=sigma)
+
+                for target in targets:
+                    chosen = [li for li in layers if target == "all" or li.kind == target]
+                    if not chosen:
+                        continue
+                    for sigma in sigmas:
+                        with swapped_weights(chosen, noisy, float(sigma)):
                             dnll = mean_nll(model, ids) - base
-                            rows.append({"target": target, "direction": d, "sigma": float(sigma), "dnll": dnll})
-                            for li in chosen:
-                                li.module.weight.copy_(originals[li.name])
-                    del noise
-            finally:
-                for li in layers:
-                    li.module.weight.copy_(originals[li.name])
+                        rows.append({"target": target, "direction": d, "sigma": float(sigma), "dnll": dnll})
         frame = pd.DataFrame(rows)
         features: dict[str, float] = {"base_nll": base}
         for target in targets:

@@ -18,36 +18,102 @@ Features per format key (``int4_g128``, ``int8_pc``, ``mxfp4``; see ``probes.fea
 - ``<key>``: dnll in nats;
 - ``<key>_se``: its standard error over windows (sd of the per-window paired differences / sqrt(n)).
 
-Settings: ``keys`` (None = every data type at its default group size), ``n_windows`` (None = all).
-Cost: per format, one RTN pass over all linear layers plus one forward pass over the windows.
+Settings: ``keys`` (None = every data type at its default group size; any list of keys, e.g. one
+off-grid format, is measured on its own), ``n_windows`` (the most windows to use; None = all),
+``target_rel_se`` and ``min_windows`` (stop early, below), ``batch_size`` (windows per forward).
+
+Stopping when the answer is known: with ``target_rel_se`` set, windows are measured in rounds of
+``min_windows``, then doubling (2, 4, 8, ...), and a format stops once its standard error is at most
+``target_rel_se`` of its mean loss increase; a format lost in its noise (8 bits) uses every window.
+The per-layer table records the windows used and the relative standard error reached (``rel_se``).
+With ``target_rel_se=None`` every format uses all ``n_windows``.
+
+Work shared across formats: the baseline's per-window NLL is measured once per run (``ProbeContext``,
+``"rtn_loss.base"``) and only on the windows some format needs; the head runs on chunks of tokens
+(``_util.chunked_window_nll``: no ``(tokens, vocab)`` float32 tensor). Memory: the RTN weights of one
+linear layer at a time (each layer's weight is swapped for its RTN weights for the duration of its own
+call and swapped back, bitwise, by a pair of hooks), so the probe holds no copy of the model.
+Cost: per format and batch of windows, one RTN pass over the linear layers and one forward pass.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pandas as pd
 import torch
 
-from advisor.probes._rtn import configs, rtn_weight
-from advisor.probes._util import first_windows, layer_infos, preserved_state, window_nll
+from advisor.probes._rtn import format_table, rtn_weight
+from advisor.probes._util import (chunked_window_nll, device_of, first_windows, layer_infos, preserved_state,
+                                  swapped_weights)
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
-from advisor.models.errors import AdvisorError
 
 
-def format_table(keys: list[str] | None) -> list[tuple[str, int | None, str]]:
-    """(dtype, group size, key) of the requested feature keys (None: every data type at its default group).
+def rounds(n_max: int, first: int, adaptive: bool) -> list[int]:
+    """Window counts after each round: ``first``, doubling, up to ``n_max`` (one round when not adaptive)."""
+    if not adaptive:
+        return [n_max]
+    out, n = [], max(1, min(first, n_max))
+    while True:
+        out.append(n)
+        if n >= n_max:
+            return out
+        n = min(2 * n, n_max)
 
-    Raises:
-        AdvisorError: a key that names no (data type, group size) of the ``sqnr`` grid.
+
+def _window_nll(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    dev = device_of(model)
+    return torch.cat([chunked_window_nll(model, ids[i : i + batch_size].to(dev)).double().cpu()
+                      for i in range(0, ids.shape[0], batch_size)])
+
+
+def base_nll(model, ids: torch.Tensor, n: int, batch_size: int, context: ProbeContext, key) -> torch.Tensor:
+    """The baseline per-window NLL of the first ``n`` windows, measured once per run (extended on demand)."""
+    store = context.cache.setdefault("rtn_loss.base", {})
+    have = store.get(key, torch.zeros(0, dtype=torch.float64))
+    if have.numel() < n:
+        have = torch.cat([have, _window_nll(model, ids[have.numel() : n], batch_size)])
+        store[key] = have
+    return have[:n]
+
+
+def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]], *, batch_size: int = 4,
+            target_rel_se: float | None = None, min_windows: int = 2, context: ProbeContext | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict], torch.Tensor]:
+    """The paired RTN loss increase of each format of ``table`` on windows ``ids`` (module docstring).
+
+    Returns:
+        (one row per format: key, dtype, group_size, dnll, se, rel_se, n_windows, rtn_passes;
+         the baseline per-window NLL of the windows measured)
     """
-    if keys is None:
-        return configs(None, all_group_sizes=False)
-    known = {k: (d, g, k) for d, g, k in configs(None, all_group_sizes=True)}
-    unknown = [k for k in keys if k not in known]
-    if unknown:
-        raise AdvisorError(f"rtn_loss: unknown format keys {unknown}; keys look like int4_g128, int8_pc, mxfp4 "
-                           f"(known: {', '.join(sorted(known))})")
-    return [known[k] for k in dict.fromkeys(keys)]
+    model = loaded.model
+    layers = layer_infos(loaded)
+    context = context if context is not None else ProbeContext()
+    base_key = (ids.data_ptr(), tuple(ids.shape), str(ids.dtype))
+    plan = rounds(ids.shape[0], max(2, int(min_windows)), target_rel_se is not None)
+    rows = []
+    for f, (dtype, group, key) in enumerate(table):
+        diffs = torch.zeros(0, dtype=torch.float64)
+        passes, done = 0, 0
+        for n in plan:
+            base = base_nll(model, ids, n, batch_size, context, base_key)
+            with swapped_weights(layers, lambda W, name: rtn_weight(W, dtype, group)):
+                for i in range(done, n, batch_size):
+                    part = ids[i : min(i + batch_size, n)]
+                    q = chunked_window_nll(model, part.to(device_of(model))).double().cpu()
+                    diffs = torch.cat([diffs, q - base[i : i + part.shape[0]]])
+                    passes += 1
+            done = n
+            mean = float(diffs.mean())
+            se = float(diffs.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
+            if target_rel_se is not None and n >= min_windows and math.isfinite(se) and se <= target_rel_se * abs(mean):
+                break
+        rel = se / abs(mean) if mean != 0 and math.isfinite(se) else float("inf")
+        rows.append({"key": key, "dtype": dtype, "group_size": group, "dnll": mean, "se": se,
+                     "rel_se": rel, "n_windows": done, "rtn_passes": passes})
+        if progress is not None:
+            progress(key, f + 1, len(table))
+    return rows, context.cache["rtn_loss.base"].get(base_key, torch.zeros(0, dtype=torch.float64))
 
 
 class RtnLossProbe(Probe):
@@ -56,38 +122,29 @@ class RtnLossProbe(Probe):
     version = "1"
     defaults = {
         "keys": None,  # feature keys to measure; None = every data type at its default group size
-        "n_windows": None,  # None = every calibration window given
+        "n_windows": None,  # the most windows to use; None = every calibration window given
+        "target_rel_se": None,  # stop a format once se <= this x |dnll| (None: every window)
+        "min_windows": 2,  # first round of the early stop (then doubling)
         "batch_size": 4,
     }
 
     def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
-        layers = layer_infos(loaded)
-        model = loaded.model
         table = format_table(settings["keys"])
         ids = first_windows(calib, settings["n_windows"])
-        bs = max(1, int(settings["batch_size"]))
-        rows = []
-        with preserved_state(model), torch.no_grad():
-            base = window_nll(model, ids, bs).double()
-            originals = {li.name: li.module.weight.detach().clone() for li in layers}
-            try:
-                for dtype, group, key in table:
-                    for li in layers:
-                        li.module.weight.copy_(rtn_weight(originals[li.name], dtype, group))
-                    diff = window_nll(model, ids, bs).double() - base
-                    n = diff.numel()
-                    se = float(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
-                    rows.append({"key": key, "dtype": dtype, "group_size": group, "dnll": float(diff.mean()),
-                                 "se": se, "n_windows": n})
-            finally:  # every format overwrites every layer from the originals, so one restore at the end
-                for li in layers:
-                    li.module.weight.copy_(originals[li.name])
+        target = settings["target_rel_se"]
+        with preserved_state(loaded.model), torch.no_grad():
+            rows, base = measure(loaded, ids, table, batch_size=max(1, int(settings["batch_size"])),
+                                 target_rel_se=None if target is None else float(target),
+                                 min_windows=int(settings["min_windows"]), context=context,
+                                 progress=context.progress)
         frame = pd.DataFrame(rows)
         features: dict[str, float] = {}
         for r in rows:
             features[r["key"]] = r["dnll"]
             features[f"{r['key']}_se"] = r["se"]
-        info = {"n_tokens": int(ids.numel()), "base_nll": float(base.mean()),
+        info = {"n_tokens": int(base.numel() * ids.shape[1]), "base_nll": float(base.mean()),
+                "by_key": {r["key"]: [r["key"], f"{r['key']}_se"] for r in rows},
+                "precision": {r["key"]: {"n_windows": r["n_windows"], "rel_se": r["rel_se"]} for r in rows},
                 "rtn": "symmetric round-to-nearest through quantizers' rtn method, every linear layer"}
         return ProbeResult(self.name, features, frame, settings, info=info)
 

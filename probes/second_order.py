@@ -15,6 +15,9 @@ channel at 6-8 bits, g128 for int3/int4/fp4, g64 for nf3/nf4/int2, MX block 32) 
 ``all_group_sizes``, also every group size of the ``sqnr`` grid; ``log10_<key>`` too. Keys look like
 ``int4_g128``, ``int8_pc``, ``mxfp4`` (see ``probes.feature_key``).
 
+``keys`` (a list of feature keys) estimates exactly those formats instead (what a request for a few
+candidates needs).
+
 Cost: as ``sqnr``, on a seeded subset of rows (same fraction of every layer; sums scaled by
 ``out / rows``); with the same ``max_elements``, ``min_rows`` and seed as ``sqnr`` the RTN errors
 are shared within one ``run_probes`` call.
@@ -26,7 +29,7 @@ import math
 import pandas as pd
 import torch
 
-from advisor.probes._rtn import cached_rtn_errors, configs, default_group, row_fraction
+from advisor.probes._rtn import cached_rtn_errors, configs, default_group, format_table, row_fraction
 from advisor.probes._util import layer_infos, spec_key
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 from advisor.probes.fisher import ensure_fisher
@@ -42,6 +45,7 @@ class SecondOrderProbe(Probe):
     description = "1/2 sum F_ii e_i^2: Fisher-weighted RTN error, the second-order loss increase per data type"
     version = "1"
     defaults = {
+        "keys": None,  # feature keys to estimate (e.g. ["int4_g128"]); None = by dtypes / all_group_sizes
         "dtypes": None,  # None = every registered data type
         "all_group_sizes": True,  # also every sqnr group size, not only the default one
         "max_elements": 500_000,
@@ -53,9 +57,13 @@ class SecondOrderProbe(Probe):
 
         layers = layer_infos(loaded)
         diag, grad = ensure_fisher(loaded, calib, seed, context)
-        cfgs = configs(settings["dtypes"], all_group_sizes=bool(settings["all_group_sizes"]))
-        defaults = {name: spec_key(name, default_group(name), get_dtype(name).block_size) for name, _, _ in cfgs}
-        wanted = list(dict.fromkeys(cfgs + [(n, default_group(n), defaults[n]) for n, _, _ in cfgs]))
+        if settings["keys"] is not None:
+            wanted = format_table(list(settings["keys"]))
+            defaults = {}
+        else:
+            cfgs = configs(settings["dtypes"], all_group_sizes=bool(settings["all_group_sizes"]))
+            defaults = {name: spec_key(name, default_group(name), get_dtype(name).block_size) for name, _, _ in cfgs}
+            wanted = list(dict.fromkeys(cfgs + [(n, default_group(n), defaults[n]) for n, _, _ in cfgs]))
         args = (settings["max_elements"], int(settings["min_rows"]), seed)
         rows = [{"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role, "n_params": li.n_params}
                 for li in layers]
@@ -63,8 +71,8 @@ class SecondOrderProbe(Probe):
             idx, errors = cached_rtn_errors(context.cache, layers, *args, dtype, g)
             for row, li, r, e in zip(rows, layers, idx, errors):
                 scale = li.module.out_features / r.numel()
-                row[key] = scale * second_order_estimate(diag[li.name][r].cpu(), e)
-                row[f"first_order_{key}"] = scale * float((grad[li.name][r].cpu().double() * e.double()).sum())
+                row[key] = scale * second_order_estimate(diag[li.name], e)
+                row[f"first_order_{key}"] = scale * float((grad[li.name].double() * e.double()).sum())
                 row["rows_used"] = int(r.numel())
         frame = pd.DataFrame(rows)
         features: dict[str, float] = {}
@@ -74,6 +82,7 @@ class SecondOrderProbe(Probe):
             features[f"log10_{key}"] = math.log10(total) if total > 0 else -30.0
             features[f"first_order_{key}"] = float(frame[f"first_order_{key}"].sum())
         info = {"row_fraction": row_fraction(layers, settings["max_elements"]), "default_keys": defaults,
+                "by_key": {key: [key, f"log10_{key}", f"first_order_{key}"] for _, _, key in wanted},
                 "fisher": context.cache.get("fisher.settings", {})}
         return ProbeResult(self.name, features, frame, settings, info=info)
 

@@ -7,7 +7,8 @@ level: the mean over layers weighted by parameter count (``<key>_db``) and the w
 
 Cost control: the errors are computed on a seeded random subset of each layer's rows, the same
 fraction of every layer, so that a whole config touches about ``max_elements`` weights (exact for the
-chosen rows; ``max_elements: null`` for every row). See ``probes._rtn``.
+chosen rows; ``max_elements: null`` for every row). See ``probes._rtn``. ``keys`` (a list of feature
+keys) measures exactly those formats.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from advisor.probes._rtn import cached_rtn_errors, configs, layer_rows, row_fraction
+from advisor.probes._rtn import cached_rtn_errors, configs, format_table, layer_rows, row_fraction
 from advisor.probes._util import layer_infos
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 
@@ -35,6 +36,7 @@ class SqnrProbe(Probe):
     description = "SQNR (dB) of round-to-nearest per layer for every data type and group size; parameter-weighted means"
     version = "1"
     defaults = {
+        "keys": None,  # feature keys to measure (e.g. ["int4_g128"]); None = every group size of ``dtypes``
         "dtypes": None,  # None = every registered data type
         "max_elements": 500_000,  # weights quantized per config (row sample); None = all
         "min_rows": 1,
@@ -42,7 +44,10 @@ class SqnrProbe(Probe):
 
     def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
         layers = layer_infos(loaded)
-        cfgs = configs(settings["dtypes"], all_group_sizes=True)
+        if settings["keys"] is not None:
+            cfgs = format_table(list(settings["keys"]))
+        else:
+            cfgs = configs(settings["dtypes"], all_group_sizes=True)
         args = (settings["max_elements"], int(settings["min_rows"]), seed)
         rows = layer_rows(layers, *args)
         signal = [float(li.module.weight.detach()[r].double().pow(2).sum()) for li, r in zip(layers, rows)]
@@ -60,7 +65,8 @@ class SqnrProbe(Probe):
             features[f"{key}_db"] = float(np.average(frame[f"{key}_db"], weights=w))
             features[f"{key}_min_db"] = float(frame[f"{key}_db"].min())
         info = {"row_fraction": row_fraction(layers, settings["max_elements"]), "n_configs": len(cfgs),
-                "configs": [key for _, _, key in cfgs]}
+                "configs": [key for _, _, key in cfgs],
+                "by_key": {key: [f"{key}_db", f"{key}_min_db"] for _, _, key in cfgs}}
         return ProbeResult(self.name, features, frame, settings, info=info)
 
 

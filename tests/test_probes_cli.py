@@ -97,15 +97,23 @@ def test_cli_defaults_match_library():
         probes.DEFAULT_CALIB, probes.DEFAULT_N_CALIB, probes.DEFAULT_CALIB_SEQ_LEN)
 
 
-def test_cache_writes_atomically(tmp_path, monkeypatch):
-    from advisor import probe_cache
+def test_probe_cache_is_the_store_and_stays_out_of_the_fit(capsys, tiny_folder, calib_file, tmp_path):
+    """`advisor probe` caches in the SQLite measurement store (--store), one record per run with its
+    per-layer tables; the fit's feature join ignores it (its settings are the caller's)."""
+    from advisor.fitting import stored_features
+    from advisor.store import open_store
 
-    monkeypatch.setenv("ADVISOR_HOME", str(tmp_path))
-    path = probe_cache.save("k" * 8, {"features": {"a.b": 1.0}})
-    assert path.parent == tmp_path / "probes" and probe_cache.load("k" * 8) == {"features": {"a.b": 1.0}}
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
-    path.write_text("{truncated")
-    assert probe_cache.load("k" * 8) is None  # a corrupt entry is ignored, not fatal
-    with pytest.raises(ValueError):
-        probe_cache.save("bad", {"features": {"a.b": float("nan")}})
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".bad")]
+    db = tmp_path / "store.sqlite"
+    argv = ["probe", "--model", str(tiny_folder), "--json", "--probes", "sqnr", "--store", str(db), *FAST,
+            "--calib", calib_file]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    first = json.loads(out)
+    store = open_store(db)
+    rows = store._conn.execute("SELECT model_fp, provenance FROM probes").fetchall()
+    assert len(rows) == 1 and json.loads(rows[0]["provenance"])["record"]["per_layer"]["sqnr"]
+    assert stored_features(store, rows[0]["model_fp"]) is None
+    code, out, _ = run_cli(capsys, *argv)
+    again = json.loads(out)
+    assert again["cached"] is True and again["features"] == first["features"]
+    assert again["per_layer"] == first["per_layer"]

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     specs = [str(QuantSpec.parse(args.spec))] if args.spec else None
     predictor = predictor_from(args)
-    ctx = prepare(args.model, **protocol_kwargs(args))
+    ctx = prepare(args.model, specs=specs, **protocol_kwargs(args))
     df = predict_candidates(ctx, specs, args.confidence, predictor)
     rows = [{"spec": r["spec"], "bits_per_weight": r["bits_per_weight"], "bytes": int(r["bytes"]),
              "dl": {"mean": r["pred_dl"], "lower": r["pred_dl_lower"], "upper": r["pred_dl_upper"]},

@@ -1,4 +1,4 @@
-"""`advisor probe`: loss-landscape features of a model on calibration data (cached)."""
+"""`advisor probe`: loss-landscape features of a model on calibration data (cached in the measurement store)."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PROBE.KEY=VALUE",
                    help="override a probe setting, value in JSON (repeatable), e.g. --set hessian.n_probes=8")
     p.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
+    p.add_argument("--store", default=None,
+                   help="measurement store (SQLite) that caches the result (default: ADVISOR_HOME/store.sqlite)")
     add_json_arg(p)
 
 
@@ -55,7 +57,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
-    from advisor.probe_cache import cached_run_probes
+    from advisor.probing import cached_run_probes
+    from advisor.store import open_store
     from advisor.models.data import calibration_windows, load_corpus
     from advisor.protocol import model_vocab_size
     from advisor.probes import PROBES, get_probe, resolve_all_settings
@@ -71,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     calib = calibration_windows(loaded.tokenizer, corpus, args.n_calib, args.calib_seq_len, seed=args.seed,
                                 max_context=loaded.adapter.max_context, bos=args.bos,
                                 vocab_size=model_vocab_size(loaded))
-    record, cached = cached_run_probes(loaded, calib, names=names, seed=args.seed, settings=settings,
-                                       use_cache=not args.no_cache)
+    record, cached = cached_run_probes(loaded, calib, open_store(args.store), names=names, seed=args.seed,
+                                       settings=settings, use_cache=not args.no_cache)
     out = record.to_dict()
     out["cached"] = cached
     out["total_seconds"] = time.perf_counter() - t0
