@@ -20,6 +20,20 @@ other processes on a shared machine): ``probe_over_eval_seconds`` (target <= 1).
 
     python benchmarks/probes.py [--json] [--models zoo:default smollm2-135m]
 Writes benchmarks/results/probes.json.
+
+Cost of a prediction (``--cost``): for SmolLM2-135M (its GGUF stores the weights at 4-5 bits, so its
+float baseline already sits on a 4-bit grid), a random-weight Llama with a 256k vocabulary and ~100M
+block parameters (``random:256k``; SmolLM2's tokenizer), and two zoo models, each in its own process:
+the baseline evaluation on the prediction protocol (``advisor.api.prepare``'s defaults:
+``stdlib-code:eval``, 20 x 512 tokens), the probes ``advisor predict --spec rtn:int4:g128`` runs
+(``advisor.probing.probe_features`` for that one format, nothing cached), the baseline again, and with
+``--grid`` the probes of the whole default candidate grid (what ``recommend`` runs). Reported per model:
+probe seconds over the mean of the two evaluations (``predict_over_eval``, target <= 1; ``grid_over_eval``),
+the estimate printed before probing next to the time measured, the rtn_loss precision reached, the
+process's peak RSS and the peak added while probing, next to the fp32 size of the weights.
+
+    python benchmarks/probes.py --cost [--grid] [--cost-models smollm2-135m random:256k zoo:default]
+Writes benchmarks/results/probes_cost.json.
 """
 from __future__ import annotations
 
@@ -32,6 +46,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/kernels.py would shadow Hugging Face's `kernels` package that transformers imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 WIKITEXT = Path("/work/shared/data/text/wikitext-2-raw-v1/wiki.test.raw")
 SMOLLM = "smollm2-135m"
@@ -168,6 +184,165 @@ def bench_model(name: str, args) -> dict:
     return result
 
 
+COST_MODELS = ["smollm2-135m", "random:256k", "zoo:default", "zoo:gpt2-s-short"]
+
+
+def random_256k():
+    """A random-weight Llama with a 262,144-token vocabulary (tied head) and ~100M block parameters,
+    with SmolLM2's tokenizer (its ids fit the vocabulary)."""
+    import torch
+    import transformers as tf
+
+    from advisor.models.adapters import get_adapter
+    from advisor.models.loading import LoadedModel, ModelSource, load
+
+    tok = load(SMOLLM).tokenizer
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    return LoadedModel(model, tok, get_adapter(model), ModelSource("random:256k", "random", "LlamaConfig", "r256k-0"))
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms from /proc)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self.start, self._stop = 0, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self.start = self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def cost_model(name: str, grid: bool) -> dict:
+    """One model's prediction cost (module docstring), in this process."""
+    import resource
+
+    from advisor.models.data import calibration_windows, eval_windows, load_corpus
+    from advisor.models.evaluate import perplexity
+    from advisor.models.loading import load
+    from advisor.probing import probe_features, probe_windows
+
+    import advisor.probes  # noqa: F401  (every probe module, up front)
+    import advisor.quantizers  # noqa: F401  (a process-wide import cost, ~3 s, that predict pays anyway)
+
+    loaded = random_256k() if name == "random:256k" else load(name)
+    n_params = loaded.n_params()
+    ctx = loaded.adapter.max_context
+    ev = eval_windows(loaded.tokenizer, load_corpus("stdlib-code:eval"), 512, 20, max_context=ctx)
+    cal = calibration_windows(loaded.tokenizer, load_corpus("stdlib-code:calib"), 16, ev.ids.shape[1], seed=0,
+                              exclude=ev, max_context=ctx)
+    pw = probe_windows(loaded, "stdlib-code:calib", exclude=ev)
+    out = {"model": name, "n_params": n_params, "block_params": loaded.n_params(non_embedding=True),
+           "vocab": int(loaded.model.get_output_embeddings().weight.shape[0]), "fp32_weight_bytes": 4 * n_params,
+           "eval_protocol": {"windows": int(ev.ids.shape[0]), "seq_len": int(ev.ids.shape[1])}}
+    with PeakRSS() as mem_eval:
+        e1 = perplexity(loaded.model, ev, progress=False)
+    spt = e1.seconds / e1.n_tokens
+    t0 = time.perf_counter()
+    with PeakRSS() as mem:
+        _, prov = probe_features(loaded, pw, store=None, loss_windows=cal, keys=["int4_g128"], progress=True,
+                                 seconds_per_token=spt)
+    predict_seconds = time.perf_counter() - t0
+    e2 = perplexity(loaded.model, ev, progress=False)
+    eval_seconds = (e1.seconds + e2.seconds) / 2
+    out.update(eval_seconds=[e1.seconds, e2.seconds], predict_probe_seconds=predict_seconds,
+               predict_over_eval=predict_seconds / eval_seconds,
+               predict_estimate_seconds=sum(prov["estimate"]["seconds"].values()),
+               predict_probes={k: v.get("seconds") for k, v in prov["probes"].items()},
+               rtn_loss_precision=prov["probes"].get("rtn_loss", {}).get("precision"),
+               eval_peak_added_bytes=mem_eval.peak - mem_eval.start,
+               predict_peak_added_bytes=mem.peak - mem.start, rss_before_probes_bytes=mem.start)
+    log.info("%s: predict probes %.1fs (estimate %.1fs) / eval %.1fs = %.2f", name, predict_seconds,
+             out["predict_estimate_seconds"], eval_seconds, out["predict_over_eval"])
+    if grid:
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            _, prov = probe_features(loaded, pw, store=None, loss_windows=cal, keys=None, progress=True,
+                                     seconds_per_token=spt)
+        grid_seconds = time.perf_counter() - t0
+        out.update(grid_probe_seconds=grid_seconds, grid_over_eval=grid_seconds / eval_seconds,
+                   grid_estimate_seconds=sum(prov["estimate"]["seconds"].values()),
+                   grid_probes={k: v.get("seconds") for k, v in prov["probes"].items()},
+                   grid_rtn_loss_precision=prov["probes"].get("rtn_loss", {}).get("precision"),
+                   grid_peak_added_bytes=mem.peak - mem.start)
+        log.info("%s: grid probes %.1fs / eval %.1fs = %.2f", name, grid_seconds, eval_seconds, out["grid_over_eval"])
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def cost_main(args) -> int:
+    """``--cost``: every model in its own process (own peak RSS), side by side."""
+    import os
+    import platform
+    import subprocess
+
+    models = args.cost_models or COST_MODELS
+    procs = {}
+    tmp = Path(args.cost_out).parent
+    tmp.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        part = tmp / f".probes_cost_{m.replace(':', '_')}.json"
+        cmd = [sys.executable, __file__, "--cost-one", m, "--cost-part", str(part), "--threads", str(args.threads)]
+        procs[m] = (subprocess.Popen(cmd + (["--grid"] if args.grid else []), cwd=tmp), part)
+        if not args.parallel:
+            procs[m][0].wait()
+    results, failed = {}, {}
+    for m, (proc, part) in procs.items():
+        if proc.wait() == 0 and part.is_file():
+            results[m] = json.loads(part.read_text())
+            part.unlink()
+        else:
+            failed[m] = f"exit {proc.returncode}"
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        flags = [f for f in flags if f.startswith(("avx", "fma", "amx", "sse4"))]
+    except (OSError, StopIteration):
+        flags = []
+    out = {"command": "python benchmarks/probes.py " + " ".join(sys.argv[1:]), "threads": args.threads,
+           "parallel_processes": bool(args.parallel),
+           "machine": {"cpu": cpu, "isa_flags": flags, "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "load_average_at_end": os.getloadavg()},
+           "targets": {"predict_over_eval": "<= 1"}, "notes": {
+               "smollm2-135m": "GGUF stored at 4-5 bits: the float baseline already sits on a 4-bit grid"},
+           "models": results, "failed": failed}
+    Path(args.cost_out).write_text(json.dumps(out, indent=2, default=str))
+    print(f"{'model':20s} {'vocab':>7s} {'params':>7s} {'eval s':>7s} {'predict s':>9s} {'ratio':>6s} "
+          f"{'est s':>6s} {'grid ratio':>10s} {'peak RSS':>9s} {'+probes':>8s} {'fp32 w':>7s}")
+    for m, r in results.items():
+        grid = f"{r['grid_over_eval']:.2f}" if "grid_over_eval" in r else "-"
+        print(f"{m:20s} {r['vocab']:7d} {r['n_params'] / 1e6:6.0f}M {sum(r['eval_seconds']) / 2:7.1f} "
+              f"{r['predict_probe_seconds']:9.1f} {r['predict_over_eval']:6.2f} {r['predict_estimate_seconds']:6.1f} "
+              f"{grid:>10s} {r['peak_rss_bytes'] / 2**30:8.2f}G {r['predict_peak_added_bytes'] / 2**30:7.2f}G "
+              f"{r['fp32_weight_bytes'] / 2**30:6.2f}G")
+    for m, e in failed.items():
+        print(f"{m:20s} failed: {e}")
+    return 0 if results and not failed and all(r["predict_over_eval"] <= 1 for r in results.values()) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="*", default=None, help="models (default: zoo:default, trained zoo models, smollm2-135m)")
@@ -182,6 +357,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-timing", action="store_true", help="skip the SmolLM2 probe/eval timing")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/probes.json"))
+    p.add_argument("--cost", action="store_true", help="the prediction-cost benchmark instead (module docstring)")
+    p.add_argument("--grid", action="store_true", help="with --cost: also the whole default grid's probes")
+    p.add_argument("--parallel", action="store_true", help="with --cost: all models' processes at once")
+    p.add_argument("--cost-models", nargs="*", default=None, help=f"with --cost (default {' '.join(COST_MODELS)})")
+    p.add_argument("--cost-out", default=str(ROOT / "benchmarks/results/probes_cost.json"))
+    p.add_argument("--cost-one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cost-part", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import os
@@ -195,6 +377,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     from advisor.models.errors import AdvisorError
 
+    if args.cost_one:
+        Path(args.cost_part).write_text(json.dumps(cost_model(args.cost_one, args.grid), default=str))
+        return 0
+    if args.cost:
+        return cost_main(args)
     models = args.models or default_models()
     per_model, skipped = {}, {}
     for name in models:

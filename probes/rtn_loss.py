@@ -24,9 +24,10 @@ off-grid format, is measured on its own), ``n_windows`` (the most windows to use
 
 Stopping when the answer is known: with ``target_rel_se`` set, windows are measured in rounds of
 ``min_windows``, then doubling (2, 4, 8, ...), and a format stops once its standard error is at most
-``target_rel_se`` of its mean loss increase; a format lost in its noise (8 bits) uses every window.
+``target_rel_se`` of its mean loss increase, or at most ``target_abs_se`` nats (a loss too small to
+matter, known well enough: 8 bits on a real model); otherwise it uses every window.
 The per-layer table records the windows used and the relative standard error reached (``rel_se``).
-With ``target_rel_se=None`` every format uses all ``n_windows``.
+With both targets None every format uses all ``n_windows``.
 
 Work shared across formats: the baseline's per-window NLL is measured once per run (``ProbeContext``,
 ``"rtn_loss.base"``) and only on the windows some format needs; the head runs on chunks of tokens
@@ -78,7 +79,7 @@ def base_nll(model, ids: torch.Tensor, n: int, batch_size: int, context: ProbeCo
 
 
 def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]], *, batch_size: int = 4,
-            target_rel_se: float | None = None, min_windows: int = 2, context: ProbeContext | None = None,
+            target_rel_se: float | None = None, target_abs_se: float | None = None, min_windows: int = 2, context: ProbeContext | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> tuple[list[dict], torch.Tensor]:
     """The paired RTN loss increase of each format of ``table`` on windows ``ids`` (module docstring).
 
@@ -90,7 +91,7 @@ def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]],
     layers = layer_infos(loaded)
     context = context if context is not None else ProbeContext()
     base_key = (ids.data_ptr(), tuple(ids.shape), str(ids.dtype))
-    plan = rounds(ids.shape[0], max(2, int(min_windows)), target_rel_se is not None)
+    plan = rounds(ids.shape[0], max(2, int(min_windows)), target_rel_se is not None or target_abs_se is not None)
     rows = []
     for f, (dtype, group, key) in enumerate(table):
         diffs = torch.zeros(0, dtype=torch.float64)
@@ -106,7 +107,9 @@ def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]],
             done = n
             mean = float(diffs.mean())
             se = float(diffs.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
-            if target_rel_se is not None and n >= min_windows and math.isfinite(se) and se <= target_rel_se * abs(mean):
+            if n >= min_windows and math.isfinite(se) and (
+                    (target_rel_se is not None and se <= target_rel_se * abs(mean))
+                    or (target_abs_se is not None and se <= target_abs_se)):
                 break
         rel = se / abs(mean) if mean != 0 and math.isfinite(se) else float("inf")
         rows.append({"key": key, "dtype": dtype, "group_size": group, "dnll": mean, "se": se,
@@ -124,6 +127,7 @@ class RtnLossProbe(Probe):
         "keys": None,  # feature keys to measure; None = every data type at its default group size
         "n_windows": None,  # the most windows to use; None = every calibration window given
         "target_rel_se": None,  # stop a format once se <= this x |dnll| (None: every window)
+        "target_abs_se": None,  # or once se <= this many nats (a loss too small to matter, known well enough)
         "min_windows": 2,  # first round of the early stop (then doubling)
         "batch_size": 4,
     }
@@ -131,10 +135,11 @@ class RtnLossProbe(Probe):
     def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:
         table = format_table(settings["keys"])
         ids = first_windows(calib, settings["n_windows"])
-        target = settings["target_rel_se"]
+        target, floor = settings["target_rel_se"], settings["target_abs_se"]
         with preserved_state(loaded.model), torch.no_grad():
             rows, base = measure(loaded, ids, table, batch_size=max(1, int(settings["batch_size"])),
                                  target_rel_se=None if target is None else float(target),
+                                 target_abs_se=None if floor is None else float(floor),
                                  min_windows=int(settings["min_windows"]), context=context,
                                  progress=context.progress)
         frame = pd.DataFrame(rows)
