@@ -219,7 +219,8 @@ def estimate(loaded, units: list[Unit], windows, loss_windows, seconds_per_token
         elif p == "rtn_loss":
             ln, lt = loss_windows.ids.shape
             nw = min(ln, s["n_windows"] or ln)
-            tokens = (nw + nw * len(keys)) * lt + rtn_pass * len(keys) * max(1, -(-nw // s["batch_size"]))
+            rounds = 2 if s.get("target_rel_se") is not None or s.get("target_abs_se") is not None else 1
+            tokens = (nw + nw * len(keys)) * lt + rtn_pass * len(keys) * max(rounds, -(-nw // s["batch_size"]))
             mem = 3 * 4 * shape["max_layer"] + chunk
         else:  # pragma: no cover - every registered probe is listed
             tokens, mem = n * t, 0

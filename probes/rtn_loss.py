@@ -22,8 +22,10 @@ Settings: ``keys`` (None = every data type at its default group size; any list o
 off-grid format, is measured on its own), ``n_windows`` (the most windows to use; None = all),
 ``target_rel_se`` and ``min_windows`` (stop early, below), ``batch_size`` (windows per forward).
 
-Stopping when the answer is known: with ``target_rel_se`` set, windows are measured in rounds of
-``min_windows``, then doubling (2, 4, 8, ...), and a format stops once its standard error is at most
+Stopping when the answer is known: with ``target_rel_se`` or ``target_abs_se`` set, a format is
+measured on ``min_windows`` windows first, then, if its standard error is not yet small enough, on as
+many more as the error's ``1/sqrt(n)`` says the target needs (at most ``n_windows``; each round is one
+RTN pass per ``batch_size`` windows), and it stops once its standard error is at most
 ``target_rel_se`` of its mean loss increase, or at most ``target_abs_se`` nats (a loss too small to
 matter, known well enough: 8 bits on a real model); otherwise it uses every window.
 The per-layer table records the windows used and the relative standard error reached (``rel_se``).
@@ -48,18 +50,6 @@ from advisor.probes._rtn import format_table, rtn_weight
 from advisor.probes._util import (chunked_window_nll, device_of, first_windows, layer_infos, preserved_state,
                                   swapped_weights)
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
-
-
-def rounds(n_max: int, first: int, adaptive: bool) -> list[int]:
-    """Window counts after each round: ``first``, doubling, up to ``n_max`` (one round when not adaptive)."""
-    if not adaptive:
-        return [n_max]
-    out, n = [], max(1, min(first, n_max))
-    while True:
-        out.append(n)
-        if n >= n_max:
-            return out
-        n = min(2 * n, n_max)
 
 
 def _window_nll(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -91,12 +81,14 @@ def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]],
     layers = layer_infos(loaded)
     context = context if context is not None else ProbeContext()
     base_key = (ids.data_ptr(), tuple(ids.shape), str(ids.dtype))
-    plan = rounds(ids.shape[0], max(2, int(min_windows)), target_rel_se is not None or target_abs_se is not None)
+    n_max = ids.shape[0]
+    adaptive = target_rel_se is not None or target_abs_se is not None
+    first = min(n_max, max(2, int(min_windows))) if adaptive else n_max
     rows = []
     for f, (dtype, group, key) in enumerate(table):
         diffs = torch.zeros(0, dtype=torch.float64)
-        passes, done = 0, 0
-        for n in plan:
+        passes, done, n = 0, 0, first
+        while True:
             base = base_nll(model, ids, n, batch_size, context, base_key)
             with swapped_weights(layers, lambda W, name: rtn_weight(W, dtype, group)):
                 for i in range(done, n, batch_size):
@@ -107,10 +99,14 @@ def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]],
             done = n
             mean = float(diffs.mean())
             se = float(diffs.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
-            if n >= min_windows and math.isfinite(se) and (
-                    (target_rel_se is not None and se <= target_rel_se * abs(mean))
-                    or (target_abs_se is not None and se <= target_abs_se)):
+            if not adaptive or n >= n_max or not math.isfinite(se):
                 break
+            need = [n * (se / (target_rel_se * abs(mean))) ** 2 if target_rel_se is not None and mean != 0 else math.inf,
+                    n * (se / target_abs_se) ** 2 if target_abs_se is not None else math.inf]
+            if min(need) <= n:
+                break
+            # the windows the standard error (~ 1/sqrt(n)) says are needed, in one more round
+            n = min(n_max, max(n + 1, math.ceil(min(need))))
         rel = se / abs(mean) if mean != 0 and math.isfinite(se) else float("inf")
         rows.append({"key": key, "dtype": dtype, "group_size": group, "dnll": mean, "se": se,
                      "rel_se": rel, "n_windows": done, "rtn_passes": passes})
@@ -128,8 +124,8 @@ class RtnLossProbe(Probe):
         "n_windows": None,  # the most windows to use; None = every calibration window given
         "target_rel_se": None,  # stop a format once se <= this x |dnll| (None: every window)
         "target_abs_se": None,  # or once se <= this many nats (a loss too small to matter, known well enough)
-        "min_windows": 2,  # first round of the early stop (then doubling)
-        "batch_size": 4,
+        "min_windows": 2,  # first round of the early stop
+        "batch_size": 8,  # windows per forward pass (and per RTN pass: the RTN weights are not kept)
     }
 
     def _run(self, loaded, calib, *, seed, settings, context: ProbeContext) -> ProbeResult:

@@ -295,3 +295,159 @@ def test_rtn_loss_formats_are_the_candidate_grids():
     from advisor.features import RTN_LOSS_KEYS
 
     assert list(RTN_LOSS_KEYS) == list(dict.fromkeys(probes.feature_key(s) for s in DEFAULT_SPECS))
+
+
+# --- scaling: chunked head, folded Fisher, swapped weights, early stop --------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma", "opt", "gpt2", "gpt_neox"])
+def test_chunked_nll_equals_full_logits(arch, monkeypatch):
+    """The head applied to chunks of tokens gives the full-logits NLL and its gradient, on every family."""
+    from tests.conftest import VOCAB, tiny_model
+    from advisor.probes import _util
+
+    model = tiny_model(arch)
+    ids = _calib(3, 20, VOCAB).ids
+    monkeypatch.setattr(_util, "LOGIT_CHUNK_BYTES", 4 * VOCAB * 16)  # 16-token chunks: several per window
+    assert _util.split_head(model, ids) is not None
+    torch.testing.assert_close(_util.chunked_window_nll(model, ids), token_nll(model, ids).detach(),
+                               rtol=1e-5, atol=1e-6)
+    split = _util.split_head(model, ids)
+    h = split.hidden(ids)[:, :-1].reshape(-1, split.head.weight.shape[1]).detach().requires_grad_(True)
+    w = torch.rand(h.shape[0])
+    grad, nll = _util.chunked_nll_backward(split, h, ids[:, 1:].reshape(-1), w)
+    full = F.cross_entropy(split.logits(h).float(), ids[:, 1:].reshape(-1), reduction="none")
+    (want,) = torch.autograd.grad((full * w).sum(), h)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(nll, full.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_softcapped_head_is_cut_with_its_cap():
+    """Gemma 2 caps its logits (tanh) after the head: the cut applies the same cap."""
+    import transformers as tf
+    from advisor.probes import _util
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=8, vocab_size=64, max_position_embeddings=64,
+                          final_logit_softcapping=0.5)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = _calib(2, 12).ids
+    assert _util.split_head(model, ids).softcap == 0.5
+    torch.testing.assert_close(_util.chunked_window_nll(model, ids), token_nll(model, ids).detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_that_does_more_falls_back_to_full_logits():
+    """A model whose logits are not head(last hidden state) is detected and measured through full logits."""
+    from advisor.probes import _util
+
+    class Scaled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.base_model = inner.base_model
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids=None, use_cache=False):
+            out = self.inner(input_ids=input_ids, use_cache=use_cache)
+            return SimpleNamespace(logits=out.logits * 3.0)
+
+    model = Scaled(_micro_llama())
+    ids = _calib(2, 12).ids
+    assert _util.split_head(model, ids) is None
+    torch.testing.assert_close(_util.chunked_window_nll(model, ids), token_nll(model, ids).detach())
+
+
+def test_folded_fisher_keeps_the_statistics_of_the_full_diagonal():
+    """The probe folds each layer's diagonal into its statistics and second_order's rows as it is produced:
+    the same per-layer trace, max and mean-gradient norm, and the same rows, as the full diagonal; and
+    second_order from those rows equals the estimate from the full diagonal."""
+    from advisor.probes._rtn import layer_rows, sampled_rtn_errors
+    from advisor.probes._util import layer_infos
+    from advisor.probes.fisher import fisher_diagonal
+    from advisor.probes.second_order import second_order_estimate
+
+    model = _micro_llama()
+    loaded = _loaded(model)
+    calib = _calib(4, 16)
+    layers = layer_infos(loaded)
+    settings = {"second_order": {"keys": ["int4_g128", "int8_pc"], "max_elements": 300}}
+    rec = probes.run_probes(loaded, calib, names=["fisher", "second_order"], settings=settings)
+    with preserved_state(model), torch.enable_grad():
+        grad_only(model, [li.module.weight for li in layers])
+        full, nll, mean = fisher_diagonal(model, [li.module for li in layers], calib.ids)
+    frame = rec.per_layer["fisher"]
+    torch.testing.assert_close(torch.tensor(frame["trace"].tolist()), torch.tensor([float(f.double().sum()) for f in full]))
+    torch.testing.assert_close(torch.tensor(frame["max"].tolist()), torch.tensor([float(f.max()) for f in full]))
+    torch.testing.assert_close(torch.tensor(frame["mean_grad_sq_norm"].tolist()),
+                               torch.tensor([float(m.double().pow(2).sum()) for m in mean]))
+    assert rec.features["fisher.loss"] == pytest.approx(nll, rel=1e-6)
+    rows = layer_rows(layers, 300, 1, 0)
+    for key, (dtype, g) in {"int4_g128": ("int4", 128), "int8_pc": ("int8", None)}.items():
+        errors = sampled_rtn_errors(layers, rows, dtype, g)
+        want = sum(li.module.out_features / r.numel() * second_order_estimate(f[r], e)
+                   for li, r, f, e in zip(layers, rows, full, errors))
+        assert rec.features[f"second_order.{key}"] == pytest.approx(want, rel=1e-5)
+
+
+def test_fisher_over_several_passes_equals_one_pass():
+    """With fewer windows per pass than windows the diagonal accumulates over passes: same features."""
+    loaded = _loaded(_micro_llama())
+    calib = _calib(4, 16)
+    one = probes.run_probes(loaded, calib, names=["fisher"])
+    many = probes.run_probes(loaded, calib, names=["fisher"], settings={"fisher": {"batch_size": 3}})
+    for k, v in one.features.items():
+        assert many.features[k] == pytest.approx(v, rel=1e-5, abs=1e-9), k
+
+
+def test_rtn_loss_stops_when_precise_enough_and_records_the_precision():
+    from advisor.probes._util import mean_nll
+
+    model = _micro_llama()
+    loaded = _loaded(model)
+    calib = _calib(8, 16)
+    keys = ["int2_g64", "int8_pc"]
+    fixed = probes.run_probes(loaded, calib, names=["rtn_loss"], settings={"rtn_loss": {"keys": keys}})
+    early = probes.run_probes(loaded, calib, names=["rtn_loss"],
+                              settings={"rtn_loss": {"keys": keys, "target_rel_se": 100.0, "min_windows": 2}})
+    floor = probes.run_probes(loaded, calib, names=["rtn_loss"],
+                              settings={"rtn_loss": {"keys": keys, "target_rel_se": 1e-9, "target_abs_se": 1e9}})
+    never = probes.run_probes(loaded, calib, names=["rtn_loss"],
+                              settings={"rtn_loss": {"keys": keys, "target_rel_se": 1e-9}})
+    assert list(fixed.per_layer["rtn_loss"]["n_windows"]) == [8, 8]
+    assert list(early.per_layer["rtn_loss"]["n_windows"]) == [2, 2]
+    assert list(floor.per_layer["rtn_loss"]["n_windows"]) == [2, 2]
+    assert list(never.per_layer["rtn_loss"]["n_windows"]) == [8, 8]  # 2, then all: never precise enough
+    assert list(never.per_layer["rtn_loss"]["rtn_passes"]) == [2, 2]
+    for k in keys:  # the same windows give the same numbers whatever the schedule
+        assert never.features[f"rtn_loss.{k}"] == pytest.approx(fixed.features[f"rtn_loss.{k}"], rel=1e-6, abs=1e-9)
+        assert early.provenance["probes"]["rtn_loss"]["precision"][k]["n_windows"] == 2
+    # the two-window figure is the paired difference on those two windows
+    base = mean_nll(model, calib.ids[:2])
+    from advisor.models.pipeline import quantize_model
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize_model(loaded, "rtn:int2:g64", None, pack=False, progress=False)
+    want = mean_nll(model, calib.ids[:2]) - base
+    model.load_state_dict(before)
+    assert early.features["rtn_loss.int2_g64"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_swapped_weights_restore_even_after_an_error():
+    from advisor.probes._util import layer_infos, swapped_weights
+
+    model = _micro_llama()
+    layers = layer_infos(_loaded(model))
+    before = [li.module.weight.data for li in layers]
+    with pytest.raises(RuntimeError, match="boom"):
+        with swapped_weights(layers, lambda W, name: W * 0):
+            def fail(mod, args, out):
+                raise RuntimeError("boom")
+            h = layers[0].module.register_forward_hook(fail)
+            try:
+                model(input_ids=_calib(1, 8).ids)
+            finally:
+                h.remove()
+    assert all(li.module.weight.data.data_ptr() == b.data_ptr() for li, b in zip(layers, before))
+    assert not any(li.module._forward_pre_hooks for li in layers)

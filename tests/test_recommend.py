@@ -189,22 +189,23 @@ def test_unmeasured_formats_take_the_speed_of_measured_formats_with_the_same_bit
     assert c.relative_speed == pytest.approx(16 / c.bits_per_weight)  # no 8-bit format measured
 
 
-def test_prepare_probes_both_bundles_once_and_reuses_them(tiny_folder, common):
-    """The landscape probes and rtn_loss (the predictor's physics) are stored as two records; a second
-    prepare reads both back, features identical, rtn_loss present for every grid format."""
+def test_prepare_probes_once_and_reuses_them(tiny_folder, common):
+    """The probes the grid needs are stored one record per probe and format (advisor.probing); a second
+    prepare reads them all back, features identical, rtn_loss present for every grid format."""
     from advisor.api import prepare
     from advisor.features import RTN_LOSS_KEYS
+    from advisor.probing import units_for
 
     a = prepare(str(tiny_folder), **common)
     b = prepare(str(tiny_folder), **common)
-    assert b.provenance.get("cached") and b.provenance["rtn_loss"].get("cached")
+    assert b.provenance.get("cached") and b.provenance["probes"]["rtn_loss"]["cached"] == list(RTN_LOSS_KEYS)
     assert a.features == b.features
     for key in RTN_LOSS_KEYS:
         assert f"rtn_loss.{key}" in b.features and f"rtn_loss.{key}_se" in b.features
     assert any(k.startswith("second_order.") for k in b.features)
     fp = b.loaded.source.fingerprint
     n = common["store"]._conn.execute("SELECT COUNT(*) FROM probes WHERE model_fp=?", (fp,)).fetchone()[0]
-    assert n == 2
+    assert n == len(units_for(list(RTN_LOSS_KEYS)))
 
 
 def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, capsys):
