@@ -5,9 +5,9 @@ measure formats (``sqnr``, ``second_order``, ``rtn_loss``), a target (``all``, `
 ``perturbation``, and the whole probe for the others (``fisher``, ``hessian``, ``outliers``). A record's
 identity is the model fingerprint plus ``unit_key``: probe name and version, the key, the settings that
 change its values (not the ones that only select keys), seed and calibration protocol, and
-``PROBE_FORMAT``. So a request for one candidate measures one format; a later request for another
-format measures only that one; and a sweep that probes everything fills the same records a
-prediction reads.
+``PROBE_FORMAT`` (``probes.base.FORMAT_VERSION``). So a request for one candidate measures one format;
+a later request for another format measures only that one; and a sweep that probes everything fills
+the same records a prediction reads.
 
 What the predictor reads (``advisor.features``): ``second_order.<key>`` (which needs ``fisher`` run in
 the same process, for its diagonal), ``sqnr.<key>_db``, ``perturbation.all_knee_sigma`` and
@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from advisor.features import LANDSCAPE_PROBES, PROBE_SETTINGS, RTN_LOSS_KEYS, RTN_LOSS_SETTINGS
+from advisor.probes.base import FORMAT_VERSION as PROBE_FORMAT  # the one version of every cached probe record
 from advisor.store import Store, protocol_key
 
 log = logging.getLogger(__name__)
-
-PROBE_FORMAT = 2  # bump when a probe's features change meaning, so stale cached features are not reused
 
 # Probes whose features come per key: probe -> (setting that selects the keys, settings that only select)
 KEYED = {"sqnr": ("keys", ("keys", "dtypes")), "second_order": ("keys", ("keys", "dtypes", "all_group_sizes")),

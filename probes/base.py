@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CALIB = "stdlib-code:calib"
 DEFAULT_N_CALIB = 8
 DEFAULT_CALIB_SEQ_LEN = 128
-FORMAT_VERSION = 1  # bump when the meaning of any feature changes (invalidates caches)
+FORMAT_VERSION = 2  # bump when the meaning of any feature changes (invalidates every cached probe record)
 
 
 @dataclass

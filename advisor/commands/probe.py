@@ -33,7 +33,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="override a probe setting, value in JSON (repeatable), e.g. --set hessian.n_probes=8")
     p.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
     p.add_argument("--store", default=None,
-                   help="measurement store (SQLite) that caches the result (default: ADVISOR_HOME/store.sqlite)")
+                   help="measurement store (SQLite) that caches the result (default: ADVISOR_HOME/measurements.sqlite)")
     add_json_arg(p)
 
 
