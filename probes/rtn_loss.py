@@ -27,7 +27,9 @@ measured on ``min_windows`` windows first, then, if its standard error is not ye
 many more as the error's ``1/sqrt(n)`` says the target needs (at most ``n_windows``; each round is one
 RTN pass per ``batch_size`` windows), and it stops once its standard error is at most
 ``target_rel_se`` of its mean loss increase, or at most ``target_abs_se`` nats (a loss too small to
-matter, known well enough: 8 bits on a real model); otherwise it uses every window.
+matter, known well enough: 8 bits on a real model), or when the target is out of reach (it would need
+more than ``OUT_OF_REACH`` times ``n_windows``: a loss lost in its noise, which the predictor weighs by
+its standard error); otherwise it uses every window.
 The per-layer table records the windows used and the relative standard error reached (``rel_se``).
 With both targets None every format uses all ``n_windows``.
 
@@ -50,6 +52,11 @@ from advisor.probes._rtn import format_table, rtn_weight
 from advisor.probes._util import (chunked_window_nll, device_of, first_windows, layer_infos, preserved_state,
                                   swapped_weights)
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
+
+
+# A format stops early when its target needs more than this many times ``n_windows``: the windows left
+# would shrink its standard error by at most sqrt(n_windows / min_windows) and still not reach the target.
+OUT_OF_REACH = 4
 
 
 def _window_nll(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -103,7 +110,7 @@ def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]],
                 break
             need = [n * (se / (target_rel_se * abs(mean))) ** 2 if target_rel_se is not None and mean != 0 else math.inf,
                     n * (se / target_abs_se) ** 2 if target_abs_se is not None else math.inf]
-            if min(need) <= n:
+            if min(need) <= n or min(need) > OUT_OF_REACH * n_max:
                 break
             # the windows the standard error (~ 1/sqrt(n)) says are needed, in one more round
             n = min(n_max, max(n + 1, math.ceil(min(need))))

@@ -415,13 +415,14 @@ def test_rtn_loss_stops_when_precise_enough_and_records_the_precision():
                               settings={"rtn_loss": {"keys": keys, "target_rel_se": 1e-9, "target_abs_se": 1e9}})
     never = probes.run_probes(loaded, calib, names=["rtn_loss"],
                               settings={"rtn_loss": {"keys": keys, "target_rel_se": 1e-9}})
+    two = probes.run_probes(loaded, calib, names=["rtn_loss"], settings={"rtn_loss": {"keys": keys, "n_windows": 2}})
     assert list(fixed.per_layer["rtn_loss"]["n_windows"]) == [8, 8]
     assert list(early.per_layer["rtn_loss"]["n_windows"]) == [2, 2]
     assert list(floor.per_layer["rtn_loss"]["n_windows"]) == [2, 2]
-    assert list(never.per_layer["rtn_loss"]["n_windows"]) == [8, 8]  # 2, then all: never precise enough
-    assert list(never.per_layer["rtn_loss"]["rtn_passes"]) == [2, 2]
+    assert list(never.per_layer["rtn_loss"]["n_windows"]) == [2, 2]  # out of reach: more windows would not do
+    assert list(never.per_layer["rtn_loss"]["rtn_passes"]) == [1, 1]
     for k in keys:  # the same windows give the same numbers whatever the schedule
-        assert never.features[f"rtn_loss.{k}"] == pytest.approx(fixed.features[f"rtn_loss.{k}"], rel=1e-6, abs=1e-9)
+        assert early.features[f"rtn_loss.{k}"] == pytest.approx(two.features[f"rtn_loss.{k}"], rel=1e-6, abs=1e-9)
         assert early.provenance["probes"]["rtn_loss"]["precision"][k]["n_windows"] == 2
     # the two-window figure is the paired difference on those two windows
     base = mean_nll(model, calib.ids[:2])
@@ -451,3 +452,22 @@ def test_swapped_weights_restore_even_after_an_error():
                 h.remove()
     assert all(li.module.weight.data.data_ptr() == b.data_ptr() for li, b in zip(layers, before))
     assert not any(li.module._forward_pre_hooks for li in layers)
+
+
+def test_rtn_loss_takes_the_windows_its_standard_error_asks_for():
+    """After the first round a format gets, in one more round, the windows the target needs (n * (se/target)^2),
+    when they are within reach; values then equal a fixed run on that many windows."""
+    import math
+
+    loaded = _loaded(_micro_llama())
+    calib = _calib(16, 16)
+    first = probes.run_probes(loaded, calib, names=["rtn_loss"], settings={"rtn_loss": {"keys": ["int3_pc"], "n_windows": 2}})
+    dnll, se = first.features["rtn_loss.int3_pc"], first.features["rtn_loss.int3_pc_se"]
+    target = se / abs(dnll) / math.sqrt(3.5)  # asks for 2 * 3.5 = 7 windows
+    rec = probes.run_probes(loaded, calib, names=["rtn_loss"],
+                            settings={"rtn_loss": {"keys": ["int3_pc"], "target_rel_se": target}})
+    row = rec.per_layer["rtn_loss"].iloc[0]
+    assert row["n_windows"] >= 7 and row["rtn_passes"] >= 2
+    fixed = probes.run_probes(loaded, calib, names=["rtn_loss"],
+                              settings={"rtn_loss": {"keys": ["int3_pc"], "n_windows": int(row["n_windows"])}})
+    assert rec.features["rtn_loss.int3_pc"] == pytest.approx(fixed.features["rtn_loss.int3_pc"], rel=1e-6, abs=1e-9)
