@@ -324,9 +324,13 @@ def swapped_weights(layers: Sequence[LayerInfo], make: Callable[..., torch.Tenso
     A pre-hook swaps ``weight.data`` for the replacement (in the weight's dtype) and a forward hook
     swaps the original storage back, so only one layer's replacement exists at a time, the model is
     never copied, and the weights are restored bitwise. For layers called once per forward pass.
+    Weights that are views into a fused tensor (MoE experts) are replaced in place for the whole block
+    instead, and restored from a copy of those layers.
     """
+    lazy = [li for li in layers if not _shares_storage(li.module.weight)]
+    eager = [li for li in layers if _shares_storage(li.module.weight)]
     handles = []
-    for li in layers:
+    for li in lazy:
         module = li.module
 
         def pre(mod, args, name=li.name):
@@ -338,15 +342,32 @@ def swapped_weights(layers: Sequence[LayerInfo], make: Callable[..., torch.Tenso
             mod.weight.data = mod.__dict__.pop("_probe_original")
 
         handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    # views into a fused tensor (MoE experts, read by the fused forward, not through these modules):
+    # written in place for the whole block and restored from a copy of those layers only
+    kept = {}
     try:
+        with torch.no_grad():
+            for li in eager:
+                w = li.module.weight
+                kept[li.name] = w.detach().clone()
+                w.copy_(make(kept[li.name], li.name, *extra).to(w.dtype))
         yield
     finally:
         for h in handles:
             h.remove()
-        for li in layers:  # an exception inside a forward pass skips its post hook
+        for li in lazy:  # an exception inside a forward pass skips its post hook
             original = li.module.__dict__.pop("_probe_original", None)
             if original is not None:
                 li.module.weight.data = original
+        with torch.no_grad():
+            for li in eager:
+                if li.name in kept:
+                    li.module.weight.copy_(kept[li.name])
+
+
+def _shares_storage(w: torch.Tensor) -> bool:
+    """A weight that is a view into a larger tensor (e.g. one expert of a fused MoE weight)."""
+    return w.untyped_storage().nbytes() > w.numel() * w.element_size()
 
 
 def spec_key(dtype: str, group_size: int | None, block_size: int | None = None) -> str:
