@@ -242,7 +242,8 @@ def cost_model(name: str, grid: bool) -> dict:
     from advisor.models.data import calibration_windows, eval_windows, load_corpus
     from advisor.models.evaluate import perplexity
     from advisor.models.loading import load
-    from advisor.probing import probe_features, probe_windows
+    from advisor.probing import probe_features
+    from advisor.protocol import DEFAULT
 
     import advisor.probes  # noqa: F401  (every probe module, up front)
     import advisor.quantizers  # noqa: F401  (a process-wide import cost, ~3 s, that predict pays anyway)
@@ -253,7 +254,7 @@ def cost_model(name: str, grid: bool) -> dict:
     ev = eval_windows(loaded.tokenizer, load_corpus("stdlib-code:eval"), 512, 20, max_context=ctx)
     cal = calibration_windows(loaded.tokenizer, load_corpus("stdlib-code:calib"), 16, ev.ids.shape[1], seed=0,
                               exclude=ev, max_context=ctx)
-    pw = probe_windows(loaded, "stdlib-code:calib", exclude=ev)
+    pw = DEFAULT.probe_windows(loaded, exclude=ev)
     out = {"model": name, "n_params": n_params, "block_params": loaded.n_params(non_embedding=True),
            "vocab": int(loaded.model.get_output_embeddings().weight.shape[0]), "fp32_weight_bytes": 4 * n_params,
            "eval_protocol": {"windows": int(ev.ids.shape[0]), "seq_len": int(ev.ids.shape[1])}}
