@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from advisor.features import spec_row
-from advisor.predictor import Design, Predictor, PredictorError, check_runs, error_report, fit_forest, forest_matrix, leave_one_group_out
+from advisor.predictor import Predictor, PredictorError, check_runs, error_report, fit_forest, forest_matrix, leave_one_group_out
 
 DATA = Path(__file__).with_name("data")
 SHIPPED_RUNS = DATA / "runs.csv"
@@ -154,12 +154,19 @@ def shipped_runs() -> pd.DataFrame:
     return read_runs(SHIPPED_RUNS)
 
 
-def fit(df: pd.DataFrame, exclude_transfer: bool = True, design: Design = Design()) -> Predictor:
-    """Fit and conformally calibrate on ``df`` (transfer models left out unless asked)."""
+def fit(df: pd.DataFrame, exclude_transfer: bool = True, make=None) -> Predictor:
+    """Fit and conformally calibrate on ``df`` (transfer models left out unless asked). ``make`` builds the
+    unfitted estimator (default ``Predictor``; benchmarks pass their variants)."""
     train = df[df["prequantized_source"].fillna(0).astype(int) == 0] if exclude_transfer and "prequantized_source" in df else df
     if len(train) < 10:
         raise PredictorError(f"only {len(train)} runs to fit on; need at least 10")
-    return Predictor(design=design).fit(train).calibrate(train, train["group"].to_numpy())
+    predictor = (make or Predictor)().fit(train)
+    groups = sorted(map(str, train["group"].unique()))
+    if len(groups) < 2:  # split-conformal holds out whole groups: with one, the intervals would be uncalibrated
+        raise PredictorError(f"the runs to fit on are all of one group ({groups[0]}): their intervals cannot be "
+                             "calibrated on held-out groups; add runs of another model family, or fit together "
+                             "with the shipped runs (`advisor fit --with-shipped`)")
+    return predictor.calibrate(train, train["group"].to_numpy())
 
 
 def load_default_predictor() -> Predictor:
@@ -202,7 +209,7 @@ def report(df: pd.DataFrame, alpha: float = 0.1, predictor: Predictor | None = N
         out["transfer"] = t
     else:
         out["transfer"] = None
-    out["coefficients"] = dict(zip(pred.design.names(), pred.coef_.tolist()))
+    out["coefficients"] = dict(zip(pred.terms(), pred.coef_.tolist()))
     out["rtn_prior"] = pred.rtn_prior_
     out["conformal"] = pred.conformal_
     return out

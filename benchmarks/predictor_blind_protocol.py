@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "text" / "wikitext-2-raw-v1" / "wiki.test.raw"
 METHOD_SPECS = ["gptq:int4:g128", "gptq:int3:g128", "awq:int3:g128", "quantease:int3:g128"]
@@ -44,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="wikitext2")
     p.add_argument("--store", default=None)
     p.add_argument("--method-log-r", action="store_true",
-                   help="predict with Design(method_log_r=True) refit on the shipped runs instead of the shipped "
+                   help="predict with format 4 plus a per-method slope on log R (benchmarks/_predictor_variants.py) "
+                        "refit on the shipped runs instead of the shipped "
                         "predictor (results to predictor_blind_<name>_method_log_r.json)")
     args = p.parse_args(argv)
 
     from advisor.candidates import DEFAULT_SPECS
     from advisor.fitting import fit, load_default_predictor, runs_table, shipped_runs
-    from advisor.predictor import Design, error_report
+    from advisor.predictor import error_report
     from advisor.probing import store_probes
     from advisor.store import open_store
     from advisor.sweep import Protocol, run_sweep
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     df = runs_table(store)
     df = df[df["spec"].isin(specs)].reset_index(drop=True)
     if args.method_log_r:
-        predictor, predictor_name = fit(shipped_runs(), design=Design(method_guard=False, method_log_r=True)), \
-            "Design(method_guard=False, method_log_r=True) refit on advisor/data/runs.csv (transfer runs left out)"
+        from benchmarks._predictor_variants import variant
+
+        predictor, predictor_name = fit(shipped_runs(), make=variant(method_guard=False, method_log_r=True)), \
+            "variant method_guard=False, method_log_r=True refit on advisor/data/runs.csv (transfer runs left out)"
     else:
         predictor, predictor_name = load_default_predictor(), "advisor/data/predictor.json"
     mean, lo, up = predictor.predict_interval(df, 0.1)

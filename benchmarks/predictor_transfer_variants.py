@@ -3,18 +3,18 @@ order, the perturbation curve.
 
     python benchmarks/predictor_transfer_variants.py [--store PATH]
 
-The shipped predictor (format 4) starts from the regression-calibrated RTN loss: the ``rtn_loss``
-probe's measurement (RTN's loss increase on calibration windows) shrunk toward the second-order
-estimate by its standard error (``advisor.predictor.calibrated_rtn_loss``), with log dL moving 1:1 with
-it. Format 3 (2026-11-24) used the raw measurement where it was >= 3 standard errors above 0, with a
-fitted slope, and ``log_so`` (the second-order estimate) elsewhere; before that, ``log_so`` alone. The
+The shipped predictor starts from the regression-calibrated RTN loss: the ``rtn_loss`` probe's
+measurement (RTN's loss increase on calibration windows) shrunk toward the second-order estimate by its
+standard error (``advisor.predictor.calibrated_rtn_loss``), with log dL moving 1:1 with it. Format 3 used
+the raw measurement where it was >= 3 standard errors above 0, with a fitted slope, and ``log_so`` (the
+second-order estimate) elsewhere; before that, ``log_so`` alone (docs/experiments.md). The
 perturbation probe measures the loss at five relative noise levels (0.25% .. 20%) on the model itself;
 interpolated (log-log) at the spec's RTN relative noise 10^(-SQNR/20) it is an alternative physics term
 that needs no extrapolation across scale. This script refits every variant and reports, side by side,
 leave-one-family-out on the zoo and the transfer to SmolLM2 (never fitted on), from the shipped runs
 (``advisor/data/runs.csv``); the perturbation-curve rows also need the probe features in the measurement
-store (skipped, with a message, when it lacks them). The first row reproduces the shipped figures
-(docs/predictor.md). Figures of the same runs and splits as ``advisor fit --report``; the per-run target
+store (skipped, with a message, when it lacks them). The variants are those of
+benchmarks/_predictor_variants.py. Figures of the same runs and splits as ``advisor fit --report``; the per-run target
 is |err| <= max(0.02 nats, 15% of the measured dL).
 Writes benchmarks/results/predictor_transfer_variants.json.
 """
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 SIGMAS = {"0p25": 0.0025, "0p75": 0.0075, "2p2": 0.022, "6p6": 0.066, "20": 0.20}
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from advisor import predictor as P
+    from benchmarks._predictor_variants import variant
     from advisor.fitting import stored_features
     from advisor.store import open_store
     from advisor.models.saving import atomic_write_text
@@ -80,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     thr = {"calibrated": False}  # format 3's threshold designs
     # (name, predictor design options, data transform, needs the perturbation probe); first row: shipped
     # Every variant of the physics term is compared without the guard on extrapolated method gains (it
-    # changes no point prediction), as it was run on 2026-12-02; then the guard (shipped as format 6 on
-    # 2026-12-03) and the per-method slope on log R (docs/predictor.md, fourth blind check).
+    # changes no point prediction); then the guard (shipped) and the per-method slope on log R (not shipped).
     variants = [
         ("calibrated rtn_loss (slope 1, scale terms on both), second_order below 1e-4 nats: format 4", {}, same, 0),
         ("  same, fitted slope", {"fixed_slope": False}, same, 0),
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         ("  same, fitted slope, scale terms on the fallback only", {"fixed_slope": False, "scale_on_measured": False},
          same, 0),
         ("  same, prior width floored at 1.0 (not 0.5)", {"prior_tau_floor": 1.0}, same, 0),
-        ("thresholded rtn_loss >= 3 se (fitted slope, scale on both): format 3, 2026-11-24",
+        ("thresholded rtn_loss >= 3 se (fitted slope, scale on both): format 3",
          {**thr, "fixed_slope": False}, same, 0),
         ("  same, slope of log rtn_dl fixed at 1", {**thr}, same, 0),
         ("  same, scale terms on the fallback only", {**thr, "fixed_slope": False, "scale_on_measured": False}, same, 0),
@@ -97,31 +98,31 @@ def main(argv: list[str] | None = None) -> int:
         ("  format 3, rtn_dl used only at >= 10 se", {**thr, "fixed_slope": False, "measured_z": 10.0}, same, 0),
         ("  slope fixed, fallback-only scale, >= 10 se", {**thr, "scale_on_measured": False, "measured_z": 10.0},
          same, 0),
-        ("second_order alone (before 2026-11-24)", {}, lambda d: d.assign(**no_meas), 0),
+        ("second_order alone (formats 1-2)", {}, lambda d: d.assign(**no_meas), 0),
         ("perturbation curve", {}, lambda d: d.assign(log_so=d.log_pert, **no_meas), 1),
         ("mean of second_order and curve", {}, lambda d: d.assign(log_so=0.5 * (d.log_so + d.log_pert), **no_meas),
          1),
-        ("format 4 + the guard on extrapolated method gains: format 6, shipped 2026-12-03", {"method_guard": True},
+        ("format 4 + the guard on extrapolated method gains: format 6, shipped", {"method_guard": True},
          same, 0),
-        ("format 4 + a per-method slope on log R (2026-12-03, pre-registered for the Vim-manual blind check)",
+        ("format 4 + a per-method slope on log R (pre-registered for the Vim-manual blind check)",
          {"method_log_r": True}, same, 0),
     ]
     rows = []
     previous = {}  # rows this run cannot reproduce are carried over from the results file, marked as such
     if Path(args.out).exists():
         previous = {v["variant"]: v for v in json.loads(Path(args.out).read_text()).get("variants", [])}
-    for name, options, variant, needs_curve in variants:
+    for name, options, transform, needs_curve in variants:
         if needs_curve and missing:
             if name.strip() in previous:
                 rows.append({**previous[name.strip()], "carried_over": "from an earlier run with the probe store"})
             continue
-        design = P.Design(**{"method_guard": False, **options})  # format 4 unless the row says
-        z, r = variant(zoo), variant(real)
-        lofo = P.leave_one_group_out(z, with_forest=False, design=design)
-        pred = P.Predictor(design=design).fit(z).calibrate(z, z.family.to_numpy())
+        make = variant(**{"method_guard": False, **options})  # format 4 unless the row says
+        z, r = transform(zoo), transform(real)
+        lofo = P.leave_one_group_out(z, with_forest=False, make=make)
+        pred = make().fit(z).calibrate(z, z.family.to_numpy())
         mean, lo, up = pred.predict_interval(r, 0.1)
         transfer = P.error_report(r.dl.to_numpy(), mean, lo, up)
-        rows.append({"variant": name.strip(), "flags": asdict(design), "lofo": lofo, "transfer": transfer,
+        rows.append({"variant": name.strip(), "flags": asdict(pred.design), "lofo": lofo, "transfer": transfer,
                      "transfer_pred_dl": dict(zip(r.spec, np.round(mean, 4).tolist()))})
         print(f"{name:78s} LOFO mae {lofo['median_abs_err_dl'] * 1e3:.2f} milli-nats, cov "
               f"{lofo['coverage90']:.3f} | transfer mae {transfer['median_abs_err_dl']:.3f} nats, rel "

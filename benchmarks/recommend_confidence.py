@@ -13,10 +13,10 @@ then solver compute, which equals recommend's byte order within one model.
 
 ``--transfer`` also replays the real model held out of fitting (SmolLM2-135M: the predictor fitted on
 the whole zoo, as shipped), each evaluation text a separate case set. The shipped design (format 6)
-guards extrapolated method gains; ``--no-method-guard`` replays format 4's intervals instead
-(``Design(method_guard=False)``, shipped until 2026-12-03: docs/predictor.md), so the guard's effect on
-decisions is measured on the same cases; ``--method-log-r`` replays format 4 with
-``Design(method_log_r=True)`` (tried the same day, not shipped). ``--out`` records the table as JSON.
+guards extrapolated method gains; ``--no-method-guard`` replays format 4's intervals instead (the
+variant ``method_guard=False`` of benchmarks/_predictor_variants.py), so the guard's effect on decisions
+is measured on the same cases; ``--method-log-r`` replays format 4 with a per-method slope on log R (tried,
+not shipped: docs/experiments.md). ``--out`` records the table as JSON.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--transfer", action="store_true", help="also replay the transfer model (fitted on the zoo)")
     p.add_argument("--no-method-guard", action="store_true",
-                   help="intervals of format 4, Design(method_guard=False) (shipped until 2026-12-03)")
+                   help="intervals of format 4: no guard on extrapolated method gains")
     p.add_argument("--method-log-r", action="store_true",
-                   help="intervals of format 4 with Design(method_log_r=True) (tried 2026-12-03, not shipped)")
+                   help="intervals of format 4 with a per-method slope on log R (not shipped)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.api import search_cheapest_verified
     from advisor.candidates import METHOD_COMPUTE_RANK
     from advisor.fitting import SHIPPED_RUNS, fit, read_runs
-    from advisor.predictor import Design
+    from benchmarks._predictor_variants import Variant, VariantPredictor
 
-    design = Design(method_guard=not (args.no_method_guard or args.method_log_r), method_log_r=args.method_log_r)
+    design = Variant(method_guard=not (args.no_method_guard or args.method_log_r), method_log_r=args.method_log_r)
     df = read_runs(args.runs or SHIPPED_RUNS)
     transfer = df["prequantized_source"].fillna(0).astype(int) == 1
     zoo = df[~transfer]
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         case_sets["transfer"] = held
     upper = {}
     for train, test in splits:
-        pred = fit(train, design=design)
+        pred = fit(train, make=lambda: VariantPredictor(design=design))
         for conf in set(args.confidences) | set(args.explore):
             if conf >= 0:  # coverage 0: the interval shrinks to the median prediction
                 for i, u in zip(test.index, pred.predict_interval(test, 1 - conf)[2] if conf > 0 else pred.predict(test)):

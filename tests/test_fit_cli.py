@@ -118,3 +118,23 @@ def test_runs_on_two_calibration_texts_keep_their_own_probes(capsys, tmp_path, t
     for col in ("rtn_dl", "log_so", "sqnr_db"):
         assert after.loc["ptb.valid.txt", col] == pytest.approx(before[col].iloc[0], rel=1e-12)
     assert after.loc["wiki.test.raw", "rtn_dl"] != pytest.approx(after.loc["ptb.valid.txt", "rtn_dl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("which,message", [("family", "all of one group (llama)"),
+                                           ("model", "not separable on these runs")])
+def test_runs_of_one_family_or_one_model_are_refused_and_nothing_is_saved(capsys, tmp_path, which, message):
+    """One family cannot calibrate its intervals (they hold out whole families); one model cannot separate
+    its scale terms from the intercept. Either is refused with one error line, no warnings, no file."""
+    import warnings
+
+    df = pd.read_csv(SHIPPED_RUNS)
+    df = df[df["group"] == "llama"]
+    if which == "model":
+        df = df[df["model"] == df["model"].iloc[0]]
+    path, out = tmp_path / "one.csv", tmp_path / "p.json"
+    df.to_csv(path, index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, stdout, err = _cli(capsys, ["fit", "--runs", str(path), "--out", str(out)])
+    assert code == 1 and message in err and "--with-shipped" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and stdout == ""

@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from advisor.predictor import (METHODS, Predictor, PredictorError, _design, _target, check_runs,
-                               leave_one_group_out)
+from advisor.predictor import METHODS, TERMS, Predictor, PredictorError, check_runs, leave_one_group_out
 
 
 def synthetic_runs(n_models=12, seed=0) -> pd.DataFrame:
@@ -32,20 +31,6 @@ def synthetic_runs(n_models=12, seed=0) -> pd.DataFrame:
                                  sqnr_db=6.02 * bits, group_size=128, dtype_family="int", dl=np.exp(y),
                                  baseline_ppl=np.exp(base)))
     return pd.DataFrame(rows)
-
-
-@pytest.mark.filterwarnings("ignore:The design matrix is rank-deficient")  # no rtn_loss: measured terms are 0
-def test_intervals_equal_statsmodels_prediction_intervals():
-    import statsmodels.api as sm
-
-    df = synthetic_runs()
-    p = Predictor(additive_noise=False).fit(df)
-    res = sm.OLS(_target(df["dl"]), _design(df)).fit(method="pinv")
-    frame = res.get_prediction(_design(df.head(7))).summary_frame(alpha=0.1)
-    mean, lo, up = p.predict_interval(df.head(7), alpha=0.1)
-    np.testing.assert_allclose(np.log(mean), frame["mean"], rtol=1e-8)
-    np.testing.assert_allclose(np.log(lo), frame["obs_ci_lower"], rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(np.log(up), frame["obs_ci_upper"], rtol=1e-6, atol=1e-9)
 
 
 def test_lofo_accuracy_and_calibrated_coverage_on_model_shaped_data():
@@ -140,7 +125,8 @@ SHRINK = {"rtn": 1.0, "gptq": 0.6, "awq": 0.7, "quantease": 0.55, "quantease-out
 
 def measured_runs(rng, models, scale_lo, scale_hi, rise, shrink=SHRINK) -> pd.DataFrame:
     """Runs with the rtn_loss probe: RTN's loss rises beyond the quadratic bowl (``rise``) and each method
-    multiplies it by ``shrink[method]``; ``scale`` sets the size of the losses (a zoo toy vs a real LLM)."""
+    multiplies it by ``shrink[method]``; ``scale`` sets the size of the losses (a zoo toy vs a real LLM).
+    Model sizes and baselines differ (without effect on the loss), so the scale terms are identifiable."""
     rows = []
     for m in models:
         scale = rng.uniform(scale_lo, scale_hi)
@@ -150,7 +136,7 @@ def measured_runs(rng, models, scale_lo, scale_hi, rise, shrink=SHRINK) -> pd.Da
                 true_rtn = so * (1 + rise * so)  # the rise beyond the quadratic bowl, unseen at small scale
                 se = 0.02 * true_rtn + 1e-5
                 rows.append(dict(family=f"f{m % 3}", model=f"m{m}", method=method, bits=bits, log_so=np.log(so),
-                                 log_params=6.0, baseline_nll=3.0, noise_over_knee=0.5, sqnr_db=6.02 * bits,
+                                 log_params=5.5 + 0.1 * (m % 7), baseline_nll=3.0 + 0.05 * (m % 5), noise_over_knee=0.5, sqnr_db=6.02 * bits,
                                  group_size=128, dtype_family="int", rtn_dl=true_rtn + se * rng.normal(),
                                  rtn_dl_se=se, dl=true_rtn * shrink[method] * np.exp(rng.normal(0, 0.08)),
                                  baseline_ppl=20.0))
@@ -179,22 +165,16 @@ def test_scale_corrections_do_not_extrapolate():
     assert "1e+14M non-embedding parameters" in note and "baseline NLL -5.00 nats" in note
 
 
-@pytest.mark.parametrize("options", [{}, {"calibrated": False, "fixed_slope": False},
-                                     {"calibrated": False, "scale_on_measured": False}])
-def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(options):
+def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime():
     """With the rtn_loss probe, the physics term is measured on the model itself: a model whose losses are
     100x those of every fitted model (a real LLM after a zoo of flat toys) is predicted within the
-    noise, while the second-order fallback, fitted where the loss stays quadratic, misses it. The shipped
-    design (regression-calibrated measurement, slope 1) and the format-3 threshold designs hold on such data."""
-    from advisor.predictor import Design
-
-    design = Design(**options)
+    noise, while the second-order fallback, fitted where the loss stays quadratic, misses it."""
     rng = np.random.default_rng(1)
     runs = functools.partial(measured_runs, rng)
 
     train = runs(range(12), 1e-4, 1e-2, rise=3.0)
     test = runs([99], 1.0, 1.0, rise=3.0)
-    p = Predictor(design=design).fit(train).calibrate(train, train["family"].to_numpy())
+    p = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
     big = test[test["dl"] > 0.01]
     rel = np.abs(p.predict(big) / big["dl"] - 1)
     assert np.median(rel) < 0.12
@@ -203,17 +183,11 @@ def test_measured_rtn_loss_carries_a_model_outside_the_fitted_regime(options):
     # without the measurement the same rows fall back to the second-order term and miss the rise
     blind = big.assign(rtn_dl=np.nan)
     assert np.median(np.abs(p.predict(blind) / big["dl"] - 1)) > 2 * np.median(rel)
-    # a measurement lost in its noise is not used: below MEASURED_Z standard errors (threshold designs);
-    # with a standard error far beyond the prior's width, the calibrated loss is the prior c * SO
-    from advisor.predictor import measured_physics
-
-    noisy = big.head(4).assign(rtn_dl=1e-3, rtn_dl_se=1e-3 if not design.calibrated else 1e6)
-    if not design.calibrated:
-        assert not measured_physics(noisy).any()
+    # a measurement lost in its noise is not used: with a standard error far beyond the prior's width, the
+    # calibrated loss is the prior c * SO
+    noisy = big.head(4).assign(rtn_dl=1e-3, rtn_dl_se=1e6)
     np.testing.assert_allclose(p.predict(noisy), p.predict(big.head(4).assign(rtn_dl=np.nan)), rtol=1e-9)
-    # the design travels with the predictor file
     q = Predictor.from_dict(json.loads(json.dumps(p.to_dict())))
-    assert q.design == design
     np.testing.assert_array_equal(q.predict(big), p.predict(big))
 
 
@@ -263,23 +237,20 @@ def test_calibrated_rtn_loss_is_the_posterior_mean_and_the_prior_is_recovered():
 
 
 def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
-    """``Design(method_guard=True)`` (shipped since format 6: docs/predictor.md). Fitted where every method shrinks
+    """The guard on extrapolated method gains (docs/predictor.md). Fitted where every method shrinks
     RTN's loss by 30-55% (a zoo of toys), predicted on a model whose losses are 100x larger and where the
     methods gain only 10% (a real LLM collapsing at 2 bits): both designs flag those rows as extrapolated;
     without the guard the method intervals exclude the measurement; with it their upper bound reaches RTN's
     prediction ("no gain" is not excluded), while the point predictions and every row inside the fitted
     range stay as they were. (A method with no gain at all sits at the edge: half its runs lie above RTN's
     prediction.)"""
-    from dataclasses import asdict
-
-    from advisor.predictor import Design
-
     rng = np.random.default_rng(2)
     train = measured_runs(rng, range(12), 1e-4, 1e-2, rise=3.0)
     test = measured_runs(rng, [99], 1.0, 1.0, rise=3.0, shrink={m: 1.0 if m == "rtn" else 0.9 for m in METHODS})
-    guarded = Predictor(design=Design(method_guard=True)).fit(train).calibrate(train, train["family"].to_numpy())
+    guarded = Predictor().fit(train).calibrate(train, train["family"].to_numpy())
     d = guarded.to_dict()
-    unguarded = Predictor.from_dict({**d, "design_options": {**asdict(guarded.design), "method_guard": False}})
+    unguarded = Predictor.from_dict(d)
+    unguarded.method_guard = False
     big = test[(test["dl"] > 0.3) & (test["method"] != "rtn")]
     assert len(big) >= 5 and guarded.extrapolated_methods(big).all() and unguarded.extrapolated_methods(big).all()
     mean_g, lo_g, up_g = guarded.predict_interval(big)
@@ -300,44 +271,47 @@ def test_a_method_gain_is_not_extrapolated_beyond_the_losses_it_was_fitted_on():
     np.testing.assert_array_equal(np.column_stack(q.predict_interval(big)), np.column_stack(guarded.predict_interval(big)))
 
 
-def test_a_method_gain_that_fades_with_the_loss_is_fitted_and_carried_to_larger_losses():
-    """``Design(method_log_r=True)`` (tried, not shipped: docs/predictor.md). Fitted on models whose
-    RTN losses span three decades and where each method's gain fades as the loss grows (dL_m = R * k_m * R^0.3),
-    it recovers the slope and predicts a model with 30x larger losses inside its intervals, where the constant
-    gain of format 4's design is too optimistic. RTN rows carry no slope; the terms travel with the file."""
-    from advisor.predictor import Design
+def test_refit_on_the_shipped_runs_gives_the_shipped_predictor():
+    """The one fitting path reproduces advisor/data/predictor.json from advisor/data/runs.csv: coefficients to
+    two decimals (the joint likelihood is flat along a few directions: the file was fitted to looser
+    tolerances), noise scales and conformal multipliers to 0.1%, and every prediction on the shipped runs."""
+    from advisor.fitting import SHIPPED_PREDICTOR, fit, shipped_runs
 
-    rng = np.random.default_rng(5)
-    fade = 0.3
+    shipped = Predictor.load(SHIPPED_PREDICTOR)
+    runs = shipped_runs()
+    refit = fit(runs)
+    assert refit.n_train_ == shipped.n_train_ and refit.df_resid_ == shipped.df_resid_
+    np.testing.assert_allclose(refit.coef_, shipped.coef_, atol=0.005)
+    np.testing.assert_array_equal(np.round(refit.coef_, 2), np.round(shipped.coef_, 2))
+    assert refit.rtn_prior_ == pytest.approx(shipped.rtn_prior_, rel=1e-9)
+    assert refit.resid_std_ == pytest.approx(shipped.resid_std_, rel=1e-3)
+    assert refit.noise_kappa_ == pytest.approx(shipped.noise_kappa_, rel=1e-3)
+    for k, v in shipped.conformal_.items():
+        assert refit.conformal_[k] == pytest.approx(v, rel=1e-3)
+    for a, b in zip(refit.predict_interval(runs), shipped.predict_interval(runs)):
+        np.testing.assert_allclose(a, b, rtol=0.01, atol=1e-6)
 
-    def runs(models, lo, hi):
-        df = measured_runs(rng, models, lo, hi, rise=0.0, shrink={m: 1.0 for m in METHODS})
-        is_m = df["method"] != "rtn"
-        k = df["method"].map(SHRINK).to_numpy(float)
-        df.loc[is_m, "dl"] = (df["dl"] * k * np.maximum(df["rtn_dl"], 1e-9) ** fade / 0.01 ** fade)[is_m]
-        return df[df["rtn_dl"] > 1e-3]  # measurable losses: below the floor the fallback curve stands in
 
-    train, test = runs(range(12), 1e-4, 1e-1), runs([99], 3.0, 3.0)
-    # both without the guard (format 4, the design this option was tested against)
-    sloped = Predictor(design=Design(method_guard=False, method_log_r=True)).fit(train).calibrate(
-        train, train["family"].to_numpy())
-    flat = Predictor(design=Design(method_guard=False)).fit(train).calibrate(train, train["family"].to_numpy())
-    names = sloped.design.names()
-    assert names[:len(flat.design.names())] == flat.design.names()
-    slopes = [sloped.coef_[names.index(f"method[{m}]:log_rtn")] for m in METHODS[1:]]
-    np.testing.assert_allclose(slopes, fade, atol=0.08)
-    big = test[(test["method"] != "rtn") & (test["dl"] > 1e-3)]
-    mean_s, lo_s, up_s = sloped.predict_interval(big)
-    mean_f, lo_f, up_f = flat.predict_interval(big)
-    assert np.mean((big["dl"] >= lo_s) & (big["dl"] <= up_s)) > 0.8
-    assert np.mean(big["dl"] <= up_f) < 0.5  # a constant gain, extrapolated 30x, is too optimistic
-    # RTN rows: no slope column is non-zero, so the two designs differ there only by their refitted shared terms
-    rtn = test[test["method"] == "rtn"]
-    A, _, _ = sloped.design.matrix(rtn, sloped.ranges_, True, sloped.rtn_prior_)
-    assert not A[:, len(flat.design.names()):].any()
-    q = Predictor.from_dict(json.loads(json.dumps(sloped.to_dict())))
-    np.testing.assert_array_equal(np.column_stack(q.predict_interval(big)), np.column_stack(sloped.predict_interval(big)))
-    # a file written without the option (as format 4 was) loads with the option off
-    d = flat.to_dict()
-    d["design_options"].pop("method_log_r")
-    assert Predictor.from_dict(d).design == Design(method_guard=False)
+def test_the_fit_does_not_depend_on_where_the_optimizer_starts():
+    """One estimator: the joint likelihood's maximum, run to convergence, whatever the start."""
+    from advisor.predictor import design_matrix, fit_rtn_prior, joint_mle, log_target
+
+    rng = np.random.default_rng(3)
+    df = measured_runs(rng, range(9), 1e-4, 1e-1, rise=3.0)
+    p = Predictor().fit(df)
+    A, off, _ = design_matrix(df, fit_rtn_prior(df), None)
+    used = A.any(axis=0)
+    beta, sr, kappa = joint_mle(A[:, used], df["dl"].to_numpy(float), np.zeros(used.sum()), 1.0, 0.1, off)
+    np.testing.assert_allclose(beta, p.coef_[used], atol=1e-4)
+    assert sr == pytest.approx(p.resid_std_, rel=1e-4) and kappa == pytest.approx(p.noise_kappa_, rel=1e-3)
+    assert log_target([-1.0])[0] == np.log(1e-4)
+
+
+def test_runs_that_cannot_separate_the_terms_are_refused_naming_them():
+    """One model (one size, one baseline): its scale terms are the intercept again. Refused, not fitted."""
+    df = synthetic_runs(n_models=3)
+    one = df[df["model"] == "m0"]
+    with pytest.raises(PredictorError, match=r"log_params.*not separable.*--with-shipped"):
+        Predictor().fit(one)
+    p = Predictor().fit(df[df["method"] != "awq"])  # an absent method is not a dependence: its terms are 0
+    assert p.coef_[TERMS.index("method[awq]")] == 0 and p.coef_[TERMS.index("method[awq]:bits")] == 0

@@ -160,11 +160,11 @@ def test_every_attempt_missing_exits_3(tiny_folder, common, predictor):
     import numpy as np
 
     optimistic = type(predictor).from_dict(predictor.to_dict())
-    from advisor.predictor import design_names
+    from advisor.predictor import TERMS
 
     optimistic.coef_ = np.zeros_like(optimistic.coef_)
     for intercept in ("measured", "fallback"):  # the intercepts of both physics branches
-        optimistic.coef_[design_names().index(intercept)] = math.log(1e-15)
+        optimistic.coef_[TERMS.index(intercept)] = math.log(1e-15)
     optimistic.cov_ = np.zeros_like(optimistic.cov_)
     optimistic.resid_std_ = 1e-6
     rec = recommend(str(tiny_folder), max_ppl_delta=1e-7, predictor=optimistic, max_attempts=2,
@@ -213,8 +213,6 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
     RTN loss is flagged as extrapolated, never an RTN row. Without ``method_guard`` the intervals are the
     shipped ones; with it (shipped since format 6) the flagged upper bounds reach RTN's prediction at the
     same format, means and lower bounds unchanged. `advisor predict --json` reports the flag per candidate."""
-    from dataclasses import asdict
-
     import numpy as np
 
     from advisor.api import prepare
@@ -224,9 +222,10 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
     from advisor.predictor import Predictor
 
     shipped = load_default_predictor()
-    assert shipped.design.method_guard
+    assert shipped.method_guard
     d = {**shipped.to_dict(), "method_range": {}}
-    narrow = Predictor.from_dict({**d, "design_options": {**asdict(shipped.design), "method_guard": False}})
+    narrow = Predictor.from_dict(d)
+    narrow.method_guard = False  # the guard off: the method gains' own intervals
     guarded = Predictor.from_dict(d)
     guarded.save(tmp_path / "narrow.json")
     assert shipped.describe()["source"] == "the shipped predictor.json" and shipped.describe()["n_train"] > 100
@@ -241,7 +240,7 @@ def test_extrapolated_method_gains_are_flagged(tiny_folder, common, tmp_path, ca
     ctx = prepare(str(tiny_folder), **common)
     rows = feature_rows(ctx.features, list(df.index), non_embedding_params=ctx.loaded.n_params(True),
                         baseline_nll=ctx.baseline_nll)
-    r = shipped.design.physics(rows, shipped.use_measured_, shipped.rtn_prior_)
+    r = shipped.physics(rows)
     expected = df.index[(rows["method"] != "rtn").to_numpy() & np.isfinite(r)]
     assert len(expected) >= 1 and list(flagged) == list(expected)
     assert not any(s.startswith("rtn:") for s in flagged)
