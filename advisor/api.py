@@ -389,7 +389,7 @@ def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reaso
     """Quantize with the packed kernels, measure, record the run; returns the attempt and swap state."""
     from advisor.models.evaluate import perplexity
     from advisor.models.pipeline import quantize_model
-    from advisor.models.saving import _versions
+    from advisor.models.saving import package_versions
 
     t0 = time.perf_counter()
     originals = {name: layer for name, layer in ctx.loaded.adapter.linear_layers()}
@@ -401,7 +401,7 @@ def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reaso
                       calibration=ctx.calib.protocol, protocol=ctx.eval.protocol, seed=ctx.calib.protocol.get("seed", 0),
                       status="ok", ppl=r.ppl, baseline_ppl=ctx.baseline_ppl, nll=r.nll, baseline_nll=ctx.baseline_nll,
                       dl=dl, bits_per_weight=result.bits_per_weight, seconds=seconds, packed=1, source="recommend",
-                      versions=_versions(), extra={"predicted_dl": float(row["pred_dl"])})
+                      versions=package_versions(), extra={"predicted_dl": float(row["pred_dl"])})
     attempt = Attempt(spec=row["spec"], predicted=_pred(row), measured_ppl_delta=r.ppl - ctx.baseline_ppl,
                       measured_dl=dl, bits_per_weight=result.bits_per_weight, seconds=seconds,
                       passed=bool(dl <= budget.max_dl), reason=reason)
@@ -410,11 +410,11 @@ def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reaso
 
 def _restore(ctx: Context, quantized) -> None:
     """Put the original nn.Linear modules back (the pipeline swapped in QuantLinear modules)."""
-    from advisor.models.pipeline import _set_module
+    from advisor.models.pipeline import set_module
 
     originals, _ = quantized
     for name, layer in originals.items():
-        _set_module(ctx.loaded.model, name, layer)
+        set_module(ctx.loaded.model, name, layer)
 
 
 def _save(ctx: Context, quantized, attempt: Attempt, out: str | Path) -> Path:

@@ -41,21 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        module = _command_module(name)
-        if module is None:
-            continue
+        module = importlib.import_module(f"advisor.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_parser(p)
     return parser
-
-
-def _command_module(name: str):
-    try:
-        return importlib.import_module(f"advisor.commands.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"advisor.commands.{name}":
-            return None  # command not built yet
-        raise
 
 
 def emit_json(obj: Any) -> None:

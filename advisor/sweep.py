@@ -43,12 +43,6 @@ class SweepSummary:
         return dict(self.__dict__)
 
 
-def _versions() -> dict[str, str]:
-    from advisor.models.saving import _versions as v
-
-    return v()
-
-
 class ModelSession:
     """One loaded model with its windows, baseline and pristine weights, ready to measure specs.
 
@@ -91,12 +85,13 @@ class ModelSession:
         """Quantize (fake-quant), evaluate, record one run; weights are restored afterwards."""
         from advisor.models.evaluate import paired_se, perplexity
         from advisor.models.pipeline import quantize_model
+        from advisor.models.saving import package_versions
 
         reference = self.reference  # before the weights change
         t0 = time.perf_counter()
         row: dict[str, Any] = dict(model_fp=self.fp, model_name=self.name, spec=spec, calibration=self.calib.protocol,
                                    protocol=self.eval.protocol, seed=self.protocol.seed, baseline_ppl=self.baseline_ppl,
-                                   baseline_nll=self.baseline_nll, versions=_versions(), source=source, packed=0)
+                                   baseline_nll=self.baseline_nll, versions=package_versions(), source=source, packed=0)
         try:
             q = quantize_model(self.loaded, spec, self.calib, pack=False, progress=self.progress)
             r = perplexity(self.loaded.model, self.eval, batch_size=self.protocol.batch_size, progress=self.progress,

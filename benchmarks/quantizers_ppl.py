@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.models.data import calibration_windows, eval_windows, load_corpus
     from advisor.models.evaluate import perplexity
     from advisor.models.loading import load
-    from advisor.models.pipeline import _set_module, quantize_model
+    from advisor.models.pipeline import quantize_model, set_module
 
     loaded = load(args.model)
     ev = eval_windows(loaded.tokenizer, load_corpus(args.eval), args.seq_len, args.max_windows)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), file=sys.stderr)
             _write(args, loaded, cal, ev, base, rows, argv, complete=False)  # keep what is measured
             for n, layer in originals.items():  # undo packing and fake quantization
-                _set_module(loaded.model, n, layer)
+                set_module(loaded.model, n, layer)
                 with torch.no_grad():
                     layer.weight.copy_(pristine[n])
     result = _write(args, loaded, cal, ev, base, rows, argv, complete=True)

@@ -124,7 +124,7 @@ class _StatsCollector:
         self.n += x.shape[0]
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, attr, module)
@@ -256,7 +256,7 @@ def _check_memory(loaded, spec, calib, need_h: bool, need_abs: bool, device: tor
 def _pack_into(block: nn.Module, path: str, qw, layer: nn.Linear) -> None:
     qlinear = qw.pack(bias=None if layer.bias is None else layer.bias.data.float())
     qlinear.to(layer.weight.device)
-    _set_module(block, path, qlinear)
+    set_module(block, path, qlinear)
 
 
 def _quantize_layer(block: nn.Module, path: str, full: str, layer: nn.Linear, method, spec, stats,

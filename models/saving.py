@@ -15,7 +15,7 @@ from typing import Any
 from advisor.models.errors import AdvisorError
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
@@ -104,7 +104,7 @@ def save_quantized_model(loaded, result, record: dict[str, Any], out_dir: str | 
         loaded.model.config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        full = dict(record, quantization=result.to_dict(), versions=_versions())
+        full = dict(record, quantization=result.to_dict(), versions=package_versions())
         (tmp / "quantization.json").write_text(json.dumps(full, indent=2, default=str))
         if out_dir.exists():
             backup = parent / f".{out_dir.name}.old"

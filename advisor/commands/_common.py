@@ -80,3 +80,8 @@ def load_model(args: argparse.Namespace, job: str = "load", **kwargs: Any):
 
     params = {k: getattr(args, k) for k in ("seq_len", "n_calib") if getattr(args, k, None) is not None}
     return load(args.model, options=model_options(args), job=job, job_params=params, **kwargs)
+
+
+def split_list(s: str | None) -> list[str] | None:
+    """A comma-separated option (``--methods gptq,awq``) as a list; None when not given."""
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from advisor.api import plan
     from advisor.cli import emit_json
     from advisor.commands._common import memory_budget, predictor_from, protocol_kwargs
-    from advisor.commands.recommend import _split
+    from advisor.commands._common import split_list
     from advisor.report import plan_message, plan_table
 
     if args.csv:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     max_bytes = memory_budget(args)
     predictor = predictor_from(args)
     df = plan(args.model, args.max_ppl_delta, max_bytes, max_ppl_ratio=args.max_ppl_ratio,
-              confidence=args.confidence, methods=_split(args.methods), dtypes=_split(args.dtypes),
+              confidence=args.confidence, methods=split_list(args.methods), dtypes=split_list(args.dtypes),
               predictor=predictor, **protocol_kwargs(args))
     budgeted = "passes" in df or "fits" in df
     code = 0 if df["chosen"].any() or not budgeted else 2

@@ -29,22 +29,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     add_json_arg(p)
 
 
-def _split(s: str | None) -> list[str] | None:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
-
-
 def run(args: argparse.Namespace) -> int:
     from advisor.api import recommend
     from advisor.cli import emit_json
     from advisor.report import candidates_table, write_report
 
-    from advisor.commands._common import memory_budget, predictor_from, protocol_kwargs
+    from advisor.commands._common import memory_budget, predictor_from, protocol_kwargs, split_list
 
     max_bytes = memory_budget(args)
     predictor = predictor_from(args)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
                     explore=not args.no_explore,
-                    methods=_split(args.methods), dtypes=_split(args.dtypes), max_attempts=args.max_attempts,
+                    methods=split_list(args.methods), dtypes=split_list(args.dtypes), max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes,
                     **protocol_kwargs(args))
     files = write_report(rec, args.out) if args.out else {}
