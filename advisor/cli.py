@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
-    module = _command_module(args.command)
+    module = importlib.import_module(f"advisor.commands.{args.command}")
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
