@@ -123,7 +123,12 @@ def read_runs(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise PredictorError(f"runs file {path} not found; make one with `advisor sweep --export RUNS.csv`")
-    df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, low_memory=False)
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise PredictorError(f"runs file {path} is not a readable CSV/parquet table ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'empty'}); make one with "
+                             "`advisor sweep --export RUNS.csv`") from None
     if "model_name" in df.columns and "log_so" not in df.columns:
         raise PredictorError(f"runs file {path} is a raw store export (runs without their models' probe features); "
                              "write the fitting table with `advisor sweep --models ... --store STORE --export RUNS.csv` "
@@ -133,7 +138,10 @@ def read_runs(path: str | Path) -> pd.DataFrame:
         if "model" not in df.columns:
             raise PredictorError(f"runs file {path} has neither a 'group' nor a 'model' column")
         df["group"] = [group_of(m, f) for m, f in zip(df["model"], df.get("family", [None] * len(df)))]
-    check_runs(df)
+    try:
+        check_runs(df)
+    except PredictorError as e:
+        raise PredictorError(f"runs file {path}: {e}") from None
     unknown_specs = []
     from advisor.quantizers import QuantSpec
 
