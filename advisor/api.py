@@ -1,6 +1,6 @@
 """The Python API: ``plan`` (budget planning, no quantization) and ``recommend`` (the main job).
 
-Data flow (ARCHITECTURE.md §3): load -> windows -> baseline -> probe -> grid -> predict -> rank
+Data flow (docs/ARCHITECTURE.md): load -> windows -> baseline -> probe -> grid -> predict -> rank
 -> (recommend only) execute the cheapest candidate predicted to pass, measure it packed, escalate on
 a miss -> report. Every measurement is written to the store, so each verification improves the next fit.
 """

@@ -3,7 +3,7 @@
     dL ~ 1/2 * sum_i F_ii * e_i^2
 
 with ``F`` the Fisher diagonal of the mean-token NLL (``fisher`` probe, token-scaled) and ``e`` the
-RTN error of each weight (ARCHITECTURE.md section 4). The first-order term is dropped: at a trained
+RTN error of each weight (docs/ARCHITECTURE.md, the predictor). The first-order term is dropped: at a trained
 minimum the mean gradient is ~0, and for RTN it averages out over many weights of both signs.
 
 Also ``first_order_<key>`` = ``g . e`` with ``g`` the mean gradient of the calibration loss (from the
