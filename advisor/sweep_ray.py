@@ -168,12 +168,12 @@ def _estimate_memory(name: str) -> int | None:
 
 
 def _failed_row(name: str, prep: dict, protocol, spec: str, error: str) -> dict[str, Any]:
-    from advisor.sweep import _versions
+    from advisor.models.saving import package_versions
 
     (base,) = prep["baseline"].values()
     return dict(model_fp=prep["fp"], model_name=name, spec=spec, calibration=prep["calibration"],
                 protocol=prep["protocol"], seed=protocol.seed, baseline_ppl=base["ppl"], baseline_nll=base["nll"],
-                versions=_versions(), source="sweep", packed=0, status="failed", error=error[:500])
+                versions=package_versions(), source="sweep", packed=0, status="failed", error=error[:500])
 
 
 def _task_error(e: BaseException) -> str:
