@@ -3,7 +3,9 @@
 Cost of a candidate on a given model:
 - ``bits_per_weight``: exact storage bits of the quantized linear layers (codes + scales + zeros +
   outliers; :meth:`QuantSpec.bits_per_weight` with the model's layer widths);
-- ``bytes``: those layers at that rate, plus every other parameter (embeddings, norms, head) at 16 bits;
+- ``bytes``: those layers at that rate, plus every other parameter (embeddings, norms, head) at the
+  bytes advisor's outputs store it in (the narrowest of bf16/fp16/fp32 that holds it exactly:
+  ``advisor.models.saving.storage_dtype``; 16 bits when only counts are known);
 - ``relative_speed``: decode (batch 1) speed of the packed kernels relative to a bf16 ``nn.Linear``,
   measured on this machine by :mod:`advisor.kernel_speed` (a short calibration, cached per CPU
   model, kernel ISA path and version); a format that was not measured takes the median measured
@@ -92,15 +94,16 @@ def layer_shapes(loaded) -> list[tuple[int, int]]:
 
 
 def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
-              speed_table: dict[str, float] | None = None) -> Candidate:
-    """Cost of one spec on a model with linear layers of ``shapes`` and ``other_params`` 16-bit parameters."""
+              speed_table: dict[str, float] | None = None, other_bytes: int | None = None) -> Candidate:
+    """Cost of one spec on a model with linear layers of ``shapes`` and ``other_params`` other parameters,
+    stored in ``other_bytes`` (default: 16 bits each)."""
     from advisor.quantizers import QuantSpec
 
     spec = QuantSpec.parse(spec_str)
     n = sum(o * i for o, i in shapes)
     bits = sum(spec.bits_per_weight(i) * o * i for o, i in shapes)
     bpw = bits / n if n else float("nan")
-    total_bytes = int(math.ceil(bits / 8)) + 2 * other_params
+    total_bytes = int(math.ceil(bits / 8)) + (2 * other_params if other_bytes is None else int(other_bytes))
     table = _kernel_speed_table() if speed_table is None else speed_table
     speed, source = table.get(spec.dtype), "measured"
     if speed is None:
@@ -122,11 +125,20 @@ def cost_key(c: Candidate) -> tuple:
     return (c.bytes, -c.relative_speed, METHOD_COMPUTE_RANK.get(c.method, 99), c.spec)
 
 
+def stored_other_bytes(loaded) -> int:
+    """Bytes of every parameter outside the quantizable linear layers, as advisor's outputs store them."""
+    from advisor.models.saving import stored_bytes
+
+    linear = {id(p) for _, layer in loaded.adapter.linear_layers() for p in layer.parameters()}
+    return sum(stored_bytes(p.detach()) for p in loaded.model.parameters() if id(p) not in linear)
+
+
 def enumerate_candidates(loaded, specs: Iterable[str] | None = None) -> list[Candidate]:
     """Every spec costed on ``loaded``'s shapes, cheapest first (see :func:`cost_key`)."""
     shapes = layer_shapes(loaded)
     n_linear = sum(o * i for o, i in shapes)
     other = loaded.n_params() - n_linear
     table = _kernel_speed_table()
-    cands = [candidate(s, shapes, other, table) for s in (specs or DEFAULT_SPECS)]
+    other_bytes = stored_other_bytes(loaded)
+    cands = [candidate(s, shapes, other, table, other_bytes) for s in (specs or DEFAULT_SPECS)]
     return sorted(cands, key=cost_key)

@@ -1,10 +1,13 @@
 """Export integer group-quantized layers in the GPTQ checkpoint layout read by transformers/vLLM.
 
+(:mod:`advisor.models.export` writes the complete checkpoint: these layers plus every other tensor,
+config.json with its ``quantization_config``, and the tokenizer.)
+
 Convention (AutoGPTQ "gptq" checkpoint format, a.k.a. v1; checked against the public AutoGPTQ /
 GPTQModel / vLLM sources and discussions, e.g. vLLM PR #26092 and #38966):
 
-- ``qweight`` int32 (in / p, out), p = 32 / bits: code of input row ``i`` sits in word
-  ``i // p`` at bit ``bits * (i % p)`` (lowest bits first);
+- ``qweight`` int32 (in * bits / 32, out): the codes of an output column are one little-endian bit
+  stream, input row ``i`` at bit ``bits * i`` (3-bit values may straddle two words);
 - ``qzeros`` int32 (n_groups, out / p), packed the same way along the output dim, holding
   ``zero - 1`` (v1 stores the zero point minus one; "gptq_v2" stores it as is);
 - ``scales`` float16 (n_groups, out); ``g_idx`` int32 (in,) = ``i // group_size`` (no act-order);
@@ -28,51 +31,79 @@ from .linear import QuantLinear
 
 
 def _pack_along_dim0(values: np.ndarray, bits: int) -> np.ndarray:
-    """uint values (n, m), n % (32/bits) == 0 -> int32 (n / p, m), lowest bits first."""
-    p = 32 // bits
-    v = values.astype(np.uint64).reshape(values.shape[0] // p, p, values.shape[1])
-    word = np.zeros(v.shape[::2], np.uint64)
-    for r in range(p):
-        word |= v[:, r, :] << np.uint64(bits * r)
-    return word.astype(np.uint32).view(np.int32)
+    """uint values (n, m), n * bits % 32 == 0 -> int32 (n * bits / 32, m).
+
+    The codes of a column form one little-endian bit stream, value ``i`` at bits ``bits * i``: for
+    2/4/8 bits that is ``32 / bits`` whole values per word, lowest first; for 3 bits 32 values fill
+    three words and values 10 and 21 straddle a word boundary (AutoGPTQ's 3-bit layout).
+    """
+    n, m = values.shape
+    if (n * bits) % 32:
+        raise ValueError(f"{n} values of {bits} bits do not fill whole 32-bit words")
+    v = values.astype(np.uint32)
+    planes = ((v[:, None, :] >> np.arange(bits, dtype=np.uint32)[None, :, None]) & 1).reshape(n * bits // 32, 32, m)
+    words = np.zeros((n * bits // 32, m), np.uint64)
+    for j in range(32):
+        words |= planes[:, j, :].astype(np.uint64) << np.uint64(j)
+    return words.astype(np.uint32).view(np.int32)
 
 
 def _unpack_along_dim0(words: np.ndarray, bits: int) -> np.ndarray:
-    p = 32 // bits
-    w = words.view(np.uint32).astype(np.int64)
-    parts = [(w >> (bits * r)) & ((1 << bits) - 1) for r in range(p)]
-    return np.stack(parts, axis=1).reshape(w.shape[0] * p, w.shape[1])
+    w = words.view(np.uint32)
+    k, m = w.shape
+    planes = ((w[:, None, :] >> np.arange(32, dtype=np.uint32)[None, :, None]) & 1).reshape(k * 32 // bits, bits, m)
+    out = np.zeros((k * 32 // bits, m), np.int64)
+    for b in range(bits):
+        out |= planes[:, b, :].astype(np.int64) << b
+    return out
 
 
-def gptq_tensors(mod: QuantLinear) -> dict[str, torch.Tensor]:
-    """qweight, qzeros, scales, g_idx (and bias) of one layer in the GPTQ v1 layout."""
-    bits, g = mod.bits, mod.group_size
-    if bits not in (2, 4, 8):
-        raise ValueError(f"GPTQ export supports 2/4/8-bit codes, not {bits}")
-    p = 32 // bits
-    if mod.in_features % g or mod.in_features % p or mod.out_features % p:
-        raise ValueError("GPTQ export needs in % group_size == 0 and in, out multiples of "
-                         f"{p}; got in={mod.in_features}, out={mod.out_features}, g={g}")
+def integer_grid(mod: QuantLinear) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, bool]:
+    """A layer on an integer grid as ``W[o, i] = scale[o, g] * (code[o, i] - zero[o, g])``.
+
+    Returns (codes int64 (out, in), scale float32 (out, n_groups), zero int64 (out, n_groups),
+    symmetric: the layer stores no offsets). Raises ValueError (saying why) for a layer that is not
+    one: a non-affine table (fp, nf, codebooks), outliers, an AWQ input scale, per-row tables, or a
+    zero point that is not an integer.
+    """
     if mod.table.ndim != 1 or hasattr(mod, "outlier_index") or hasattr(mod, "input_scale"):
-        raise ValueError("GPTQ export needs a shared table and no outliers / input_scale")
-    rule = classify_table(mod.table.numpy(), bits)
+        raise ValueError("needs a shared table and no outliers / input_scale")
+    rule = classify_table(mod.table.float().numpy(), mod.bits)
     if rule.kind != "affine":
-        raise ValueError(f"GPTQ export needs an integer (affine) table, got {rule.kind}")
+        raise ValueError(f"needs an integer (affine) table, got {rule.kind}")
     s = mod.group_scales().double()
     z = mod.group_offsets()
+    symmetric = z is None
     z = torch.zeros_like(s) if z is None else z.double()
     scale = s * rule.mult  # (out, n_groups)
-    zero = -(s * rule.add + z) / scale
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = -(s * rule.add + z) / safe
     zero_int = torch.round(zero)
     # fp16 offsets carry ~2**-11 relative error, i.e. up to 0.125 of a step at zero = 256
     if ((zero - zero_int).abs() > torch.clamp(zero.abs() * 2.0 ** -10, min=0.05)).any():
         raise ValueError("zero point is not an integer: not an integer-grid layer")
+    codes = mod.codes().cpu().numpy().astype(np.int64)
+    return codes, scale.float(), zero_int.long(), symmetric
+
+
+def gptq_tensors(mod: QuantLinear) -> dict[str, torch.Tensor]:
+    """qweight, qzeros, scales, g_idx (and bias) of one layer in the GPTQ v1 layout (2, 3, 4, 8 bits).
+
+    ``in`` and ``out`` must fill whole 32-bit words (multiples of 32 / gcd(bits, 32) values); a last
+    partial group is allowed (``g_idx = i // group_size``).
+    """
+    bits, g = mod.bits, mod.group_size
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"GPTQ export supports 2/3/4/8-bit codes, not {bits}")
+    if (mod.in_features * bits) % 32 or (mod.out_features * bits) % 32:
+        raise ValueError("GPTQ export needs in and out to fill whole 32-bit words of "
+                         f"{bits}-bit codes; got in={mod.in_features}, out={mod.out_features}")
+    codes, scale, zero_int, _ = integer_grid(mod)
     if zero_int.min() < 1 or zero_int.max() > 2 ** bits:
         raise ValueError(f"zero point outside [1, {2 ** bits}] cannot be stored in GPTQ v1")
-    codes = mod.codes().numpy().astype(np.int64)  # (out, in)
     out = {
         "qweight": torch.from_numpy(_pack_along_dim0(codes.T, bits)),
-        # zeros (out, n_groups) -> packed along out -> (n_groups, out / p)
+        # zeros (out, n_groups) -> packed along out -> (n_groups, out * bits / 32)
         "qzeros": torch.from_numpy(
             _pack_along_dim0(zero_int.numpy().astype(np.int64) - 1, bits).T.copy()),
         "scales": scale.T.contiguous().half(),

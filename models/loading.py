@@ -330,9 +330,18 @@ def load(
     options = merge_options(options, device, dtype, trust_remote_code)
     trust_remote_code = options.trust_remote_code
     device = resolve_device(options.device)
+    name_in = name
+    name = _single_gguf(name)
     kind, target, notes = resolve(name)
     local = target if kind != "hub" else str(_hub_folder(target))
     dtype = resolve_dtype(options.dtype, device, checkpoint_dtype(kind, local))
+    if kind == "folder":
+        from advisor.models.native import load_native, native_folder
+
+        if native_folder(target):
+            loaded = load_native(target, name_in, device=device, dtype=dtype, attn_implementation=attn_implementation)
+            loaded.info.update(device=str(device), dtype=str(dtype).replace("torch.", ""), options=options.to_dict())
+            return loaded
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "low_cpu_mem_usage": True}
     if device.type != "cpu":
         kwargs["device_map"] = str(device)  # weights go straight to the accelerator, never all through RAM
@@ -348,12 +357,15 @@ def load(
             path = Path(target)
             folder, files = path.parent, [path]
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, **kwargs)
+            model, report = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name,
+                                                                 output_loading_info=True, **kwargs)
         else:
             folder = Path(local)
             files = _weight_files(folder)
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=None, **kwargs)
+            model, report = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=None,
+                                                                 output_loading_info=True, **kwargs)
+        _check_load_report(report, name, target)
     except AdvisorError:
         raise
     except ImportError as e:
@@ -401,6 +413,35 @@ def _check_folder_files(folder: Path) -> None:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise AdvisorError(f"{entry} is not a regular file (a FIFO, device or socket); advisor reads model "
                                "folders only when they hold regular files: remove it or replace it with the real file")
+
+
+def _single_gguf(name: str) -> str:
+    """A folder that holds exactly one ``.gguf`` file and no config.json stands for that file."""
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") or not path.is_dir() or (path / "config.json").exists():
+        return name
+    ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+    return str(ggufs[0]) if len(ggufs) == 1 else name
+
+
+def _check_load_report(report: dict[str, Any], name: str, target: str) -> None:
+    """transformers' loading report: a tensor the architecture expects and the checkpoint lacks (it would
+    be randomly initialised), one it holds and the architecture ignores, or one of the wrong shape is an
+    error, never a hidden warning."""
+    missing = list(report.get("missing_keys") or [])
+    unexpected = list(report.get("unexpected_keys") or [])
+    mismatched = [k if isinstance(k, str) else k[0] for k in report.get("mismatched_keys") or []]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", mismatched)):
+        if keys:
+            parts.append(f"{len(keys)} {label} tensor(s) ({', '.join(sorted(keys)[:3])})")
+    packed = any(k.endswith((".qweight", ".scales", ".weight_packed", ".qzeros")) for k in unexpected)
+    hint = (" It holds packed quantized tensors that this loader cannot read as a float model."
+            if packed else " The checkpoint is incomplete or belongs to another architecture.")
+    raise ModelNotFoundError(f"model {name!r} ({target}) does not match its config.json: {'; '.join(parts)}."
+                             f"{hint} Nothing was measured")
 
 
 def _check_finite(model: nn.Module, name: str) -> None:
