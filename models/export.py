@@ -338,15 +338,22 @@ def _add_hf_tokenizer(writer, tokenizer) -> None:
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
         vocab = gguf.vocab.BpeVocab(Path(d))
-        tokens, types = [], []
-        for text, _score, ttype in vocab.all_tokens():
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
             tokens.append(text)
+            scores.append(float(score))
             types.append(ttype)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
+        writer.add_token_scores(scores)  # transformers' GGUF tokenizer converter for llama reads them
         writer.add_token_types(types)
-        gguf.SpecialVocab(Path(d), load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+        special = gguf.SpecialVocab(Path(d), load_merges=True, n_vocab=len(tokens))
+        eos = tokenizer.eos_token_id
+        if eos is not None:  # readers otherwise invent their own unk/pad tokens beyond the vocabulary
+            for kind, tid in (("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+                special.special_token_ids.setdefault(kind, eos if tid is None else tid)
+        special.add_to_gguf(writer)
 
 
 def _export_gguf(loaded, record, spec, out, force) -> Path:

@@ -235,8 +235,11 @@ def write_output_folder(out: str | Path, fill: Callable[[Path], None], manifest:
         for name in files:
             dst = target / name
             if _kind_of(dst) not in ("missing", "file"):
-                raise AdvisorError(f"{option} {out}: {dst.name} is in the way (a folder, link or special file); "
+                raise AdvisorError(f"{option} {out}: {name} is in the way (a folder, link or special file); "
                                    "remove it or choose another path")
+            if _kind_of(dst) == "file" and name not in ours:
+                raise AdvisorError(f"{option} {out} already holds {name}, which advisor did not write; it is left "
+                                   "untouched and nothing was written. Move it, or choose another path")
         for name in sorted(ours - set(files) - {MANIFEST}):
             if _kind_of(target / name) == "file":
                 (target / name).unlink()
