@@ -42,6 +42,11 @@ __all__ = ["MANIFEST", "NATIVE_WEIGHTS", "atomic_write_text", "atomic_write_tabl
 MANIFEST = "advisor-manifest.json"
 NATIVE_WEIGHTS = "advisor-model.safetensors"
 GGUF_MARKER = b"advisor.spec"  # a key every GGUF advisor writes
+# names advisor's folder outputs may hold: --force never lets them replace a user's file of that name
+WRITTEN_NAMES = frozenset({MANIFEST, NATIVE_WEIGHTS, "model.safetensors", "config.json", "quantization.json",
+                           "quantize_config.json", "generation_config.json", "tokenizer.json",
+                           "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                           "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json"})
 
 
 def package_versions() -> dict[str, str]:
@@ -156,12 +161,16 @@ def check_output(out: str | Path, option: str = "--out", *, force: bool = False,
     else:
         if kind == "file":
             raise AdvisorError(f"{option} {out} is an existing file; give a folder path")
-        if kind == "dir" and not force and read_manifest(target) is None:
+        if kind == "dir" and read_manifest(target) is None:
             try:
                 entries = [e.name for e in target.iterdir()]
             except OSError as e:
                 raise AdvisorError(f"{option} {out} cannot be read ({e.strerror or e}); choose another path") from e
-            if entries:
+            clash = sorted(n for n in entries if n in WRITTEN_NAMES or n.endswith(".gguf"))
+            if entries and force and clash:
+                raise AdvisorError(f"{option} {out} already holds {clash[0]}, which advisor did not write and would "
+                                   "replace; nothing was written. Move it, or choose another path")
+            if entries and not force:
                 raise AdvisorError(
                     f"{option} {out} is a folder advisor did not create (it holds {len(entries)} entries, e.g. "
                     f"{sorted(entries)[0]!r}); nothing was written. Choose a new or empty folder, or pass "
