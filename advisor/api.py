@@ -66,6 +66,7 @@ class Context:
     provenance: dict[str, Any]
     store: Store
     protocol: Protocol = field(default_factory=Protocol)
+    reference: Any = None  # models.evaluate.Reference of the baseline, kept once a candidate is verified
 
 
 def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str | None = None,
@@ -153,7 +154,9 @@ def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence:
     df["pred_dppl_upper"] = bp * np.expm1(upper)
     df.attrs["predictor"] = predictor.describe()  # which predictor made these numbers (reports cite it)
     df.attrs["outside_fitted_range"] = predictor.outside_fitted_range(rows)  # the model's scale vs the fit's
-    return df
+    from advisor.candidates import order_by_cost_then_quality
+
+    return order_by_cost_then_quality(df)  # at equal cost, the better predicted quality first
 
 
 def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | None = None, *,
@@ -179,6 +182,7 @@ def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | 
     ctx = prepare(model, specs=specs, **prepare_kwargs)
     df = predict_candidates(ctx, specs, confidence, predictor)
     df.attrs["baseline_ppl"] = ctx.baseline_ppl
+    df.attrs["protocol"] = {"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol}
     df.attrs["budget"] = {"confidence": confidence, "max_bytes": max_bytes}
     df["chosen"] = False
     if ppl_budget:
@@ -206,6 +210,10 @@ class Attempt:
     seconds: float
     passed: bool
     reason: str = "first choice"  # first choice | escalation (previous missed) | cheaper (after a pass)
+    bytes: int | None = None
+    dl_se: float | None = None  # paired standard error of measured_dl over the evaluation windows
+    kld: dict[str, Any] | None = None  # KL statistics against the baseline (models.evaluate.KLStats)
+    n_windows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -230,11 +238,16 @@ class Recommendation:
     message: str = ""
     seconds: float = 0.0
 
+    confidence: float | None = None
+
     def to_dict(self) -> dict[str, Any]:
+        from advisor.jsonio import document
+
         d = dict(self.__dict__)
         d["attempts"] = [a.to_dict() for a in self.attempts]
         d["candidates"] = list(self.candidates)
-        return d
+        return document(d, confidence=self.confidence, eval_protocol=self.protocol.get("eval"),
+                        calibration=self.protocol.get("calibration"))
 
 
 def _specs(specs: list[str] | None, methods: list[str] | None, dtypes: list[str] | None) -> list[str]:
@@ -302,7 +315,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         df["plausible"] &= df["fits"]
         description += f" within {max_bytes / 1e6:.2f} MB"
     passing = df[df["passes"]]
-    common = dict(baseline_ppl=ctx.baseline_ppl, budget=description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
+    common = dict(confidence=confidence, baseline_ppl=ctx.baseline_ppl, budget=description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
                   candidates=tuple(df.to_dict("records")), features=ctx.features,
                   protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
                   provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint,
@@ -387,25 +400,41 @@ def search_cheapest_verified(passes, plausible, max_attempts: int, explore: bool
 
 def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reason: str = "first choice"):
     """Quantize with the packed kernels, measure, record the run; returns the attempt and swap state."""
-    from advisor.models.evaluate import perplexity
+    from advisor.models.evaluate import paired_se, perplexity
     from advisor.models.pipeline import quantize_model
     from advisor.models.saving import package_versions
 
+    reference = _reference(ctx, progress)  # the baseline's distributions, before any weight changes
     t0 = time.perf_counter()
     originals = {name: layer for name, layer in ctx.loaded.adapter.linear_layers()}
     result = quantize_model(ctx.loaded, row["spec"], ctx.calib, pack=True, progress=progress)
-    r = perplexity(ctx.loaded.model, ctx.eval, progress=progress, desc=f"verify {row['spec']}")
+    r = perplexity(ctx.loaded.model, ctx.eval, batch_size=ctx.protocol.batch_size, progress=progress,
+                   desc=f"verify {row['spec']}", reference=reference)
     dl = r.nll - ctx.baseline_nll
+    dl_se = paired_se(r.window_nll, reference.window_nll)
     seconds = time.perf_counter() - t0
     ctx.store.add_run(model_fp=ctx.loaded.source.fingerprint, model_name=ctx.loaded.source.name, spec=row["spec"],
                       calibration=ctx.calib.protocol, protocol=ctx.eval.protocol, seed=ctx.calib.protocol.get("seed", 0),
                       status="ok", ppl=r.ppl, baseline_ppl=ctx.baseline_ppl, nll=r.nll, baseline_nll=ctx.baseline_nll,
-                      dl=dl, bits_per_weight=result.bits_per_weight, seconds=seconds, packed=1, source="recommend",
+                      dl=dl, dl_se=dl_se, kld=r.kld.to_dict(), bits_per_weight=result.bits_per_weight,
+                      seconds=seconds, packed=1, source="recommend",
                       versions=package_versions(), extra={"predicted_dl": float(row["pred_dl"])})
     attempt = Attempt(spec=row["spec"], predicted=_pred(row), measured_ppl_delta=r.ppl - ctx.baseline_ppl,
                       measured_dl=dl, bits_per_weight=result.bits_per_weight, seconds=seconds,
-                      passed=bool(dl <= budget.max_dl), reason=reason)
+                      passed=bool(dl <= budget.max_dl), reason=reason, bytes=int(row["bytes"]), dl_se=dl_se,
+                      kld=r.kld.to_dict(), n_windows=len(ctx.eval))
     return attempt, (originals, result)
+
+
+def _reference(ctx: Context, progress: bool):
+    """The baseline's bounded next-token distributions on the evaluation windows (KL statistics, paired
+    standard errors), measured once per context, on first use, while the weights are the baseline's."""
+    if ctx.reference is None:
+        from advisor.models.evaluate import DEFAULT_TOP_K, perplexity
+
+        ctx.reference = perplexity(ctx.loaded.model, ctx.eval, batch_size=ctx.protocol.batch_size, progress=progress,
+                                   desc="baseline distributions", top_k=DEFAULT_TOP_K).reference
+    return ctx.reference
 
 
 def _restore(ctx: Context, quantized) -> None:

@@ -12,8 +12,10 @@ Cost of a candidate on a given model:
   speed of formats with the same code bits (nf3 that of int3, mxfp6 that of fp6), and with none of
   those (or no calibration at all) the memory-bound estimate 16 / bits, marked
   ``speed_source="estimate"``.
-Candidates are ranked by bytes, then by speed (faster first), then by how much compute the method
-needs to run (RTN first: at equal cost, the simplest solver that passes is the one to ship).
+Candidates are ranked by bytes, then by speed (faster first): the deployment cost. Among candidates of
+equal deployment cost the better predicted quality comes first (:func:`order_by_cost_then_quality`): the
+solver's compute is a one-time cost already paid when the model ships, so it breaks a tie only between
+predictions within ``QUALITY_TIE_NATS`` of each other (below what the default protocol can measure).
 """
 from __future__ import annotations
 
@@ -116,12 +118,15 @@ def candidate(spec_str: str, shapes: list[tuple[int, int]], other_params: int,
                      bits_per_weight=bpw, bytes=total_bytes, relative_speed=speed, speed_source=source)
 
 
-# Solver compute, cheapest first: the tie-break between candidates of equal bytes and speed.
+# Solver compute, cheapest first: breaks a tie between candidates of equal cost and quality within noise.
 METHOD_COMPUTE_RANK = {"rtn": 0, "awq": 1, "gptq": 2, "nonuniform": 3, "quantease": 4, "quantease-outlier": 5}
+# Predicted dL differences below this are noise: the paired standard error of dL on the default protocol
+# (20 windows of 512 tokens) is rarely below 1e-3 nats, so a smaller predicted gain cannot be verified.
+QUALITY_TIE_NATS = 1e-3
 
 
 def cost_key(c: Candidate) -> tuple:
-    """The ranking of candidates (lower is cheaper): bytes, then speed, then solver compute, then name."""
+    """The ranking of candidates before any prediction (lower is cheaper): bytes, speed, solver compute, name."""
     return (c.bytes, -c.relative_speed, METHOD_COMPUTE_RANK.get(c.method, 99), c.spec)
 
 
@@ -131,6 +136,36 @@ def stored_other_bytes(loaded) -> int:
 
     linear = {id(p) for _, layer in loaded.adapter.linear_layers() for p in layer.parameters()}
     return sum(stored_bytes(p.detach()) for p in loaded.model.parameters() if id(p) not in linear)
+
+
+def order_by_cost_then_quality(df, quality: str = "pred_dl", tie_nats: float = QUALITY_TIE_NATS):
+    """``df`` (candidate rows with ``bytes``, ``relative_speed``, ``method``, ``spec`` and a ``quality``
+    column, lower is better) reordered: cheapest deployment cost first; at equal cost the better quality;
+    solver compute only between qualities within ``tie_nats`` of the tier's best. Adds ``tie_break``:
+    ``None`` for a candidate alone at its cost, else ``"quality"`` or ``"compute (quality within noise)"``,
+    the reason it sits where it does among its equal-cost peers."""
+    import pandas as pd
+
+    rows = []
+    for _, group in df.groupby(["bytes", "relative_speed"], sort=False):
+        g = group.sort_values([quality, "spec"], kind="stable")
+        tier, first = 0, None
+        tiers = []
+        for q in g[quality].to_numpy(dtype=float):
+            if first is None or not (q - first <= tie_nats):
+                tier, first = tier + 1, q
+            tiers.append(tier)
+        g = g.assign(_tier=tiers, _rank=g["method"].map(METHOD_COMPUTE_RANK).fillna(99))
+        g = g.sort_values(["_tier", "_rank", "spec"], kind="stable")
+        alone = len(g) == 1
+        tied = g.groupby("_tier")["_tier"].transform("size") > 1
+        g["tie_break"] = [None if alone else ("compute (quality within noise)" if t else "quality") for t in tied]
+        rows.append(g.drop(columns=["_tier", "_rank"]))
+    out = pd.concat(rows) if rows else df.assign(tie_break=None)
+    out = out.assign(_neg_speed=-out["relative_speed"]).sort_values(["bytes", "_neg_speed"], kind="stable")
+    out = out.drop(columns=["_neg_speed"]).reset_index(drop=True)
+    out.attrs = dict(df.attrs)
+    return out
 
 
 def enumerate_candidates(loaded, specs: Iterable[str] | None = None) -> list[Candidate]:

@@ -48,18 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def emit_json(obj: Any) -> None:
-    """Print one JSON object (the only stdout output in --json mode)."""
-    print(json.dumps(obj, indent=2, default=_json_default))
+    """Print one strict JSON object (the only stdout output in --json mode; NaN/Infinity become null)."""
+    from advisor.jsonio import dumps
 
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    return str(o)
+    print(dumps(obj))
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

@@ -12,6 +12,14 @@ def _se(x: float | None, digits: int) -> str:
     return "" if x is None else f" ± {x:.{digits}f}"
 
 
+def _dppl_se(baseline_ppl: float, a) -> float | None:
+    """Standard error of an attempt's measured dPPL (delta method on its paired dL standard error)."""
+    import math
+
+    se = getattr(a, "dl_se", None)
+    return None if se is None else baseline_ppl * math.exp(a.measured_dl) * se
+
+
 def format_measurement(m: dict[str, Any]) -> str:
     """A measurement against its baseline: ``dPPL = x ± se (dL ...), KL mean ± se, ...``.
 
@@ -87,7 +95,8 @@ def candidates_table(rec, top: int = 12) -> str:
         for a in rec.attempts:
             p = a.predicted
             lines.append(f"  {a.spec:<28} predicted {p['mean']:.4f} [{p['lower']:.4f}, {p['upper']:.4f}]  "
-                         f"measured {a.measured_ppl_delta:.4f}  {'PASS' if a.passed else 'MISS'}  ({a.seconds:.1f}s, {a.reason})")
+                         f"measured {a.measured_ppl_delta:.4f}{_se(_dppl_se(rec.baseline_ppl, a), 4)}  "
+                         f"{'PASS' if a.passed else 'MISS'}  ({a.seconds:.1f}s, {a.reason})")
     lines += ["", rec.message]
     return "\n".join(lines)
 
@@ -175,7 +184,9 @@ def write_report(rec, folder: str | Path) -> dict[str, str]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = rec.to_dict()
-    js = atomic_write_text(folder / "recommendation.json", json.dumps(data, indent=2, default=str))
+    from advisor.jsonio import dumps
+
+    js = atomic_write_text(folder / "recommendation.json", dumps(data))
     png = plot(rec, folder / "dppl_vs_bits.png")
     pred = rec.provenance.get("predictor", {})
     md = ["# advisor recommendation", "", f"- model: `{rec.provenance.get('model', '')}`",

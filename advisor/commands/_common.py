@@ -47,9 +47,11 @@ def memory_budget(args: argparse.Namespace) -> int | None:
     """Bytes from --max-gb / --max-bytes (None: no memory budget); refuses a budget that is not positive."""
     from advisor.models.errors import AdvisorError
 
+    import math
+
     for name, value in (("--max-gb", args.max_gb), ("--max-bytes", args.max_bytes)):
-        if value is not None and not value > 0:
-            raise AdvisorError(f"{name} must be positive, got {value}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise AdvisorError(f"{name} must be a finite positive number, got {value}")
     return int(args.max_gb * 1e9) if args.max_gb is not None else args.max_bytes
 
 

@@ -22,7 +22,9 @@ def run(args: argparse.Namespace) -> int:
     result = perplexity(loaded.model, windows, batch_size=protocol.batch_size)
     out = dict(result.to_dict(), model=loaded.source.to_dict())
     if args.json:
-        emit_json(out)
+        from advisor.jsonio import document
+
+        emit_json(document(out, confidence=None, eval_protocol=windows.protocol))
     else:
         print(f"{args.model}: perplexity {result.ppl:.4f} (mean NLL {result.nll:.5f} nats over "
               f"{result.n_tokens} tokens, {windows.protocol['n_windows']} x {args.seq_len}-token windows "

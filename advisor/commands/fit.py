@@ -20,6 +20,10 @@ def run(args: argparse.Namespace) -> int:
     from advisor.cli import emit_json
     from advisor.fitting import fit, read_runs, report, runs_table, shipped_runs
     from advisor.predictor import PredictorError
+    from advisor.models.errors import AdvisorError
+
+    if not 0.5 <= args.confidence < 1:
+        raise AdvisorError(f"--confidence must be in [0.5, 1), got {args.confidence}")
 
     frames = [read_runs(p) for p in args.runs]
     if args.store:
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out["saved_to"] = str(predictor.save(args.out))
     if args.report:
-        out.update(report(df, alpha=1 - args.confidence, predictor=predictor))
+        out.update(report(df, alpha=1 - args.confidence, predictor=predictor))  # --confidence checked in run()
     if args.json:
         emit_json(out)
         return 0

@@ -32,6 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from advisor.commands._common import split_list
     from advisor.report import plan_message, plan_table
 
+    from advisor.models.errors import AdvisorError
+
+    if args.top < 1:
+        raise AdvisorError(f"--top must be at least 1, got {args.top}")
+    if args.csv is not None and not args.csv.strip():
+        raise AdvisorError("--csv needs a file name, got an empty one")
     if args.csv:
         from advisor.models.saving import check_output_dir
 
@@ -50,10 +56,14 @@ def run(args: argparse.Namespace) -> int:
     message = plan_message(df)
     if args.json:
         chosen = df[df["chosen"]]
-        emit_json({"baseline_ppl": df.attrs["baseline_ppl"], "predictor": df.attrs["predictor"],
-                   "budget": df.attrs["budget"], "outside_fitted_range": df.attrs["outside_fitted_range"],
-                   "chosen": chosen["spec"].iloc[0] if len(chosen) else None, "message": message,
-                   "candidates": df.to_dict("records")})
+        from advisor.jsonio import document
+
+        emit_json(document({"baseline_ppl": df.attrs["baseline_ppl"], "predictor": df.attrs["predictor"],
+                            "budget": df.attrs["budget"], "outside_fitted_range": df.attrs["outside_fitted_range"],
+                            "chosen": chosen["spec"].iloc[0] if len(chosen) else None, "message": message,
+                            "candidates": df.to_dict("records")}, confidence=args.confidence,
+                           eval_protocol=df.attrs.get("protocol", {}).get("eval"),
+                           calibration=df.attrs.get("protocol", {}).get("calibration")))
     else:
         print(plan_table(df, top=args.top))
         print(message)

@@ -26,16 +26,18 @@ def run(args: argparse.Namespace) -> int:
     predictor = predictor_from(args)
     ctx = prepare(args.model, specs=specs, **protocol_kwargs(args))
     df = predict_candidates(ctx, specs, args.confidence, predictor)
-    rows = [{"spec": r["spec"], "bits_per_weight": r["bits_per_weight"], "bytes": int(r["bytes"]),
-             "dl": {"mean": r["pred_dl"], "lower": r["pred_dl_lower"], "upper": r["pred_dl_upper"]},
-             "dppl": {"mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"]},
-             "mean": r["pred_dppl"], "lower": r["pred_dppl_lower"], "upper": r["pred_dppl_upper"],
-             "method_gain_extrapolated": bool(r["method_gain_extrapolated"])}
-            for _, r in df.iterrows()]
+    rows = df.to_dict("records")  # the candidate row schema plan and recommend share
+    for r in rows:
+        r["mean"], r["lower"], r["upper"] = r["pred_dppl"], r["pred_dppl_lower"], r["pred_dppl_upper"]
     outside, info = df.attrs["outside_fitted_range"], df.attrs["predictor"]
     if args.json:
         common = {"baseline_ppl": ctx.baseline_ppl, "predictor": info, "outside_fitted_range": outside}
-        emit_json(dict(rows[0], **common) if args.spec else dict(common, candidates=rows))
+        from advisor.jsonio import document
+
+        shared = df.to_dict("records")
+        doc = dict(common, candidate=shared[0]) if args.spec else dict(common, candidates=shared)
+        emit_json(document(doc, confidence=args.confidence, eval_protocol=ctx.eval.protocol,
+                           calibration=ctx.calib.protocol))
         return 0
     print(f"baseline ppl {ctx.baseline_ppl:.4f}; predictor {info['source']} (format {info['format_version']}, "
           f"fitted on {info['n_train']} runs)")

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         out["saved_to"] = str(export_model(loaded, result, out, args.out, args.format, force=args.force))
         out["format"] = args.format
     if args.json:
-        emit_json(out)
+        from advisor.jsonio import document
+
+        emit_json(document(out, confidence=None, eval_protocol=windows.protocol, calibration=calib.protocol))
     else:
         from advisor.report import format_measurement
 

@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
 
     from advisor.commands._common import memory_budget, predictor_from, protocol_kwargs, split_list
 
+    if args.out is not None and not args.out.strip():
+        from advisor.models.errors import AdvisorError
+
+        raise AdvisorError("--out needs a folder name, got an empty one")
     max_bytes = memory_budget(args)
     predictor = predictor_from(args)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         d = rec.to_dict()
         d["report"] = files
-        emit_json(d)
+        emit_json(d)  # Recommendation.to_dict() carries the document stamp
     else:
         print(candidates_table(rec))
         if files:
