@@ -84,6 +84,14 @@ def load_model(args: argparse.Namespace, job: str = "load", **kwargs: Any):
     return load(args.model, options=model_options(args), job=job, job_params=params, **kwargs)
 
 
-def split_list(s: str | None) -> list[str] | None:
-    """A comma-separated option (``--methods gptq,awq``) as a list; None when not given."""
-    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+def split_list(s: str | None, option: str = "--methods") -> list[str] | None:
+    """A comma-separated option (``--methods gptq,awq``) as a list; None when not given; an error when
+    given but naming nothing (``--methods ,``)."""
+    if s is None:
+        return None
+    items = [x.strip() for x in s.split(",") if x.strip()]
+    if not items:
+        from advisor.models.errors import AdvisorError
+
+        raise AdvisorError(f"{option} {s!r} names nothing; give a comma-separated list, or leave the option out")
+    return items
