@@ -6,7 +6,9 @@ a miss -> report. Every measurement is written to the store, so each verificatio
 """
 from __future__ import annotations
 
+
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +89,8 @@ def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str |
     from advisor.models.loading import load
 
     protocol = Protocol.from_kwargs(protocol, **protocol_fields)
-    store = store if isinstance(store, Store) else open_store(store)
+    if store is None or isinstance(store, (str, os.PathLike)):  # else a Store, or a sweep worker's stand-in
+        store = open_store(store)
     if isinstance(model, str):
         loaded = load(model, device=device, options=model_options, job=job,
                       job_params={"seq_len": protocol.seq_len, "n_calib": protocol.n_calib})

@@ -505,7 +505,9 @@ class Predictor:
         if (d.get("format_version") != FORMAT_VERSION or d.get("design") != list(TERMS)
                 or not isinstance(options, dict) or {**DESIGN_OPTIONS, **options} != DESIGN_OPTIONS
                 or d.get("additive_noise", True) is not True):
-            raise PredictorError(f"{where} (format {d.get('format_version')}, {len(d.get('design') or [])} terms) "
+            design = d.get("design")
+            n_terms = len(design) if isinstance(design, list) else "no list of"
+            raise PredictorError(f"{where} (format {d.get('format_version')}, {n_terms} terms) "
                                  f"is incompatible with this advisor (format {FORMAT_VERSION}, the design of "
                                  f"docs/predictor.md); {REFIT}")
         p = len(TERMS)
@@ -574,8 +576,10 @@ class Predictor:
         if not isinstance(conformal, dict):
             raise bad("'conformal' must be an object {coverage: multiplier}")
         pred.conformal_ = {str(k): number(f"conformal[{k}]", 0.0, True, v) for k, v in conformal.items()}
-        scores = array("conformal_scores", (len(d.get("conformal_scores") or []),)) if d.get("conformal_scores") \
-            else np.empty(0)
+        raw = d.get("conformal_scores")
+        if raw is not None and not isinstance(raw, list):
+            raise bad("'conformal_scores' must be a list of numbers")
+        scores = array("conformal_scores", (len(raw),)) if raw else np.empty(0)
         if (scores < 0).any():
             raise bad("'conformal_scores' must be non-negative")
         pred.conformal_scores_ = np.sort(scores)

@@ -94,6 +94,8 @@ def _kind_of(p: Path) -> str:
         mode = p.lstat().st_mode
     except FileNotFoundError:
         return "missing"
+    except NotADirectoryError:  # a parent folder is a file
+        return "under-a-file"
     if stat.S_ISLNK(mode):
         return "symlink"
     if stat.S_ISDIR(mode):
@@ -145,6 +147,9 @@ def check_output(out: str | Path, option: str = "--out", *, force: bool = False,
     given = Path(out).expanduser()
     target = given.parent.resolve() / given.name if given.name not in ("", ".", "..") else given.resolve()
     kind = _kind_of(target)
+    if kind == "under-a-file":
+        raise AdvisorError(f"{option} {out} is not writable: a folder on its path is an existing file; "
+                           f"choose another {option}")
     if kind == "symlink":
         raise AdvisorError(f"{option} {out} is a symbolic link; advisor does not write through links. "
                            "Give the real path")

@@ -46,7 +46,7 @@ CASES = {
                                                         str(t / "afile" / "model")), "not writable"),
     "negative memory budget": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "-1"], "positive"),
     "zero memory for recommend": (lambda f, t: ["recommend", "--model", str(f), "--max-ppl-delta", "1",
-                                                "--max-bytes", "0"], "--max-bytes must be positive"),
+                                                "--max-bytes", "0"], "--max-bytes must be a finite positive number"),
     "plan confidence of 1": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "1", "--confidence", "1"],
                              "--confidence must be in [0.5, 1)"),
     "plan csv under a file": (lambda f, t: ["plan", "--model", str(f), "--max-gb", "1", "--csv",
@@ -102,6 +102,6 @@ def test_full_disk_while_saving_leaves_nothing_behind(tiny_folder, tmp_path):
     assert r.returncode != 0, r.stdout
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "could not save" in last and "nothing was left behind" in last, last
+    assert "could not write --out" in last and "nothing of this write was left behind" in last, last
     assert not (out / "model").exists()
     assert [p.name for p in out.iterdir()] == [] if out.exists() else True

@@ -92,7 +92,8 @@ def test_recommend_verifies_and_never_claims_a_miss(tiny_folder, common, predict
                     out=tmp_path / "report", methods=["rtn"], **common)
     assert rec.exit_code == 0 and rec.verified and rec.spec is not None
     assert rec.measured_ppl_delta <= rec.max_ppl_delta
-    assert (tmp_path / "report" / "model" / "model.safetensors").exists()
+    from advisor.models.saving import NATIVE_WEIGHTS
+    assert (tmp_path / "report" / "model" / NATIVE_WEIGHTS).exists()  # the packed model, in the native format
     runs = common["store"].runs()
     assert (runs["source"] == "recommend").sum() >= 1 and runs["packed"].max() == 1
     # the report names the predictor that made the predictions
