@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from advisor.models.evaluate import DEFAULT_TOP_K, paired_se, perplexity
     from advisor.models.pipeline import quantize_model
     from advisor.quantizers import QuantSpec
-    from advisor.store import protocol_key, stable_hash
+    from advisor.jsonio import protocol_fingerprint
 
     t0 = time.perf_counter()
     spec = QuantSpec.parse(args.spec)  # fail fast, before loading anything
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - t0, "quantize_seconds": result.seconds, "packed": result.packed,
         "model": loaded.source.to_dict(), "calibration": calib.protocol, "protocol": measured.protocol,
         "model_options": loaded.resolved_options(),
-        "protocol_fingerprint": stable_hash(protocol_key(measured.protocol)),
+        "protocol_fingerprint": protocol_fingerprint(measured.protocol, calib.protocol),  # as every document
     }
     if args.out is not None:
         from advisor.models.export import export_model
