@@ -135,6 +135,16 @@ def tiny_folder(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny models and per-column loops are all per-op overhead, and on a
+    shared 2-core machine more threads only add OpenMP waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_home(tmp_path_factory):
     """Tests never write into the user's ADVISOR_HOME; hub access is off."""

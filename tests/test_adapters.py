@@ -19,12 +19,7 @@ PARALLEL = {"falcon", "gptj", "cohere"}
 MOE = {"mixtral", "qwen3_moe"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

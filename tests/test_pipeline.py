@@ -147,14 +147,6 @@ PROBE_FAST = {
 }
 
 
-@pytest.fixture(scope="module")
-def _one_thread_module():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # packed GPTQ runs its statistics passes through the packed kernels (slow on tiny shapes): four
 # architectures of distinct layouts by default, all of them in the slow run
 GPTQ_FAST = {"llama", "falcon", "gpt2", "mixtral"}
@@ -163,7 +155,7 @@ CASES = [(a, "rtn:int4:g16") for a in ALL_ARCHS] + [
 
 
 @pytest.mark.parametrize("arch,spec", CASES)
-def test_packed_perplexity_equals_fake_quant_perplexity(arch, spec, _one_thread_module):
+def test_packed_perplexity_equals_fake_quant_perplexity(arch, spec, one_thread):
     """On every architecture the packed model (real kernels) measures the perplexity of the fake-quantized one."""
     import math
 
@@ -182,7 +174,7 @@ def test_packed_perplexity_equals_fake_quant_perplexity(arch, spec, _one_thread_
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
-def test_every_probe_is_finite_on_every_architecture(arch, _one_thread_module):
+def test_every_probe_is_finite_on_every_architecture(arch, one_thread):
     import math
 
     from advisor import probes

@@ -29,13 +29,7 @@ FAST = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are all per-op overhead; on a shared 2-core machine one thread avoids OpenMP waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _micro_llama(seed: int = 0):

@@ -16,12 +16,7 @@ FAST = ["--set", 'sqnr.dtypes=["int4", "mxfp4"]', "--set", 'second_order.dtypes=
 PREFIXES = ("hessian.", "fisher.", "perturbation.", "outliers.", "sqnr.", "second_order.", "rtn_loss.")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,7 @@ from advisor.quantizers.grid import compute_grid_params, round_to_grid, rounder_
 from advisor.quantizers.synthetic import synthetic_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the per-column loops are dominated by small ops; on a shared 2-core machine threads only add waits
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_gptq(W, H, dtype, group_size, symmetric=True, damp=0.01, order=None):

@@ -22,12 +22,7 @@ from advisor.quantizers.synthetic import synthetic_layer
 OUT, IN = 24, 160  # 160 = 5 MX blocks; with g64 the last group is partial
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

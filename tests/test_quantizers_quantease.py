@@ -12,12 +12,7 @@ from advisor.quantizers.quantease_outlier import quantease_outlier_quantize_weig
 from advisor.quantizers.synthetic import synthetic_layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(out, inp, seed):
