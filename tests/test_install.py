@@ -2,6 +2,7 @@
 the wheel. These run the installed distribution, never the checkout's folders by path."""
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import os
@@ -35,7 +36,7 @@ def test_the_distribution_installs_only_the_advisor_import_name():
     finder = [f for f in dist.files if str(f).startswith("__editable___") and str(f).endswith("_finder.py")]
     for f in finder:  # editable install: every mapped package lies under advisor.
         text = Path(f.locate()).read_text()
-        mapping = json.loads(text.split("MAPPING: dict[str, str] = ", 1)[1].split("\n", 1)[0].replace("'", '"'))
+        mapping = ast.literal_eval(text.split("MAPPING: dict[str, str] = ", 1)[1].split("\n", 1)[0])
         assert mapping and all(n == "advisor" or n.startswith("advisor.") for n in mapping), mapping
 
 
