@@ -6,7 +6,6 @@ a miss -> report. Every measurement is written to the store, so each verificatio
 """
 from __future__ import annotations
 
-
 import math
 import os
 import time
