@@ -139,9 +139,9 @@ def calibrate(specs=CALIBRATION_SPECS, shape=SHAPE, repeats: int = REPEATS) -> S
            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = cache_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    from advisor.kernels.io import atomic_write_text  # the project's one atomic write (unique temporary name)
+
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
     return SpeedTable(speeds, True, key, str(path))
 
 
