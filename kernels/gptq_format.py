@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .codebook import classify_table
-from .io import _atomic_save
+from .io import _atomic_save, atomic_write_text
 from .linear import QuantLinear
 
 
@@ -132,8 +132,7 @@ def export_gptq(directory: str, modules: dict[str, QuantLinear], metadata: dict 
     config = {"bits": bits.pop(), "group_size": groups.pop(), "desc_act": False,
               "sym": all(m.group_offsets() is None for m in mods), "true_sequential": True,
               "checkpoint_format": "gptq", "quant_method": "gptq"}
-    with open(os.path.join(directory, "quantize_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    atomic_write_text(os.path.join(directory, "quantize_config.json"), json.dumps(config, indent=2))
     return path
 
 
