@@ -54,7 +54,7 @@ def protocol_fingerprint(eval_protocol: dict | None, calibration: dict | None = 
         return None
     from advisor.store import protocol_key, stable_hash
 
-    return stable_hash({"eval": protocol_key(eval_protocol), "calibration": protocol_key(calibration or {})})
+    return stable_hash({"eval": protocol_key(eval_protocol or {}), "calibration": protocol_key(calibration or {})})
 
 
 def document(obj: dict[str, Any], *, confidence: float | None, eval_protocol: dict | None = None,
