@@ -31,17 +31,24 @@ DECISION_CONFIDENCE = 0.9
 
 @dataclass(frozen=True)
 class Budget:
-    """A perplexity budget, as the largest allowed dL = ln(ppl_q / ppl_fp)."""
+    """A quality budget: a perplexity one as the largest allowed dL = ln(ppl_q / ppl_fp), or a KL one as
+    the largest allowed mean KL divergence from the baseline (``metric == "kld"``, nats per token)."""
 
-    max_dl: float
+    max_dl: float  # the limit in the budget's metric: dL for a perplexity budget, mean KL for a KL one
     description: str
+    metric: str = "dl"  # "dl" or "kld"
 
     @classmethod
     def from_args(cls, baseline_ppl: float, max_ppl_delta: float | None = None,
-                  max_ppl_ratio: float | None = None) -> "Budget":
-        if (max_ppl_delta is None) == (max_ppl_ratio is None):
-            raise AdvisorError("give exactly one budget: --max-ppl-delta X (absolute perplexity increase) or "
-                               "--max-ppl-ratio R (ppl_q / ppl_fp, e.g. 1.03)")
+                  max_ppl_ratio: float | None = None, max_kld: float | None = None) -> "Budget":
+        if sum(x is not None for x in (max_ppl_delta, max_ppl_ratio, max_kld)) != 1:
+            raise AdvisorError("give exactly one budget: --max-ppl-delta X (absolute perplexity increase), "
+                               "--max-ppl-ratio R (ppl_q / ppl_fp, e.g. 1.03) or --max-kld K (mean KL "
+                               "divergence from the baseline, nats per token)")
+        if max_kld is not None:
+            if not (isinstance(max_kld, (int, float)) and math.isfinite(max_kld) and max_kld > 0):
+                raise AdvisorError(f"--max-kld must be a positive number, got {max_kld}")
+            return cls(float(max_kld), f"mean KL <= {max_kld:g}", "kld")
         if max_ppl_delta is not None:
             if not (isinstance(max_ppl_delta, (int, float)) and math.isfinite(max_ppl_delta) and max_ppl_delta > 0):
                 raise AdvisorError(f"--max-ppl-delta must be a positive number, got {max_ppl_delta}")
@@ -50,8 +57,9 @@ class Budget:
             raise AdvisorError(f"--max-ppl-ratio must be a number above 1, got {max_ppl_ratio}")
         return cls(math.log(max_ppl_ratio), f"ppl ratio <= {max_ppl_ratio:g}")
 
-    def dppl(self, baseline_ppl: float) -> float:
-        return baseline_ppl * math.expm1(self.max_dl)
+    def dppl(self, baseline_ppl: float) -> float | None:
+        """The budget as an absolute dPPL (None for a KL budget: it has none)."""
+        return None if self.metric == "kld" else baseline_ppl * math.expm1(self.max_dl)
 
 
 @dataclass
@@ -68,6 +76,7 @@ class Context:
     store: Store
     protocol: Protocol = field(default_factory=Protocol)
     reference: Any = None  # models.evaluate.Reference of the baseline, kept once a candidate is verified
+    extension: Any = None  # models.data.Windows after the evaluation windows (sequential test), cut on first use
 
 
 def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str | None = None,
@@ -215,10 +224,14 @@ class Attempt:
     bytes: int | None = None
     dl_se: float | None = None  # paired standard error of measured_dl over the evaluation windows
     kld: dict[str, Any] | None = None  # KL statistics against the baseline (models.evaluate.KLStats)
-    n_windows: int | None = None
+    n_windows: int | None = None  # evaluation windows measured (the sequential test may stop early or go on)
+    verdict: str | None = None  # the sequential test's: pass | miss | inconclusive (advisor.sequential)
+    looks: tuple[dict[str, Any], ...] = ()  # per look: n_windows, estimate, se, lower, upper, verdict
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["looks"] = [dict(x) for x in self.looks]
+        return d
 
 
 @dataclass(frozen=True)
@@ -227,7 +240,7 @@ class Recommendation:
     verified: bool
     baseline_ppl: float
     budget: str
-    max_ppl_delta: float
+    max_ppl_delta: float | None  # the budget as an absolute dPPL (None for a KL budget)
     measured_ppl_delta: float | None
     predicted: dict[str, float] | None
     attempts: tuple[Attempt, ...]
@@ -241,6 +254,10 @@ class Recommendation:
     seconds: float = 0.0
 
     confidence: float | None = None
+    budget_metric: str = "dl"  # what the budget limits: dl (perplexity budgets) or kld (--max-kld)
+    max_kld: float | None = None  # the KL budget (nats per token), for --max-kld
+    kld_source: str | None = None  # "measured" under a KL budget: KL is measured, never predicted
+    early_stop: bool = True  # the sequential test could decide before the protocol's last window
 
     def to_dict(self) -> dict[str, Any]:
         from advisor.jsonio import document
@@ -276,14 +293,20 @@ def _pred(row: pd.Series) -> dict[str, float]:
 
 
 def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_ratio: float | None = None,
-              confidence: float = DECISION_CONFIDENCE, explore: bool = True,
+              max_kld: float | None = None, confidence: float = DECISION_CONFIDENCE, explore: bool = True,
+              early_stop: bool = True,
               methods: list[str] | None = None, dtypes: list[str] | None = None,
               specs: list[str] | None = None, max_attempts: int = 3, out: str | Path | None = None, dry_run: bool = False, predictor=None,
               max_bytes: int | None = None, progress: bool = True, **prepare_kwargs: Any) -> Recommendation:
     """Pick, run and verify the cheapest candidate predicted to meet the budget.
 
     A candidate passes the prediction when its interval's upper bound (at ``confidence``) meets the
-    budget; it is verified only when the packed model's measured dPPL meets it. The cheapest passing
+    budget; it is verified only when the sequential test on the packed model's measurement declares a
+    pass: the measured upper bound at ``confidence`` meets the budget (advisor.sequential; with
+    ``early_stop`` it may decide before all the protocol's windows, and it measures further windows
+    while the bound straddles the budget; "inconclusive" is never verified). ``max_kld`` is a budget in
+    mean KL divergence from the baseline: no predictor of KL ships, so the candidates are ranked and
+    chosen with the predicted dL as a stand-in and the KL is measured, never predicted. The cheapest passing
     candidate is tried first; on a miss the next one (escalation). With ``explore``, attempts left (of
     ``max_attempts``) after a verified pass go to cheaper candidates that are plausible, i.e. whose
     predicted median dL meets the budget (at least as likely to pass as not), cheapest first; the
@@ -298,15 +321,16 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     if max_attempts < 1:
         raise AdvisorError(f"--max-attempts must be at least 1, got {max_attempts}")
     _check_request(confidence, max_bytes)
-    Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
+    Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio, max_kld)  # validate the numbers before any work
     if out is not None:
         from advisor.models.saving import check_output_dir
 
         check_output_dir(Path(out) / "model")
     specs = _specs(specs, methods, dtypes)
     ctx = prepare(model, progress=progress, specs=specs, **prepare_kwargs)
-    budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio)
+    budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio, max_kld)
     df = predict_candidates(ctx, specs, confidence, predictor)
+    # a KL budget is compared with the predicted dL: the stand-in, since no predictor of KL ships
     df["passes"] = df["pred_dl_upper"] <= budget.max_dl
     df["plausible"] = df["pred_dl"] <= budget.max_dl  # the median prediction meets the budget
     description = budget.description
@@ -318,6 +342,8 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         description += f" within {max_bytes / 1e6:.2f} MB"
     passing = df[df["passes"]]
     common = dict(confidence=confidence, baseline_ppl=ctx.baseline_ppl, budget=description, max_ppl_delta=budget.dppl(ctx.baseline_ppl),
+                  budget_metric=budget.metric, max_kld=budget.max_dl if budget.metric == "kld" else None,
+                  kld_source="measured" if budget.metric == "kld" else None, early_stop=early_stop,
                   candidates=tuple(df.to_dict("records")), features=ctx.features,
                   protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
                   provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint,
@@ -342,7 +368,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
 
     def measure(pos: int, reason: str) -> bool:
         nonlocal saved
-        attempt, quantized = _execute(ctx, df.iloc[pos], budget, progress, reason)
+        attempt, quantized = _execute(ctx, df.iloc[pos], budget, progress, reason, confidence, early_stop)
         by_pos[pos] = attempt
         if attempt.passed and out is not None:
             saved = str(_save(ctx, quantized, attempt, out))  # atomic: replaces a previous, dearer pass
@@ -356,17 +382,34 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         others = [x for x in attempts if x is not a]
         tail = ""
         if others:
-            tail = "; also tried " + ", ".join(f"{x.spec} ({'passed' if x.passed else 'missed'}, measured dPPL "
-                                               f"{x.measured_ppl_delta:.4f})" for x in others)
+            tail = "; also tried " + ", ".join(f"{x.spec} ({_verdict_words(x)}, {_measured(x, budget)})" for x in others)
         return Recommendation(spec=a.spec, verified=True, measured_ppl_delta=a.measured_ppl_delta,
                               predicted=a.predicted, attempts=tuple(attempts), saved_to=saved, exit_code=0,
-                              message=f"verified: {a.spec} measured dPPL {a.measured_ppl_delta:.4f} "
-                                      f"<= {budget.dppl(ctx.baseline_ppl):.4f}{tail}",
+                              message=f"verified: {a.spec} {_measured(a, budget)}, upper bound at {confidence:.0%} "
+                                      f"{a.looks[-1]['upper']:.4g} <= {budget.max_dl:.4g} ({_metric_name(budget)}) "
+                                      f"after {a.n_windows} windows{tail}",
                               seconds=time.perf_counter() - t0, **common)
+    inconclusive = sum(x.verdict == "inconclusive" for x in attempts)
+    why = (f" ({inconclusive} inconclusive: the bound at {confidence:.0%} still straddled the budget after every "
+           "window measured; a longer --eval text or a lower --confidence can decide them)") if inconclusive else ""
     return Recommendation(spec=None, verified=False, measured_ppl_delta=None, predicted=None, attempts=tuple(attempts),
-                          exit_code=3, message=f"every attempt ({len(attempts)}) missed {budget.description}; "
-                                               "raise --max-attempts or the budget",
+                          exit_code=3, message=f"no attempt ({len(attempts)}) was verified to meet {budget.description}"
+                                               f"{why}; raise --max-attempts or the budget",
                           seconds=time.perf_counter() - t0, **common)
+
+
+def _metric_name(budget: Budget) -> str:
+    return "mean KL, nats" if budget.metric == "kld" else "dL, nats"
+
+
+def _measured(a: Attempt, budget: Budget) -> str:
+    if budget.metric == "kld":
+        return f"measured mean KL {a.kld['mean']:.4g}"
+    return f"measured dPPL {a.measured_ppl_delta:.4f}"
+
+
+def _verdict_words(a: Attempt) -> str:
+    return {"pass": "passed", "miss": "missed"}.get(a.verdict, "inconclusive")
 
 
 def search_cheapest_verified(passes, plausible, max_attempts: int, explore: bool, measure) -> int | None:
@@ -400,32 +443,115 @@ def search_cheapest_verified(passes, plausible, max_attempts: int, explore: bool
     return best
 
 
-def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reason: str = "first choice"):
-    """Quantize with the packed kernels, measure, record the run; returns the attempt and swap state."""
-    from advisor.models.evaluate import paired_se, perplexity
+def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reason: str = "first choice",
+             confidence: float = DECISION_CONFIDENCE, early_stop: bool = True):
+    """Quantize with the packed kernels and verify by the sequential test (advisor.sequential): measure the
+    evaluation windows in looks, stop once the bound at ``confidence`` clears or misses the budget, go on
+    to further windows of the same text while it straddles it. Records the run; returns the attempt and
+    the swap state."""
+    import torch
+
+    from advisor.models.data import Windows
+    from advisor.models.evaluate import merge_kl, paired_se, perplexity
     from advisor.models.pipeline import quantize_model
     from advisor.models.saving import package_versions
+    from advisor.sequential import PASS, SequentialRule, plan_looks
 
     reference = _reference(ctx, progress)  # the baseline's distributions, before any weight changes
+    k = len(ctx.eval)
+    extension = _extension(ctx)
+    windows = Windows(torch.cat([ctx.eval.ids, extension.ids]), ctx.eval.protocol,
+                      tuple(ctx.eval.offsets) + tuple(extension.offsets))
+    rule = SequentialRule(plan_looks(k, len(windows), early_stop=early_stop), confidence)
     t0 = time.perf_counter()
     originals = {name: layer for name, layer in ctx.loaded.adapter.linear_layers()}
     result = quantize_model(ctx.loaded, row["spec"], ctx.calib, pack=True, progress=progress)
-    r = perplexity(ctx.loaded.model, ctx.eval, batch_size=ctx.protocol.batch_size, progress=progress,
-                   desc=f"verify {row['spec']}", reference=reference)
-    dl = r.nll - ctx.baseline_nll
-    dl_se = paired_se(r.window_nll, reference.window_nll)
+    nll_q: list[float] = []
+    kld_w: list[float] = []
+    stages = []
+    looks: list[dict[str, Any]] = []
+    for i, n in enumerate(rule.looks):
+        if n > reference.target_logp.shape[0]:  # the baseline's distributions on the extension windows
+            reference = _extend_reference(ctx, originals, windows, n, progress)
+        r = perplexity(ctx.loaded.model, windows, batch_size=ctx.protocol.batch_size, progress=progress,
+                       desc=f"verify {row['spec']} ({n} windows)", reference=reference, start=len(nll_q), stop=n)
+        nll_q.extend(r.window_nll)
+        kld_w.extend(r.kld.window_kld)
+        stages.append(r.kld)
+        base = reference.window_nll[:n]
+        d = kld_w if budget.metric == "kld" else [q - b for q, b in zip(nll_q, base)]
+        verdict, est, se = rule.decide(d, budget.max_dl, final=i == len(rule.looks) - 1)
+        looks.append({"n_windows": n, "estimate": est, "se": se, "z": rule.z,
+                      "lower": None if se is None else est - rule.z * se,
+                      "upper": None if se is None else est + rule.z * se, "verdict": verdict})
+        if verdict != "continue":
+            break
+    n = len(nll_q)
+    kld = merge_kl(stages)
+    base_nll = sum(reference.window_nll[:n]) / n
+    nll = sum(nll_q) / n
+    dl = nll - base_nll
+    dl_se = paired_se(nll_q, reference.window_nll[:n])
     seconds = time.perf_counter() - t0
+    protocol = dict(ctx.eval.protocol, n_windows=n)
+    if n > k:  # the protocol's windows, then further ones that avoid the calibration text
+        protocol["windows"] = "first-n-non-overlapping-then-next-avoiding-calibration"
     ctx.store.add_run(model_fp=ctx.loaded.source.fingerprint, model_name=ctx.loaded.source.name, spec=row["spec"],
-                      calibration=ctx.calib.protocol, protocol=ctx.eval.protocol, seed=ctx.calib.protocol.get("seed", 0),
-                      status="ok", ppl=r.ppl, baseline_ppl=ctx.baseline_ppl, nll=r.nll, baseline_nll=ctx.baseline_nll,
-                      dl=dl, dl_se=dl_se, kld=r.kld.to_dict(), bits_per_weight=result.bits_per_weight,
+                      calibration=ctx.calib.protocol, protocol=protocol, seed=ctx.calib.protocol.get("seed", 0),
+                      status="ok", ppl=math.exp(nll), baseline_ppl=math.exp(base_nll), nll=nll, baseline_nll=base_nll,
+                      dl=dl, dl_se=dl_se, kld=kld.to_dict(), bits_per_weight=result.bits_per_weight,
                       seconds=seconds, packed=1, source="recommend",
-                      versions=package_versions(), extra={"predicted_dl": float(row["pred_dl"])})
-    attempt = Attempt(spec=row["spec"], predicted=_pred(row), measured_ppl_delta=r.ppl - ctx.baseline_ppl,
+                      versions=package_versions(), extra={"predicted_dl": float(row["pred_dl"]), "looks": looks})
+    attempt = Attempt(spec=row["spec"], predicted=_pred(row), measured_ppl_delta=math.exp(nll) - math.exp(base_nll),
                       measured_dl=dl, bits_per_weight=result.bits_per_weight, seconds=seconds,
-                      passed=bool(dl <= budget.max_dl), reason=reason, bytes=int(row["bytes"]), dl_se=dl_se,
-                      kld=r.kld.to_dict(), n_windows=len(ctx.eval))
+                      passed=verdict == PASS, reason=reason, bytes=int(row["bytes"]), dl_se=dl_se,
+                      kld=kld.to_dict(), n_windows=n, verdict=verdict, looks=tuple(looks))
     return attempt, (originals, result)
+
+
+def _extension(ctx: Context):
+    """The windows after the evaluation windows, on the same grid of the same text, avoiding the calibration
+    windows: as many as the protocol's again at most (cut once per context)."""
+    if ctx.extension is None:
+        from advisor.models.data import load_corpus, more_eval_windows
+
+        ctx.extension = more_eval_windows(ctx.loaded.tokenizer, load_corpus(ctx.protocol.eval), ctx.eval,
+                                          len(ctx.eval), avoid=ctx.calib)
+    return ctx.extension
+
+
+def _swapped_to_baseline(ctx: Context, originals: dict[str, Any]):
+    """A context manager: the baseline's layers in place of the quantized ones, put back on exit."""
+    from contextlib import contextmanager
+
+    from advisor.models.pipeline import set_module
+
+    @contextmanager
+    def swap():
+        quantized = {name: layer for name, layer in ctx.loaded.adapter.linear_layers()}
+        for name, layer in originals.items():
+            set_module(ctx.loaded.model, name, layer)
+        try:
+            yield
+        finally:
+            for name, layer in quantized.items():
+                set_module(ctx.loaded.model, name, layer)
+
+    return swap()
+
+
+def _extend_reference(ctx: Context, originals: dict[str, Any], windows, n: int, progress: bool):
+    """The baseline's reference extended to the first ``n`` of ``windows`` (measured with the baseline's
+    layers swapped back in for the purpose; kept in the context for the next attempts)."""
+    from advisor.models.evaluate import DEFAULT_TOP_K, extend_reference, perplexity
+
+    have = ctx.reference.target_logp.shape[0]
+    with _swapped_to_baseline(ctx, originals):
+        more = perplexity(ctx.loaded.model, windows, batch_size=ctx.protocol.batch_size, progress=progress,
+                          desc="baseline distributions (more windows)", top_k=DEFAULT_TOP_K, start=have,
+                          stop=len(windows)).reference
+    ctx.reference = extend_reference(ctx.reference, more)
+    return ctx.reference
 
 
 def _reference(ctx: Context, progress: bool):

@@ -3,7 +3,7 @@ says which advisor made it, when (UTC), at which confidence and under which meas
 
 Strict parsers (``JSON.parse``, ``jq --seq``, most non-Python clients) reject NaN; Python's ``json`` writes
 it by default, so every document goes through :func:`dumps`. The documents' shape is described by
-``docs/schema.json`` (tests validate against it).
+``docs/schema/advisor-output.schema.json`` (tests validate every command's output against it).
 """
 from __future__ import annotations
 
@@ -48,12 +48,13 @@ def advisor_version() -> str:
 
 
 def protocol_fingerprint(eval_protocol: dict | None, calibration: dict | None = None) -> str | None:
-    """One short hash of what was measured: the evaluation windows' protocol and the calibration's."""
-    if not eval_protocol:
+    """One short hash of what was measured: the evaluation windows' protocol and the calibration's (None
+    when the document measured under neither)."""
+    if not eval_protocol and not calibration:
         return None
     from advisor.store import protocol_key, stable_hash
 
-    return stable_hash({"eval": protocol_key(eval_protocol), "calibration": protocol_key(calibration or {})})
+    return stable_hash({"eval": protocol_key(eval_protocol or {}), "calibration": protocol_key(calibration or {})})
 
 
 def document(obj: dict[str, Any], *, confidence: float | None, eval_protocol: dict | None = None,

@@ -84,19 +84,23 @@ def _footnote(shown: list[dict[str, Any]], predictor: dict[str, Any]) -> list[st
 
 def candidates_table(rec, top: int = 12) -> str:
     """The cheapest candidates with predicted dPPL intervals, and the attempts, as plain text."""
-    lines = [f"baseline ppl {rec.baseline_ppl:.4f}; budget {rec.budget} (dPPL <= {rec.max_ppl_delta:.4f})", "",
-             _HEADER + " pass"]
+    limit = (f"mean KL measured, not predicted; candidates ranked by predicted dL as its stand-in"
+             if rec.max_ppl_delta is None else f"dPPL <= {rec.max_ppl_delta:.4f}")
+    lines = [f"baseline ppl {rec.baseline_ppl:.4f}; budget {rec.budget} ({limit})", "", _HEADER + " pass"]
     shown = list(rec.candidates[:top])
     lines += [_row(c, "yes" if c.get("passes") else "no") for c in shown]
     lines += _footnote(shown, rec.provenance.get("predictor", {}))
     lines += scale_note(rec.provenance.get("outside_fitted_range", {}))
     if rec.attempts:
-        lines += ["", "attempts (predicted vs measured dPPL):"]
+        lines += ["", "attempts (predicted vs measured dPPL; verdict of the sequential test at "
+                      f"{rec.confidence:.0%} after the windows measured):"]
         for a in rec.attempts:
             p = a.predicted
+            kl = "" if not a.kld else f"  KL {a.kld['mean']:.4g}{_se(a.kld.get('se'), 4)}"
+            verdict = (a.verdict or ("pass" if a.passed else "miss")).upper()
             lines.append(f"  {a.spec:<28} predicted {p['mean']:.4f} [{p['lower']:.4f}, {p['upper']:.4f}]  "
-                         f"measured {a.measured_ppl_delta:.4f}{_se(_dppl_se(rec.baseline_ppl, a), 4)}  "
-                         f"{'PASS' if a.passed else 'MISS'}  ({a.seconds:.1f}s, {a.reason})")
+                         f"measured {a.measured_ppl_delta:.4f}{_se(_dppl_se(rec.baseline_ppl, a), 4)}{kl}  "
+                         f"{verdict} ({a.n_windows} windows, {a.seconds:.1f}s, {a.reason})")
     lines += ["", rec.message]
     return "\n".join(lines)
 
@@ -164,8 +168,9 @@ def plot(rec, path: Path) -> Path:
         ax.scatter([a.bits_per_weight for a in rec.attempts], [a.measured_ppl_delta for a in rec.attempts],
                    marker="*", s=160, c=["tab:green" if a.passed else "tab:red" for a in rec.attempts],
                    zorder=5, label="measured (packed)")
-    ax.axhline(rec.max_ppl_delta, color="k", ls="--", lw=1, label=f"target dPPL {rec.max_ppl_delta:.3g}")
-    ax.set_yscale("symlog", linthresh=max(rec.max_ppl_delta / 10, 1e-3))
+    if rec.max_ppl_delta is not None:  # a KL budget has no dPPL line
+        ax.axhline(rec.max_ppl_delta, color="k", ls="--", lw=1, label=f"target dPPL {rec.max_ppl_delta:.3g}")
+    ax.set_yscale("symlog", linthresh=max((rec.max_ppl_delta or 1e-2) / 10, 1e-3))
     ax.set_xlabel("bits per weight")
     ax.set_ylabel("perplexity increase (dPPL)")
     ax.set_title(f"{rec.provenance.get('model', '')} {rec.spec or 'no verified spec'}")

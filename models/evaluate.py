@@ -86,6 +86,9 @@ class KLStats:
     n_tokens: int
     top_k: int
     window_kld: tuple[float, ...] = ()
+    window_same_top: tuple[float, ...] = ()  # per-window same-top rate (standard errors over windows)
+    window_abs_dp: tuple[float, ...] = ()  # per-window mean |dp|
+    token_kld: "torch.Tensor | None" = field(default=None, repr=False, compare=False)  # (n_windows, seq_len - 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean, "median": self.median, "p99": self.p99, "max": self.max,
@@ -197,17 +200,34 @@ def perplexity(model: nn.Module, windows: Windows, batch_size: int = 1,
         ref = Reference(torch.cat(kept["logp"]), torch.cat(kept["ids"]), torch.cat(kept["target"]), tuple(per_window))
     kld = None
     if reference is not None:
-        kl = torch.cat(kl_tok).double()
-        flat = kl.reshape(-1)
-        per_w = kl.mean(dim=1)
-        kld = KLStats(mean=float(flat.mean()), median=float(flat.median()), p99=float(torch.quantile(flat, 0.99)),
-                      max=float(flat.max()), same_top_rate=float(torch.cat(same_top).double().mean()),
-                      mean_abs_dp=float(torch.cat(abs_dp).double().mean()),
-                      se=float(per_w.std(unbiased=True) / math.sqrt(n)) if n > 1 else None,
-                      n_tokens=int(flat.numel()), top_k=reference.top_k, window_kld=tuple(per_w.tolist()))
+        top, dp = torch.cat(same_top).double(), torch.cat(abs_dp).double()
+        kld = kl_stats(torch.cat(kl_tok), top.mean(dim=1).tolist(), dp.mean(dim=1).tolist(), reference.top_k)
     return EvalResult(ppl=math.exp(mean_nll), nll=mean_nll, n_tokens=n * (seq_len - 1),
                       seconds=time.perf_counter() - t0, protocol=dict(windows.protocol),
                       window_nll=tuple(per_window), reference=ref, kld=kld)
+
+
+def kl_stats(token_kld: torch.Tensor, window_same_top: "list[float] | tuple[float, ...]",
+             window_abs_dp: "list[float] | tuple[float, ...]", top_k: int) -> KLStats:
+    """KL statistics from per-token divergences (n_windows, tokens) and per-window same-top rates and mean
+    |dp| (every window predicts the same number of tokens, so window means average to token means)."""
+    kl = token_kld.double()
+    flat = kl.reshape(-1)
+    per_w = kl.mean(dim=1)
+    n = kl.shape[0]
+    return KLStats(mean=float(flat.mean()), median=float(flat.median()), p99=float(torch.quantile(flat, 0.99)),
+                   max=float(flat.max()), same_top_rate=float(sum(window_same_top) / n),
+                   mean_abs_dp=float(sum(window_abs_dp) / n),
+                   se=float(per_w.std(unbiased=True) / math.sqrt(n)) if n > 1 else None,
+                   n_tokens=int(flat.numel()), top_k=top_k, window_kld=tuple(per_w.tolist()),
+                   window_same_top=tuple(window_same_top), window_abs_dp=tuple(window_abs_dp), token_kld=kl.float())
+
+
+def merge_kl(parts: "list[KLStats]") -> KLStats:
+    """The KL statistics of consecutive stages' windows together (a sequential test's looks), as one pass
+    over all of them would give."""
+    return kl_stats(torch.cat([p.token_kld for p in parts]), [x for p in parts for x in p.window_same_top],
+                    [x for p in parts for x in p.window_abs_dp], parts[0].top_k)
 
 
 def extend_reference(a: Reference | None, b: Reference) -> Reference:

@@ -1,10 +1,13 @@
-"""Every command's --json is strict JSON (no NaN/Infinity), stamped, and the measurement contract holds:
-quantize reports dl_se and KL statistics, recommend's attempts carry spec, bytes and measured dPPL, and
-quantize with recommend's options reproduces recommend's measurement."""
+"""Every command's --json is strict JSON (no NaN/Infinity), stamped, valid against the JSON Schema in
+docs/schema/advisor-output.schema.json, and the measurement contract holds: quantize reports dl_se and KL
+statistics, recommend's attempts carry spec, bytes and measured dPPL, and quantize with recommend's
+options reproduces recommend's measurement."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import jsonschema
 import pytest
 
 from advisor.cli import main
@@ -40,12 +43,43 @@ def run(capsys, *argv):
 
 
 STAMP = {"advisor_version", "created", "confidence", "protocol_fingerprint"}
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "schema" / "advisor-output.schema.json").read_text())
+
+
+def validate(doc, kind: str) -> None:
+    """``doc`` against the schema's definition of ``kind`` (and against the whole schema)."""
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.validate(doc, {"$schema": SCHEMA["$schema"], "$defs": SCHEMA["$defs"], "$ref": f"#/$defs/{kind}"},
+                        cls=jsonschema.Draft202012Validator)
+    jsonschema.validate(doc, SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def test_the_schema_rejects_what_the_contract_forbids():
+    """The schema is not vacuous: a document without its stamp, a NaN-turned-string, a candidate row with a
+    key of another schema, a quantize document without dl_se or KL all fail."""
+    good = {"advisor_version": "1", "created": "2026-01-01T00:00:00Z", "confidence": None,
+            "protocol_fingerprint": "0123abcd", "ppl": 1.5, "nll": 0.4, "n_tokens": 3, "seconds": 0.1,
+            "protocol": {}, "model": {}}
+    validate(good, "eval")
+    for bad in ({k: v for k, v in good.items() if k != "created"}, dict(good, created="2026-01-01T00:00:00+01:00"),
+                dict(good, ppl="NaN"), dict(good, confidence=1.0)):
+        with pytest.raises(jsonschema.ValidationError):
+            validate(bad, "eval")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(dict(good, spec="rtn:int8", bits_per_weight=8.0, baseline_ppl=1.0, ppl_delta=0.0, dl=0.0,
+                      baseline_nll=0.4, n_windows=3, quantize_seconds=0.0, packed=True, calibration={}), "quantize")
 
 
 def test_every_json_output_is_strict_and_stamped(setup, capsys):
     s = setup
     common = ["--model", s["model"], *s["proto"], "--store", s["store"], "--predictor", s["pred"]]
     outs = {}
+    kinds = {"eval": "eval", "quantize": "quantize", "predict": "predict", "predict-spec": "predict", "plan": "plan",
+             "recommend": "recommend", "recommend-kld": "recommend", "sweep": "sweep", "probe": "probe", "fit": "fit",
+             "ls": "listing", "zoo": "listing"}
+    from tests.test_predictor import synthetic_runs as runs
+
+    runs(n_models=9).to_csv(s["tmp"] / "runs.csv", index=False)
     for name, argv in {
         "eval": ["eval", "--model", s["model"], "--eval", f"file:{PTB}", "--seq-len", "32", "--max-windows", "3"],
         "quantize": ["quantize", "--model", s["model"], "--spec", "rtn:int4:g16", *s["proto"]],
@@ -55,14 +89,28 @@ def test_every_json_output_is_strict_and_stamped(setup, capsys):
         "recommend": ["recommend", *common, "--max-ppl-delta", "1e6", "--methods", "rtn", "--max-attempts", "1",
                       "--out", str(s["tmp"] / "rep")],
         "sweep": ["sweep", "--models", s["model"], "--specs", "rtn:int8", *s["proto"], "--store", s["store"], "--no-probes"],
+        "recommend-kld": ["recommend", *common, "--max-kld", "1e6", "--methods", "rtn", "--max-attempts", "1",
+                          "--out", str(s["tmp"] / "rep-kld")],
+        "probe": ["probe", "--model", s["model"], "--calib", f"file:{PTB}", "--probes", "sqnr", "--n-calib", "2",
+                  "--calib-seq-len", "32", "--store", s["store"]],
+        "fit": ["fit", "--runs", str(s["tmp"] / "runs.csv")],
         "ls": ["ls", "methods"],
+        "zoo": ["zoo", "list"],
     }.items():
         code, out = run(capsys, *argv, "--json")
         assert code == 0, name
         outs[name] = strict(out)
-    for name in ("eval", "quantize", "predict", "predict-spec", "plan", "recommend"):
+        validate(outs[name], kinds[name])
+    for name in ("eval", "quantize", "predict", "predict-spec", "plan", "recommend", "recommend-kld", "sweep",
+                 "probe", "fit"):
         assert STAMP <= set(outs[name]), name
-        assert outs[name]["created"].endswith("Z") and outs[name]["protocol_fingerprint"]
+        assert outs[name]["created"].endswith("Z")
+        assert outs[name]["protocol_fingerprint"] or name in ("sweep", "fit")  # several protocols: none single
+    kl = outs["recommend-kld"]
+    assert kl["verified"] and kl["budget_metric"] == "kld" and kl["kld_source"] == "measured"
+    assert kl["max_kld"] == 1e6 and kl["max_ppl_delta"] is None and kl["attempts"][0]["kld"]["mean"] >= 0
+    report = (s["tmp"] / "rep-kld" / "report.md").read_text()
+    assert "mean KL measured, not predicted" in report and "PASS" in report
     assert outs["plan"]["confidence"] == outs["recommend"]["confidence"] == 0.9
     # one candidate row schema for predict, plan and recommend
     keys = {name: set(outs[name]["candidates"][0]) for name in ("predict", "plan", "recommend")}
@@ -75,6 +123,7 @@ def test_every_json_output_is_strict_and_stamped(setup, capsys):
         == outs["recommend"]["protocol_fingerprint"] == outs["quantize"]["protocol_fingerprint"]
     # recommendation.json on disk is strict too, and keeps its contract
     rec = strict((s["tmp"] / "rep" / "recommendation.json").read_text())
+    validate(rec, "recommend")
     assert {"spec", "verified", "measured_ppl_delta", "attempts"} <= set(rec) and STAMP <= set(rec)
     assert all({"spec", "bytes", "measured_ppl_delta", "dl_se", "kld"} <= set(a) for a in rec["attempts"])
 

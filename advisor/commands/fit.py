@@ -47,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         out.update(report(df, alpha=1 - args.confidence, predictor=predictor))  # --confidence checked in run()
     if args.json:
-        emit_json(out)
+        from advisor.jsonio import document
+
+        # a fit pools runs of many protocols: no single fingerprint; the report's intervals are at --confidence
+        emit_json(document(out, confidence=args.confidence if args.report else None))
         return 0
     held = out["n_runs"] - out["n_fitted"]
     print(f"fitted on {out['n_fitted']} of {out['n_runs']} runs" +

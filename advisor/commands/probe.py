@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     out["cached"] = cached
     out["total_seconds"] = time.perf_counter() - t0
     if args.json:
-        emit_json(out)
+        from advisor.jsonio import document
+
+        emit_json(document(out, confidence=None, calibration=calib.protocol))
         return 0
     print(f"{args.model}: {len(record.features)} features from {', '.join(names)} on {len(calib)} x "
           f"{args.calib_seq_len} tokens of {args.calib} ({'cached' if cached else f'{record.seconds:.1f}s'})")

@@ -1,4 +1,4 @@
-"""`advisor recommend`: the main job. Exit 0 verified, 2 nothing predicted to meet the target, 3 all missed."""
+"""`advisor recommend`: the main job. Exit 0 verified, 2 nothing predicted to meet the target, 3 none verified."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--max-ppl-delta", type=float, help="largest allowed perplexity increase (absolute)")
     g.add_argument("--max-ppl-ratio", type=float, help="largest allowed ppl_q / ppl_fp, e.g. 1.03")
+    g.add_argument("--max-kld", type=float,
+                   help="largest allowed mean KL divergence from the baseline, nats per token; measured, not "
+                        "predicted: candidates are ranked by predicted dL as its stand-in (docs/recommend.md)")
     add_memory_args(p)
     p.add_argument("--confidence", type=float, default=0.9,
                    help="coverage of the interval whose upper bound must meet the budget for the first "
@@ -18,6 +21,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-explore", action="store_true",
                    help="stop at the first verified candidate (default: attempts left then try cheaper "
                         "candidates whose median prediction meets the budget)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="measure every protocol window before deciding (default: the sequential test may pass "
+                        "or miss a candidate after a quarter, half or three quarters of them; docs/recommend.md)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
     p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up (default 3)")
@@ -42,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise AdvisorError("--out needs a folder name, got an empty one")
     max_bytes = memory_budget(args)
     predictor = predictor_from(args)
-    rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
-                    explore=not args.no_explore,
+    rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, max_kld=args.max_kld,
+                    confidence=args.confidence, explore=not args.no_explore, early_stop=not args.no_early_stop,
                     methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"), max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes,
                     **protocol_kwargs(args))

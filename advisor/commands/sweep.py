@@ -103,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
     if args.export_raw:
         out["export_raw"] = str(store.export(args.export_raw))
     if args.json:
-        emit_json(out)
+        from advisor.jsonio import document
+
+        # one sweep measures several models, each on its own tokenizer's windows: no single fingerprint
+        emit_json(document(out, confidence=None))
     else:
         print(f"sweep: {summary.done} measured, {summary.skipped} already in the store, {summary.failed} failed "
               f"in {summary.seconds:.0f}s; store {store.path} now holds {out['runs_in_store']} runs")
