@@ -374,6 +374,10 @@ def load(
         raise
     except ImportError as e:
         raise AdvisorError(f"loading {name!r} needs a missing package: {e}") from e
+    except UnicodeDecodeError as e:
+        culprit = _undecodable_file(Path(local)) if kind != "gguf" else Path(target)
+        raise ModelNotFoundError(f"{culprit or local} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 f"model {name!r} cannot be loaded: re-save or re-download that file") from e
     except Exception as e:  # corrupted files surface as many types (SafetensorError, OSError, ValueError...)
         text = str(e)
         if "custom code" in text or "trust_remote_code" in text:
@@ -417,6 +421,19 @@ def _check_folder_files(folder: Path) -> None:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise AdvisorError(f"{entry} is not a regular file (a FIFO, device or socket); advisor reads model "
                                "folders only when they hold regular files: remove it or replace it with the real file")
+
+
+def _undecodable_file(folder: Path) -> Path | None:
+    """The first text file of a model folder (JSON, text, templates) that is not valid UTF-8, or None."""
+    if not folder.is_dir():
+        return None
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".json", ".txt", ".jinja") and p.is_file() and p.stat().st_size < (1 << 30):
+            try:
+                p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                return p
+    return None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",

@@ -139,3 +139,13 @@ def test_a_model_folder_without_a_tokenizer(capsys, tiny_folder, tmp_path):
         shutil.copy(tiny_folder / name, folder / name)
     line = _one_error(capsys, ["eval", "--model", str(folder), "--seq-len", "16", "--max-windows", "1"])
     assert str(folder) in line and "tokenizer" in line and "sentencepiece" not in line.lower()
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_tokenizer_file_that_is_not_utf8_is_named(capsys, tiny_folder, tmp_path, name):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    raw = (folder / name).read_bytes()
+    (folder / name).write_bytes(raw[:-2] + b"\xe9\xff" + raw[-2:])
+    line = _one_error(capsys, ["eval", "--model", str(folder), "--seq-len", "16", "--max-windows", "1"])
+    assert name in line
