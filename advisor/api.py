@@ -82,7 +82,7 @@ class Context:
 def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str | None = None,
             model_options: Any = None, store: Store | str | None = None, progress: bool = True,
             probes: bool = True, job: str = "predict", specs: list[str] | None = None,
-            **protocol_fields: Any) -> Context:
+            check_loaded: Any = None, **protocol_fields: Any) -> Context:
     """Load (if a name), cut the protocol's windows, measure or reuse the baseline and the probes that the
     candidates ``specs`` need (None: the default grid's); with ``progress``, the probes' cost estimate
     and ETA first.
@@ -91,7 +91,8 @@ def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str |
     (``seq_len=256``, ``bos="never"``), alone or replacing some of ``protocol``'s. ``model_options``: a
     ``models.loading.ModelOptions`` (device, dtype, remote code); ``device`` replaces its device. Without
     either the model loads on the CPU in float32. ``probes=False`` skips the probes (sweeps run them
-    through their ``on_model`` hook). ``job`` names the work for the loader's memory preflight."""
+    through their ``on_model`` hook). ``job`` names the work for the loader's memory preflight.
+    ``check_loaded(loaded)`` runs right after loading, before any measurement (it raises to refuse)."""
     from advisor.probing import probe_features, probe_keys
     from advisor.models.evaluate import perplexity
     from advisor.models.loading import load
@@ -104,6 +105,8 @@ def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str |
                       job_params={"seq_len": protocol.seq_len, "n_calib": protocol.n_calib})
     else:
         loaded = model
+    if check_loaded is not None:
+        check_loaded(loaded)
     ev, cal = protocol.windows(loaded)
     fp = loaded.source.fingerprint
     store.add_model(fp, loaded.source.name, family=loaded.family, source_kind=loaded.source.kind,
@@ -258,6 +261,7 @@ class Recommendation:
     max_kld: float | None = None  # the KL budget (nats per token), for --max-kld
     kld_source: str | None = None  # "measured" under a KL budget: KL is measured, never predicted
     early_stop: bool = True  # the sequential test could decide before the protocol's last window
+    export: dict[str, Any] | None = None  # --verify-export: the exported artifact re-measured in its loader
 
     def to_dict(self) -> dict[str, Any]:
         from advisor.jsonio import document
@@ -297,7 +301,8 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
               early_stop: bool = True,
               methods: list[str] | None = None, dtypes: list[str] | None = None,
               specs: list[str] | None = None, max_attempts: int = 3, out: str | Path | None = None, dry_run: bool = False, predictor=None,
-              max_bytes: int | None = None, progress: bool = True, **prepare_kwargs: Any) -> Recommendation:
+              max_bytes: int | None = None, progress: bool = True, verify_export: str | None = None,
+              force: bool = False, **prepare_kwargs: Any) -> Recommendation:
     """Pick, run and verify the cheapest candidate predicted to meet the budget.
 
     A candidate passes the prediction when its interval's upper bound (at ``confidence``) meets the
@@ -314,7 +319,15 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     correctness (docs/recommend.md). Never claims success on a miss. ``max_bytes`` caps the weights'
     memory: no candidate above it is tried, first choice, escalation or exploration. Exit codes
     (``Recommendation.exit_code``): 0 verified (or dry run with a candidate), 2 nothing (within
-    ``max_bytes``) predicted to meet the target, 3 every attempt missed.
+    ``max_bytes``) predicted to meet the target, 3 every attempt missed, 4 the exported artifact
+    (``verify_export``) measured outside the tolerance of what advisor measured.
+
+    ``out``: the packed model goes to ``out/model`` (native format); an existing ``out`` follows
+    :func:`advisor.models.saving.check_output` (``force`` to write into a folder advisor did not create).
+    ``verify_export`` (``"compressed-tensors"`` or ``"gguf"``): only candidates that format holds exactly
+    are considered, and each verified candidate is also exported (to ``out/FORMAT``, or a temporary
+    folder without ``out``), loaded by the format's own loader (transformers) and measured on the same
+    windows; the answer's two perplexities must agree within :data:`EXPORT_RTOL`.
     """
 
     t0 = time.perf_counter()
@@ -323,11 +336,15 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
     _check_request(confidence, max_bytes)
     Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio, max_kld)  # validate the numbers before any work
     if out is not None:
-        from advisor.models.saving import check_output_dir
+        from advisor.models.saving import REPORT_NAMES, check_output_dir
 
-        check_output_dir(Path(out) / "model")
+        check_output_dir(out, force=force, names=REPORT_NAMES)
+        check_output_dir(Path(out) / "model", force=force)
     specs = _specs(specs, methods, dtypes)
-    ctx = prepare(model, progress=progress, specs=specs, **prepare_kwargs)
+    check_loaded = None
+    if verify_export is not None:
+        specs, check_loaded = _export_candidates(verify_export, specs, out, force)
+    ctx = prepare(model, progress=progress, specs=specs, check_loaded=check_loaded, **prepare_kwargs)
     budget = Budget.from_args(ctx.baseline_ppl, max_ppl_delta, max_ppl_ratio, max_kld)
     df = predict_candidates(ctx, specs, confidence, predictor)
     # a KL budget is compared with the predicted dL: the stand-in, since no predictor of KL ships
@@ -365,14 +382,23 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
                               seconds=time.perf_counter() - t0, **common)
     by_pos: dict[int, Attempt] = {}  # position in cost order -> attempt, in the order run
     saved = None
+    exports: dict[int, dict[str, Any]] = {}
 
     def measure(pos: int, reason: str) -> bool:
         nonlocal saved
         attempt, quantized = _execute(ctx, df.iloc[pos], budget, progress, reason, confidence, early_stop)
         by_pos[pos] = attempt
-        if attempt.passed and out is not None:
-            saved = str(_save(ctx, quantized, attempt, out))  # atomic: replaces a previous, dearer pass
-        _restore(ctx, quantized)
+        try:
+            if attempt.passed and out is not None:
+                from advisor.models.saving import claim_report_folder
+
+                claim_report_folder(out)
+                # atomic: replaces a previous, dearer pass
+                saved = str(_save(ctx, quantized, attempt, out, force=force))
+            if attempt.passed and verify_export is not None:
+                exports[pos] = _verify_export(ctx, quantized, attempt, verify_export, out, force, progress)
+        finally:
+            _restore(ctx, quantized)
         return attempt.passed
 
     best = search_cheapest_verified(df["passes"], df["plausible"], max_attempts, explore, measure)
@@ -383,7 +409,15 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
         tail = ""
         if others:
             tail = "; also tried " + ", ".join(f"{x.spec} ({_verdict_words(x)}, {_measured(x, budget)})" for x in others)
-        return Recommendation(spec=a.spec, verified=True, measured_ppl_delta=a.measured_ppl_delta,
+        export = exports.get(best)
+        if export is not None and not export["passed"]:
+            return Recommendation(spec=a.spec, verified=False, measured_ppl_delta=a.measured_ppl_delta,
+                                  predicted=a.predicted, attempts=tuple(attempts), saved_to=saved, exit_code=4,
+                                  message=export["message"], export=export,
+                                  seconds=time.perf_counter() - t0, **common)
+        if export is not None:
+            tail += "; " + export["message"]
+        return Recommendation(export=export, spec=a.spec, verified=True, measured_ppl_delta=a.measured_ppl_delta,
                               predicted=a.predicted, attempts=tuple(attempts), saved_to=saved, exit_code=0,
                               message=f"verified: {a.spec} {_measured(a, budget)}, upper bound at {confidence:.0%} "
                                       f"{a.looks[-1]['upper']:.4g} <= {budget.max_dl:.4g} ({_metric_name(budget)}) "
@@ -574,10 +608,95 @@ def _restore(ctx: Context, quantized) -> None:
         set_module(ctx.loaded.model, name, layer)
 
 
-def _save(ctx: Context, quantized, attempt: Attempt, out: str | Path) -> Path:
+def _record(ctx: Context, attempt: Attempt) -> dict[str, Any]:
+    """What a saved or exported model states about its measurement (the same keys as quantize's)."""
+    from advisor.jsonio import protocol_fingerprint
+
+    return {"spec": attempt.spec, "ppl": ctx.baseline_ppl + attempt.measured_ppl_delta,
+            "baseline_ppl": ctx.baseline_ppl, "ppl_delta": attempt.measured_ppl_delta, "dl": attempt.measured_dl,
+            "bits_per_weight": attempt.bits_per_weight, "attempt": attempt.to_dict(),
+            "protocol": ctx.eval.protocol, "calibration": ctx.calib.protocol,
+            "protocol_fingerprint": protocol_fingerprint(ctx.eval.protocol, ctx.calib.protocol)}
+
+
+def _save(ctx: Context, quantized, attempt: Attempt, out: str | Path, force: bool = False) -> Path:
     from advisor.models.saving import save_quantized_model
 
     _, result = quantized
-    return save_quantized_model(ctx.loaded, result, {"spec": attempt.spec, "attempt": attempt.to_dict(),
-                                                     "baseline_ppl": ctx.baseline_ppl,
-                                                     "protocol": ctx.eval.protocol}, Path(out) / "model")
+    return save_quantized_model(ctx.loaded, result, _record(ctx, attempt), Path(out) / "model", force=force)
+
+
+# Relative perplexity difference allowed between advisor's packed kernels and the export's own loader on
+# the same windows: both compute in the model's dtype from the same grid values, in a different
+# summation order (measured: below 1e-4 in float32, tests/test_export.py).
+EXPORT_RTOL = 1e-3
+
+
+def _export_candidates(fmt: str, specs: list[str], out: str | Path | None, force: bool):
+    """The candidates ``fmt`` holds exactly, and a check of the loaded model's architecture; refuses a
+    format with no loader here, or a grid with nothing left, before any work."""
+    from advisor.models.export import LOADER_FORMATS, check_export_architecture, check_output, export_refusal
+    from advisor.quantizers import QuantSpec
+
+    if fmt not in LOADER_FORMATS:
+        raise AdvisorError(f"--verify-export {fmt}: no loader for it runs on this machine; verify one of "
+                           f"{', '.join(LOADER_FORMATS)} (`advisor export` writes the others)")
+    kept = [s for s in specs if export_refusal(fmt, QuantSpec.parse(s)) is None]
+    if not kept:
+        raise AdvisorError(f"--verify-export {fmt}: none of the {len(specs)} candidate specs can be written exactly "
+                           f"as {fmt} ({export_refusal(fmt, QuantSpec.parse(specs[0]))})")
+    if out is not None:
+        check_output(Path(out) / fmt, "--out", force=force)
+    return kept, lambda loaded: check_export_architecture(fmt, loaded.model.config)
+
+
+def _verify_export(ctx: Context, quantized, attempt: Attempt, fmt: str, out: str | Path | None, force: bool,
+                   progress: bool) -> dict[str, Any]:
+    """Export the packed model as ``fmt``, load it with that format's own loader and measure it on the
+    windows the attempt measured (the sequential test may have stopped before the protocol's last window
+    or gone past it); the result states both perplexities and whether they agree within EXPORT_RTOL."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from advisor.models.data import Windows
+    from advisor.models.evaluate import perplexity
+    from advisor.models.export import export_model, load_export
+
+    n = attempt.n_windows
+    windows = ctx.eval
+    if n > len(ctx.eval):
+        extension = _extension(ctx)
+        windows = Windows(torch.cat([ctx.eval.ids, extension.ids]), ctx.eval.protocol,
+                          tuple(ctx.eval.offsets) + tuple(extension.offsets))
+    windows = Windows(windows.ids[:n], windows.protocol, tuple(windows.offsets[:n]))
+    base_nll = sum(ctx.reference.window_nll[:n]) / n
+    advisor_ppl = math.exp(base_nll + attempt.measured_dl)
+
+    _, result = quantized
+    dtype = next((p.dtype for p in ctx.loaded.model.parameters() if p.is_floating_point()), None)
+    tmp = None if out is not None else Path(tempfile.mkdtemp(prefix="advisor-export-"))
+    try:
+        target = Path(out) / fmt if out is not None else tmp / fmt
+        path = export_model(ctx.loaded, result, _record(ctx, attempt), target, fmt, force=force)
+        model, loader = load_export(path, fmt, dtype=dtype or torch.float32)
+        model.to(next(iter(ctx.loaded.model.parameters())).device)
+        r = perplexity(model, windows, batch_size=ctx.protocol.batch_size, progress=progress,
+                       desc=f"verify {fmt} export ({n} windows)")
+        del model
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rel = r.ppl / advisor_ppl - 1
+    passed = bool(abs(rel) <= EXPORT_RTOL)
+    if passed:
+        message = (f"the {fmt} export measures ppl {r.ppl:.4f} in {loader}, advisor {advisor_ppl:.4f} "
+                   f"(relative difference {rel:+.1e}, within {EXPORT_RTOL:g})")
+    else:
+        message = (f"export verification failed: the {fmt} export of {attempt.spec} measures ppl {r.ppl:.4f} in "
+                   f"{loader}, advisor measured {advisor_ppl:.4f} (relative difference {rel:+.2e}, beyond "
+                   f"{EXPORT_RTOL:g}); do not ship it: use --format native, or another --verify-export format")
+    return {"format": fmt, "loader": loader, "path": str(path) if out is not None else None,
+            "advisor_ppl": advisor_ppl, "loader_ppl": r.ppl, "rel_diff": rel, "tolerance": EXPORT_RTOL,
+            "passed": passed, "message": message}

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "recommend": "pick, run and verify the cheapest quantization predicted to meet a perplexity budget",
     "eval": "measure a model's perplexity by the standard protocol",
     "quantize": "quantize a model with one spec, save it packed, measure its perplexity",
+    "export": "write a saved native model as compressed-tensors, GPTQ or GGUF (same codes, no re-quantizing)",
     "probe": "measure loss-landscape features (Hessian, Fisher, perturbation, outliers, SQNR)",
     "plan": "what fits in a memory budget and what quality at which cost, predicted; quantizes nothing",
     "predict": "predict the perplexity change of one or every candidate spec",

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from advisor.models.saving import atomic_write_text
+from advisor.models.saving import atomic_write_text, claim_report_folder
 
 
 def _se(x: float | None, digits: int) -> str:
@@ -185,7 +185,8 @@ def plot(rec, path: Path) -> Path:
 
 
 def write_report(rec, folder: str | Path) -> dict[str, str]:
-    """recommendation.json, report.md and dppl_vs_bits.png in ``folder`` (each written atomically)."""
+    """recommendation.json, report.md and dppl_vs_bits.png in ``folder`` (each written atomically), and
+    the folder's manifest (``recommend --out``'s rules, :func:`advisor.models.saving.check_output`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = rec.to_dict()
@@ -201,4 +202,5 @@ def write_report(rec, folder: str | Path) -> dict[str, str]:
           f"- {rec.message}", "", "```", candidates_table(rec, top=40), "```", "",
           "![predicted and measured dPPL](dppl_vs_bits.png)", ""]
     report = atomic_write_text(folder / "report.md", "\n".join(md))
+    claim_report_folder(folder)  # the manifest lists what advisor wrote here
     return {"json": str(js), "markdown": str(report), "plot": str(png)}

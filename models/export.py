@@ -51,34 +51,47 @@ def gguf_type_for(spec) -> tuple[str | None, str]:
                   f"groups of 32, and mxfp4 as MXFP4); the nearest spec that maps exactly is {nearest}")
 
 
-def check_export_request(fmt: str, spec, out: str | Path, *, force: bool = False, option: str = "--out") -> Path:
-    """Refuse, before any work, an output path or a (format, spec) pair that cannot be written."""
+def export_refusal(fmt: str, spec) -> str | None:
+    """Why ``fmt`` cannot hold ``spec``'s grid exactly (one sentence naming what to use), or None."""
     if fmt not in FORMATS:
-        raise AdvisorError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+        return f"--format {fmt!r} is not one of {', '.join(FORMATS)}"
     dt = spec.dtype
     if fmt in ("compressed-tensors", "gptq"):
         from advisor.quantizers import get_dtype
 
         if get_dtype(dt).family != "int" or (fmt == "gptq" and get_dtype(dt).bits not in (2, 3, 4, 8)):
-            raise AdvisorError(f"--format {fmt} holds integer grids ({'2/3/4/8' if fmt == 'gptq' else '2-8'} bits); "
-                               f"{spec} is {dt}. Use --format native, or an int spec such as "
-                               f"{spec.method}:int4:g128")
+            return (f"--format {fmt} holds integer grids ({'2/3/4/8' if fmt == 'gptq' else '2-8'} bits); "
+                    f"{spec} is {dt}. Use --format native, or an int spec such as {spec.method}:int4:g128")
         if spec.method in ("quantease-outlier",):
-            raise AdvisorError(f"--format {fmt} cannot hold {spec}'s sparse outliers; use --format native")
+            return f"--format {fmt} cannot hold {spec}'s sparse outliers; use --format native"
         if spec.method == "awq":
-            raise AdvisorError(f"--format {fmt} cannot hold AWQ's per-channel input scales as advisor packs them; "
-                               "use --format native, or gptq/rtn for this format")
+            return (f"--format {fmt} cannot hold AWQ's per-channel input scales as advisor packs them; "
+                    "use --format native, or gptq/rtn for this format")
     if fmt == "gguf":
         qtype, why = gguf_type_for(spec)
         if qtype is None:
-            raise AdvisorError(f"--format gguf: {why}")
+            return f"--format gguf: {why}"
         if spec.method in ("awq", "quantease-outlier"):
-            raise AdvisorError(f"--format gguf cannot hold {spec.method}'s extra tensors; use --format native")
-        path = Path(out)
-        if path.suffix != ".gguf":
-            return check_output(out, option, force=force)
+            return f"--format gguf cannot hold {spec.method}'s extra tensors; use --format native"
+    return None
+
+
+def check_export_request(fmt: str, spec, out: str | Path, *, force: bool = False, option: str = "--out") -> Path:
+    """Refuse, before any work, an output path or a (format, spec) pair that cannot be written."""
+    why = export_refusal(fmt, spec)
+    if why is not None:
+        raise AdvisorError(why)
+    if fmt == "gguf" and Path(out).suffix == ".gguf":
         return check_output(out, option, force=force, file=True)
     return check_output(out, option, force=force)
+
+
+def check_export_architecture(fmt: str, config) -> None:
+    """Refuse a model whose architecture ``fmt`` has no layout for (GGUF: llama, mistral, qwen2)."""
+    if fmt == "gguf" and getattr(config, "model_type", None) not in GGUF_ARCHS:
+        raise AdvisorError(f"--format gguf supports the {', '.join(sorted(GGUF_ARCHS))} architectures; "
+                           f"this model is {getattr(config, 'model_type', '?')}. Use --format native or "
+                           "compressed-tensors")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -360,10 +373,8 @@ def _export_gguf(loaded, record, spec, out, force) -> Path:
     import gguf
 
     config = loaded.model.config
-    arch = GGUF_ARCHS.get(config.model_type)
-    if arch is None:
-        raise AdvisorError(f"--format gguf supports the {', '.join(sorted(GGUF_ARCHS))} architectures; "
-                           f"this model is {config.model_type}. Use --format native or compressed-tensors")
+    check_export_architecture("gguf", config)
+    arch = GGUF_ARCHS[config.model_type]
     qtype, why = gguf_type_for(spec)
     if qtype is None:
         raise AdvisorError(f"--format gguf: {why}")
@@ -459,15 +470,103 @@ def _export_gguf(loaded, record, spec, out, force) -> Path:
 # ----------------------------------------------------------------------------------------- entry
 def export_model(loaded, result, record: dict[str, Any], out: str | Path, fmt: str = "native", *,
                  force: bool = False) -> Path:
-    """Write the packed model of ``loaded`` in ``fmt``; returns the folder (or .gguf file) written."""
+    """Write the packed model of ``loaded`` in ``fmt``; returns the folder (or .gguf file) written.
+
+    ``result`` is the pipeline's result (None for a model loaded from a native folder: ``record``
+    then carries the spec)."""
     from advisor.quantizers import QuantSpec
 
+    spec = QuantSpec.parse(str(result.spec if result is not None else record["spec"]))
     if fmt == "native":
+        if result is None:
+            raise AdvisorError("the model is already in advisor's native format; copy its folder instead")
         return save_quantized_model(loaded, result, record, out, force=force)
     if fmt == "compressed-tensors":
         return _export_compressed_tensors(loaded, record, out, force)
     if fmt == "gptq":
         return _export_gptq(loaded, record, out, force)
     if fmt == "gguf":
-        return _export_gguf(loaded, record, QuantSpec.parse(str(result.spec)), out, force)
+        return _export_gguf(loaded, record, spec, out, force)
     raise AdvisorError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+# ------------------------------------------------------------------------ from a saved native folder
+_RECORD_LIMIT = 16 << 20  # quantization.json is a few kB; anything far larger is not advisor's
+
+
+def saved_record(folder: str | Path) -> dict[str, Any]:
+    """The measured record of a native folder: its ``quantization.json`` (spec, ppl, baseline, protocol
+    and its fingerprint), falling back to the manifest's summary for a key the record lacks.
+
+    Raises:
+        AdvisorError: ``folder`` is not an advisor native folder, or its record is unreadable.
+    """
+    from advisor.models.native import native_folder
+    from advisor.models.saving import MANIFEST, read_manifest
+
+    folder = Path(folder)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if not native_folder(folder) or manifest is None or manifest.get("advisor_output") != "native":
+        raise AdvisorError(f"--model {folder} is not an advisor native folder (one that `advisor quantize --out DIR` "
+                           f"or `advisor recommend --out R` (in R/model) writes, with {MANIFEST}); export reads "
+                           "those, so quantize the model first")
+    path = folder / "quantization.json"
+    try:
+        if not path.is_file() or path.stat().st_size > _RECORD_LIMIT:
+            raise ValueError("missing or too large")
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise AdvisorError(f"{path} cannot be read ({e}); quantize again with --out") from None
+    for key in ("spec", "ppl", "baseline_ppl", "protocol_fingerprint", "bits_per_weight"):
+        if key not in record and key in manifest:
+            record[key] = manifest[key]
+    if not isinstance(record.get("spec"), str):
+        raise AdvisorError(f"{path} names no spec; quantize again with --out")
+    record["exported_from"] = {"format": manifest.get("format"), "files": manifest.get("files")}
+    return record
+
+
+# ---------------------------------------------------------------------- read back by the target's loader
+LOADER_FORMATS = ("compressed-tensors", "gguf")  # formats with a loader that runs on a CPU here
+
+
+def load_export(path: str | Path, fmt: str, dtype: torch.dtype = torch.float32):
+    """``(model, loader description)``: the exported artifact as its target runtime's own loader builds
+    it, transformers with the compressed-tensors package or transformers' GGUF loader (``gguf_file=``).
+
+    Raises:
+        AdvisorError: no CPU loader for ``fmt`` here, the load fails, or it reports missing, unexpected
+            or mismatched weights (which transformers would otherwise initialise or drop).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    kw: dict[str, Any] = {"dtype": dtype, "output_loading_info": True}
+    if fmt == "gguf":
+        if path.is_dir():
+            found = sorted(path.glob("*.gguf"))
+            if len(found) != 1:
+                raise AdvisorError(f"{path} holds {len(found)} .gguf files; expected the one export")
+            path = found[0]
+        folder, kw["gguf_file"] = path.parent, path.name
+        loader = "transformers (gguf_file=)"
+    elif fmt == "compressed-tensors":
+        folder, loader = path, "transformers (compressed-tensors)"
+    else:
+        raise AdvisorError(f"--verify-export {fmt}: no loader for it runs on this machine; verify one of "
+                           f"{', '.join(LOADER_FORMATS)}")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), **kw)
+    except Exception as e:  # noqa: BLE001 - the target loader's failure, whatever its type, is the finding
+        raise AdvisorError(f"{loader} could not load the {fmt} export {path}: {type(e).__name__}: "
+                           f"{str(e)[:300]}") from e
+    bad = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        parts = "; ".join(f"{len(v)} {k.replace('_', ' ')} ({', '.join(str(x) for x in v[:3])})"
+                          for k, v in bad.items())
+        raise AdvisorError(f"{loader} loaded the {fmt} export {path} with {parts}: it would run weights advisor "
+                           "did not measure")
+    return model.eval(), loader

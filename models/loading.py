@@ -342,7 +342,10 @@ def load(
             loaded = load_native(target, name_in, device=device, dtype=dtype, attn_implementation=attn_implementation)
             loaded.info.update(device=str(device), dtype=str(dtype).replace("torch.", ""), options=options.to_dict())
             return loaded
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "low_cpu_mem_usage": True}
+    # a tensor of the wrong shape is reported (and refused by _check_load_report) rather than raised with a
+    # pointer to a report that advisor's quiet logging hides
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "low_cpu_mem_usage": True,
+                              "ignore_mismatched_sizes": True}
     if device.type != "cpu":
         kwargs["device_map"] = str(device)  # weights go straight to the accelerator, never all through RAM
     if attn_implementation:
@@ -351,6 +354,7 @@ def load(
 
     if kind != "gguf":
         _check_folder_files(Path(local))
+        _check_tokenizer_files(Path(local), name)
     check_job_fits(name, kind, local, model_numel(kind, local), dtype, device, job, job_params or {})
     try:
         if kind == "gguf":
@@ -370,6 +374,10 @@ def load(
         raise
     except ImportError as e:
         raise AdvisorError(f"loading {name!r} needs a missing package: {e}") from e
+    except UnicodeDecodeError as e:
+        culprit = _undecodable_file(Path(local)) if kind != "gguf" else Path(target)
+        raise ModelNotFoundError(f"{culprit or local} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 f"model {name!r} cannot be loaded: re-save or re-download that file") from e
     except Exception as e:  # corrupted files surface as many types (SafetensorError, OSError, ValueError...)
         text = str(e)
         if "custom code" in text or "trust_remote_code" in text:
@@ -413,6 +421,32 @@ def _check_folder_files(folder: Path) -> None:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise AdvisorError(f"{entry} is not a regular file (a FIFO, device or socket); advisor reads model "
                                "folders only when they hold regular files: remove it or replace it with the real file")
+
+
+def _undecodable_file(folder: Path) -> Path | None:
+    """The first text file of a model folder (JSON, text, templates) that is not valid UTF-8, or None."""
+    if not folder.is_dir():
+        return None
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".json", ".txt", ".jinja") and p.is_file() and p.stat().st_size < (1 << 30):
+            try:
+                p.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                return p
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
+def _check_tokenizer_files(folder: Path, name: str) -> None:
+    """Refuse a model folder with no tokenizer file at all (transformers would guess a tokenizer class and
+    ask for packages that would not help)."""
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise AdvisorError(f"model folder {folder} ({name!r}) has no tokenizer (none of tokenizer.json, "
+                           "tokenizer_config.json, tokenizer.model); copy the tokenizer files of the model it "
+                           "came from into it")
 
 
 def _single_gguf(name: str) -> str:

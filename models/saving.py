@@ -35,8 +35,8 @@ import torch
 from advisor.kernels.io import atomic_path, atomic_write_text, clean_stale_temporaries, temporary_name
 from advisor.models.errors import AdvisorError
 
-__all__ = ["MANIFEST", "NATIVE_WEIGHTS", "atomic_write_text", "atomic_write_table", "check_output",
-           "check_output_dir", "write_output_folder", "save_quantized_model", "storage_dtype",
+__all__ = ["MANIFEST", "NATIVE_WEIGHTS", "REPORT_FILES", "REPORT_NAMES", "atomic_write_text", "atomic_write_table",
+           "check_output", "check_output_dir", "claim_report_folder", "write_output_folder", "save_quantized_model", "storage_dtype",
            "stored_bytes", "read_manifest"]
 
 MANIFEST = "advisor-manifest.json"
@@ -47,6 +47,9 @@ WRITTEN_NAMES = frozenset({MANIFEST, NATIVE_WEIGHTS, "model.safetensors", "confi
                            "quantize_config.json", "generation_config.json", "tokenizer.json",
                            "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                            "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json"})
+# what `recommend --out R` writes in R: the report's files, the native model and the exports' folders
+REPORT_FILES = ("recommendation.json", "report.md", "dppl_vs_bits.png")
+REPORT_NAMES = frozenset({MANIFEST, *REPORT_FILES, "model", "compressed-tensors", "gguf"})
 
 
 def package_versions() -> dict[str, str]:
@@ -128,7 +131,8 @@ def _is_advisor_gguf(path: Path) -> bool:
     return head[:4] == b"GGUF" and GGUF_MARKER in head
 
 
-def check_output(out: str | Path, option: str = "--out", *, force: bool = False, file: bool = False) -> Path:
+def check_output(out: str | Path, option: str = "--out", *, force: bool = False, file: bool = False,
+                 names: frozenset[str] = WRITTEN_NAMES) -> Path:
     """Validate an output path before any work (see the module docstring for the rules).
 
     Args:
@@ -137,6 +141,8 @@ def check_output(out: str | Path, option: str = "--out", *, force: bool = False,
         force: allow writing into a folder (or over a file) advisor did not create; only advisor's own
             files are replaced.
         file: the output is one file (a ``.gguf``), not a folder.
+        names: the names advisor may write in the folder; with ``force``, a user's file or folder of one
+            of these names is refused rather than replaced.
     Returns:
         the absolute path (symbolic links in its parent folders resolved; the last part never followed).
     Raises:
@@ -171,7 +177,7 @@ def check_output(out: str | Path, option: str = "--out", *, force: bool = False,
                 entries = [e.name for e in target.iterdir()]
             except OSError as e:
                 raise AdvisorError(f"{option} {out} cannot be read ({e.strerror or e}); choose another path") from e
-            clash = sorted(n for n in entries if n in WRITTEN_NAMES or n.endswith(".gguf"))
+            clash = sorted(n for n in entries if n in names or n.endswith(".gguf"))
             if entries and force and clash:
                 raise AdvisorError(f"{option} {out} already holds {clash[0]}, which advisor did not write and would "
                                    "replace; nothing was written. Move it, or choose another path")
@@ -191,9 +197,23 @@ def check_output(out: str | Path, option: str = "--out", *, force: bool = False,
     return target
 
 
-def check_output_dir(out_dir: str | Path, option: str = "--out", force: bool = False) -> Path:
+def check_output_dir(out_dir: str | Path, option: str = "--out", force: bool = False,
+                     names: frozenset[str] = WRITTEN_NAMES) -> Path:
     """:func:`check_output` for a folder output."""
-    return check_output(out_dir, option, force=force)
+    return check_output(out_dir, option, force=force, names=names)
+
+
+def claim_report_folder(folder: str | Path) -> Path:
+    """Create ``recommend --out``'s folder (if needed) and write its manifest, listing the report files
+    it holds now, so that a later run recognises the folder as advisor's. The caller has checked the
+    path with ``check_output(folder, names=REPORT_NAMES)``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {n: (folder / n).stat().st_size for n in REPORT_FILES if _kind_of(folder / n) == "file"}
+    manifest = {"advisor_output": "recommend-report", "files": files,
+                "folders": sorted(n for n in ("model", "compressed-tensors", "gguf") if read_manifest(folder / n))}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
+    return folder
 
 
 # ------------------------------------------------------------------------------------ folder writing

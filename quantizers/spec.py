@@ -39,6 +39,11 @@ from typing import Any, Mapping
 __all__ = ["QuantSpec", "Option"]
 
 
+# The largest group size a spec may name: wider than any layer's input (a group at least as wide as the
+# row is one group per row), small enough that every size computed from it stays an exact machine integer.
+MAX_GROUP_SIZE = 1 << 20
+
+
 @dataclass(frozen=True)
 class Option:
     """A method option: a flag (``kind=bool``) or a valued option (``int``/``float``)."""
@@ -105,6 +110,9 @@ class QuantSpec:
         if gs is not None:
             if isinstance(gs, bool) or not isinstance(gs, int) or gs < 1:
                 raise ValueError(f"group_size must be a positive int or None (per channel), got {gs!r}")
+            if gs > MAX_GROUP_SIZE:
+                raise ValueError(f"group size {gs} is beyond any layer width (at most {MAX_GROUP_SIZE}); drop "
+                                 f"':g{gs}' for one group per output channel")
             if dt.block_size is not None:
                 raise ValueError(f"{dt.name} is an MX type with a fixed block of {dt.block_size}; "
                                  f"drop ':g{gs}' (MX blocks are not configurable)")
@@ -197,6 +205,11 @@ class QuantSpec:
             if tok.startswith("g") and tok[1:].isdigit():
                 if group_size is not None:
                     raise ValueError(f"spec {text!r}: group size given twice")
+                digits = tok[1:].lstrip("0") or "0"
+                if len(digits) > len(str(MAX_GROUP_SIZE)) or int(digits) > MAX_GROUP_SIZE:  # before int() of it all
+                    shown = tok if len(tok) <= 24 else f"{tok[:21]}..."
+                    raise ValueError(f"spec {text[:60]!r}: group size {shown[1:]} is beyond any layer width (at most "
+                                     f"{MAX_GROUP_SIZE}); drop ':{shown}' for one group per output channel")
                 group_size = int(tok[1:])
                 if str(group_size) != tok[1:]:
                     raise ValueError(f"spec {text!r}: write the group as 'g{group_size}'")

@@ -1,4 +1,5 @@
-"""`advisor recommend`: the main job. Exit 0 verified, 2 nothing predicted to meet the target, 3 none verified."""
+"""`advisor recommend`: the main job. Exit 0 verified, 2 nothing predicted to meet the target, 3 none verified,
+4 the exported artifact (--verify-export) measured outside the tolerance of advisor's measurement."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     add_protocol_args(p)
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
     p.add_argument("--predictor", default=None, help="predictor JSON from `advisor fit` (default: shipped)")
-    p.add_argument("--out", default=None, help="report folder (markdown, JSON, PNG, packed model)")
+    p.add_argument("--out", default=None,
+                   help="report folder (markdown, JSON, PNG, the packed model in OUT/model, the export in OUT/FORMAT)")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing folder advisor did not create; only the files advisor writes are "
+                        "replaced (a file of yours with one of those names is refused)")
+    p.add_argument("--verify-export", default=None, metavar="FORMAT", choices=("compressed-tensors", "gguf"),
+                   help="consider only specs FORMAT holds exactly, export the verified model as FORMAT, load it with "
+                        "the format's own loader (transformers) and measure it on the same windows; the two "
+                        "perplexities must agree within 0.1%% (exit 4 otherwise)")
     p.add_argument("--dry-run", action="store_true", help="predict and rank only; quantize nothing")
     add_json_arg(p)
 
@@ -52,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                     confidence=args.confidence, explore=not args.no_explore, early_stop=not args.no_early_stop,
                     methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"), max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes,
-                    **protocol_kwargs(args))
+                    verify_export=args.verify_export, force=args.force, **protocol_kwargs(args))
     files = write_report(rec, args.out) if args.out else {}
     if args.json:
         d = rec.to_dict()
@@ -62,4 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(candidates_table(rec))
         if files:
             print(f"report: {files['markdown']}")
+    if rec.exit_code == 4:
+        import sys
+
+        print(f"error: {rec.message}", file=sys.stderr)
     return rec.exit_code

@@ -82,13 +82,21 @@ def run(args: argparse.Namespace) -> int:
 
         _import_ray()  # a missing extra is said before any store or model is opened
     protocol = SweepProtocol(**protocol_from(args).to_dict(), device=args.device)
+    specs = expand_specs(args.specs)
+    from advisor.quantizers import QuantSpec
+
+    for s in specs:  # every spec before the store is opened or a model loaded
+        try:
+            QuantSpec.parse(s)
+        except ValueError as e:
+            raise AdvisorError(f"--specs {s[:80]!r}: {e}") from None
     store = open_store(args.store)
     on_model = None
     if not args.no_probes:
         from advisor.probing import store_probes
 
         on_model = store_probes
-    summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, protocol, jobs=args.jobs,
+    summary = run_sweep(expand_models(args.models), specs, store, protocol, jobs=args.jobs,
                         retry_failed=args.retry_failed, on_model=on_model, engine=args.engine, address=args.address,
                         engine_options=dict(cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task))
     out = dict(summary.to_dict(), store=str(store.path), runs_in_store=store.count_runs())

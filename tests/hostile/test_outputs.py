@@ -80,11 +80,15 @@ def test_existing_file_is_refused_as_gguf_target(tmp_path, tiny_folder, capsys):
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "device"])
 def test_special_files_are_never_followed_or_moved(tmp_path, tiny_folder, capsys, kind):
     target = tmp_path / "out"
     if kind == "fifo":
         os.mkfifo(target)
+    elif kind == "device":  # a character device like /dev/null (only root may create one)
+        if os.geteuid() != 0:
+            pytest.skip("creating a device node needs root")
+        os.mknod(target, stat.S_IFCHR | 0o600, os.makedev(1, 3))
     else:
         (tmp_path / "real").mkdir()
         (tmp_path / "real" / "keep.txt").write_text("k")
@@ -176,7 +180,7 @@ def _edit_safetensors(path, edit):
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("case", ["missing", "unexpected", "packed"])
+@pytest.mark.parametrize("case", ["missing", "unexpected", "packed", "wrong shape"])
 def test_checkpoint_tensors_must_match_the_architecture(tmp_path, tiny_folder, capsys, case):
     folder = _hf_folder(tmp_path, tiny_folder, case)
     weights = folder / "model.safetensors"
@@ -186,6 +190,10 @@ def test_checkpoint_tensors_must_match_the_architecture(tmp_path, tiny_folder, c
     elif case == "unexpected":
         _edit_safetensors(weights, lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}))
         culprit = "model.layers.0.extra.weight"
+    elif case == "wrong shape":  # transformers would point to "the above report", which is not shown
+        _edit_safetensors(weights, lambda t: t.update({"model.layers.0.mlp.up_proj.weight":
+                                                       t["model.layers.0.mlp.up_proj.weight"][:-1].clone()}))
+        culprit = "1 wrong-shape tensor(s) (model.layers.0.mlp.up_proj.weight)"
     else:  # a folder holding packed tensors under the float names' modules
         def pack(t):
             w = t.pop("model.layers.0.mlp.up_proj.weight")
@@ -196,7 +204,7 @@ def test_checkpoint_tensors_must_match_the_architecture(tmp_path, tiny_folder, c
     before = _snapshot(tmp_path)
     code, _, err = _run(capsys, "eval", "--model", str(folder), "--max-windows", "1", "--seq-len", "16")
     _refused(code, err, culprit)
-    assert str(folder) in err
+    assert str(folder) in err and "above report" not in err
     assert _snapshot(tmp_path) == before
 
 
@@ -223,3 +231,63 @@ def test_native_weights_missing_a_tensor_are_refused(tmp_path, tiny_folder, caps
     (q / "advisor-manifest.json").write_text(json.dumps(manifest))
     code, _, err = _run(capsys, "eval", "--model", str(q), "--max-windows", "1", "--seq-len", "16")
     _refused(code, err, "model.norm.weight")
+
+
+# ------------------------------------------------------------------------------- recommend --out
+def _recommend(folder, out, tmp_path, *extra):
+    return ["recommend", "--model", str(folder), "--max-ppl-ratio", "100", "--methods", "rtn", "--max-attempts", "1",
+            "--no-explore", "--max-windows", "1", "--seq-len", "16", "--n-calib", "1", "--store",
+            str(tmp_path / "s.sqlite"), "--out", str(out), *extra]
+
+
+def test_recommend_out_refuses_a_users_folder_unless_forced(tmp_path, tiny_folder, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("x")
+    (precious / "figures").mkdir()
+    (precious / "figures" / "f.png").write_bytes(b"png")
+    before = _snapshot(precious)
+    code, _, err = _run(capsys, *_recommend(tiny_folder, precious, tmp_path))
+    _refused(code, err, str(precious))
+    assert "--force" in err and _snapshot(precious) == before
+    # --force: advisor adds its report and model, the user's files stay as they were
+    code, _, err = _run(capsys, *_recommend(tiny_folder, precious, tmp_path, "--force"))
+    assert code == 0, err
+    after = _snapshot(precious)
+    assert all(after[p] == v for p, v in before.items())
+    manifest = json.loads((precious / "advisor-manifest.json").read_text())
+    assert set(manifest["files"]) == {"recommendation.json", "report.md", "dppl_vs_bits.png"}
+    assert manifest["folders"] == ["model"] and (precious / "model" / "advisor-manifest.json").is_file()
+    # the folder is advisor's now: a second run needs no --force and still keeps the user's files
+    code, _, err = _run(capsys, *_recommend(tiny_folder, precious, tmp_path))
+    assert code == 0, err
+    assert all(_snapshot(precious)[p] == v for p, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["report.md", "recommendation.json", "model"])
+def test_recommend_force_never_replaces_a_users_file_of_a_name_it_writes(tmp_path, tiny_folder, capsys, name):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    if name == "model":
+        (mine / "model").mkdir()
+        (mine / "model" / "weights.bin").write_bytes(b"mine")
+    else:
+        (mine / name).write_text("my own " + name)
+    before = _snapshot(tmp_path)
+    code, _, err = _run(capsys, *_recommend(tiny_folder, mine, tmp_path, "--force"))
+    _refused(code, err, name)
+    assert _snapshot(tmp_path) == before  # refused before any work: not even the store was created
+
+
+def test_recommend_out_current_folder_and_file_are_refused(tmp_path, tiny_folder, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.md").write_text("mine")
+    (tmp_path / "afile").write_text("data")
+    monkeypatch.chdir(work)
+    before = _snapshot(tmp_path)
+    code, _, err = _run(capsys, *_recommend(tiny_folder, ".", tmp_path))
+    _refused(code, err, "--out .")
+    code, _, err = _run(capsys, *_recommend(tiny_folder, tmp_path / "afile", tmp_path))
+    _refused(code, err, str(tmp_path / "afile"))
+    assert _snapshot(tmp_path) == before
