@@ -115,7 +115,7 @@ def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Ten
     if cols % g or params.offsets is not None or params.rounder.grid.dim() != 1:
         return rtn_weight_reference(W, dtype, group_size)
     s = params.scales.unsqueeze(-1)  # (out, groups, 1)
-    _, unit = params.rounder(Wf.view(out, cols // g, g) / s)
+    unit = params.rounder.values(Wf.view(out, cols // g, g) / s)
     return (unit * s).view(out, cols)
 
 

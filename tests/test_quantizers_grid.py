@@ -25,6 +25,8 @@ def test_fast_index_equals_bucketize_reference(name, sym):
     ])
     assert torch.equal(r.index(y), r.index_reference(y))
     assert torch.equal(r.index(y.double()), r.index_reference(y.double()))
+    assert torch.equal(r.values(y), r(y)[1])
+    assert torch.equal(r.values(y.double()), r(y.double())[1])
 
 
 @pytest.mark.parametrize("name,sym", CASES)
