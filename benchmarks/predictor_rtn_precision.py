@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(out, indent=2))
     for split, rows in out["figures"].items():
         for f, v in rows.items():
-            print(f"{split:9s} {f:20s} shipped {v['shipped']:.4f}  {args.fraction:.2f} of the windows {v['fewer_windows']:.4f}")
+            print(f"{split:9s} {f:20s} shipped {v['shipped']:.4f}  "
+                  f"{args.fraction:.2f} of the windows {v['fewer_windows']:.4f}")
     return 0
 
 
