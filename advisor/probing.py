@@ -185,7 +185,8 @@ def estimate(loaded, units: list[Unit], windows, loss_windows, seconds_per_token
     """The cost of running ``units`` (see ``Estimate``), from forward-pass token counts.
 
     Model: a backward pass costs two forwards; a Hessian-vector product about ten; an RTN pass over the
-    linear layers about as much as a forward of ``RTN_TOKENS_EQUIV`` tokens per million weights; every
+    linear layers about as much as a forward of ``RTN_PASS_TOKENS`` tokens, scaled by the linear layers'
+    share of a token's forward work (the head's ``vocab x hidden`` being the rest); every
     ``rtn_loss`` format is counted at its most windows (early stopping makes it cheaper).
     """
     from advisor.probes import get_probe
@@ -196,7 +197,8 @@ def estimate(loaded, units: list[Unit], windows, loss_windows, seconds_per_token
     est = Estimate(seconds_per_token=seconds_per_token)
     act = 4 * shape["act_width"]  # float32 bytes a token keeps per pass for a backward (inputs and outputs)
     chunk = 64 << 20
-    rtn_pass = RTN_TOKENS_EQUIV * shape["linear_params"] / 1e6
+    head = shape["vocab"] * shape["hidden"]
+    rtn_pass = RTN_PASS_TOKENS * shape["linear_params"] / max(1, shape["linear_params"] + head)
     for p in probes:
         s = base_settings(p)
         keys = [u.key for u in units if u.probe == p]
@@ -229,9 +231,12 @@ def estimate(loaded, units: list[Unit], windows, loss_windows, seconds_per_token
     return est
 
 
-# A round-to-nearest pass over one million weights costs about as much as a forward of this many tokens
-# (measured on SmolLM2-135M: int4 g128 RTN of 106M weights ~ a forward of 2k tokens; benchmarks/probes.py)
-RTN_TOKENS_EQUIV = 20.0
+# A round-to-nearest pass over a model's linear layers costs about as much as a forward of this many
+# tokens through those layers alone: both are linear in the weights, so the count holds across sizes
+# (measured on SmolLM2-135M, one thread: a pass over its 106M linear weights took 0.15-0.5x a full
+# 512-token forward, whose linear layers are 79% of the work, across int8, int4 g128, nf4 g64 and fp8,
+# through probes._rtn.rtn_weight; docs/experiments.md)
+RTN_PASS_TOKENS = 300.0
 
 
 class Progress:

@@ -12,7 +12,10 @@ could not hold it twice). Each command runs in its own process (the CLI, in-proc
 under ``nice``; its peak resident memory (``ru_maxrss``) and, where a GPU exists, peak CUDA memory are
 recorded, as bytes per parameter of the model. A least-squares fit of peak against parameter count
 (peak = a + b * params) per command follows, and a GPU time projection from the measured FLOPs of the
-model's forward and backward passes (a projection on paper, labelled so: no GPU was used).
+model's forward and backward passes (a projection on paper, labelled so: no GPU was used). The CPU time
+of mistral-7b's configuration is projected the same way from the largest size measured and from this
+CPU's measured float32 / bfloat16 matmul rates (a 7B model fits 24 GB only in bf16; labelled so).
+``--report-only`` recomputes the fits and projections of an existing result file.
 
 A watchdog stops a command when the machine's available memory falls under ``--stop-below-gb``.
 Results: benchmarks/results/memory.json.
@@ -240,6 +243,43 @@ def flops_projection(cfg: dict, commands, protocol: str = "benchmark") -> dict:
     return out
 
 
+def matmul_rates(threads: int = 2) -> dict:
+    """Measured GFLOP/s of one (256 x 4096) @ (4096 x 4096) linear in float32 and in bfloat16 on this CPU:
+    the ratio says how much slower a model runs when it must compute in bf16 (a 7B model on 24 GB)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {"threads": threads, "shape": [256, 4096, 4096]}
+    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(256, 4096).to(dt), torch.randn(4096, 4096).to(dt)
+        torch.nn.functional.linear(a, b)
+        t0, n = time.perf_counter(), 3
+        for _ in range(n):
+            torch.nn.functional.linear(a, b)
+        out[f"{name}_gflops"] = 2 * 256 * 4096 * 4096 * n / (time.perf_counter() - t0) / 1e9
+    out["load_average"] = os.getloadavg()
+    return out
+
+
+def cpu_projection_7b(runs: dict, rates: dict | None) -> dict:
+    """CPU seconds of each command on mistral-7b's configuration, PROJECTED (not measured) from the largest
+    size that completed it: seconds x (7B params / its params) (every pass is linear in the parameters at a
+    fixed protocol) x (float32 / bfloat16 matmul rate) when the smaller model ran in float32 and the 7B one
+    must run in bf16 to fit. A lower bound for GPTQ, whose solver grows with the layer width cubed."""
+    n7 = n_params(llama_config("7b"))
+    slow = (rates["float32_gflops"] / rates["bfloat16_gflops"]) if rates else 1.0
+    out = {"label": "PROJECTION from measured smaller models (CPU), not a 7B measurement",
+           "bf16_slowdown": slow, "params": n7}
+    for cmd in COMMANDS:
+        done = [(r["params"], r[cmd]["seconds"], s) for s, r in runs.items()
+                if s != "7b" and isinstance(r.get(cmd), dict) and r[cmd].get("rc") == 0 and "seconds" in r[cmd]]
+        if done:
+            p, sec, size = max(done)
+            out[cmd] = {"from_size": size, "seconds_measured": sec, "seconds_fp32_compute": sec * n7 / p,
+                        "seconds_bf16_compute": sec * n7 / p * slow}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["50m", "200m", "800m"], choices=list(SIZES))
@@ -252,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probes", default=None,
                    help="probes for the probe command (default all; e.g. fisher, the issue's first measurement)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--report-only", action="store_true",
+                   help="recompute the fits and projections of --out without running anything")
     args = p.parse_args(argv)
     if args.probes:
         COMMANDS["probe"] = COMMANDS["probe"] + ["--probes", args.probes]
@@ -273,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                    "cores": os.cpu_count(), "python": platform.python_version(), "probe_set": report_probes,
                    "commands": {k: " ".join(v) for k, v in COMMANDS.items()}})
     runs = report.setdefault("runs", {})
-    for size in args.sizes:
+    for size in ([] if args.report_only else args.sizes):
         cfg = llama_config(size)
         n = n_params(cfg)
         weights = 2 * n
@@ -305,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     report["fit_peak_vs_params"] = fits
     report["gpu_projection_7b"] = {p: flops_projection(llama_config("7b"), list(COMMANDS), p)
                                    for p in ("benchmark", "default")}
+    try:
+        report["matmul_rates"] = matmul_rates()
+    except Exception as e:  # a CPU without bf16 matmul support at all
+        report["matmul_rates"] = {"error": str(e)}
+    report["cpu_projection_7b"] = cpu_projection_7b(runs, report["matmul_rates"]
+                                                    if "bfloat16_gflops" in report["matmul_rates"] else None)
     report["projected_7b_peak_from_fit"] = {
         cmd: (f["intercept_bytes"] + f["bytes_per_param"] * n_params(llama_config("7b"))) if f else None
         for cmd, f in fits.items()}

@@ -86,12 +86,37 @@ def row_fraction(layers: list[LayerInfo], max_elements: int | None) -> float:
     return max_elements / total
 
 
-def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
-    """``Q(W)``: the round-to-nearest weights, float32 (rows, in), through the quantizers' RTN method."""
+def rtn_weight_reference(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
+    """``Q(W)``: the round-to-nearest weights, float32 (rows, in), through the quantizers' RTN method
+    (codes, then ``QuantizedWeight.dequantize``)."""
     from advisor.quantizers import LayerStats, QuantSpec, get_method
 
     spec = QuantSpec("rtn", dtype, group_size)
     return get_method("rtn").quantize(W.detach().float(), spec, LayerStats()).dequantize()
+
+
+def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
+    """``Q(W)`` as ``rtn_weight_reference``, bit for bit (tested), without its per-weight detours.
+
+    The reference expands each group's scale to a full ``(out, in)`` tensor by indexing, rounds to
+    int64 codes and dequantizes them through the table. Here the scales broadcast over a
+    ``(out, groups, group)`` view and the rounder's grid values are used directly: the same division,
+    the same nearest grid value, the same product. Matrices whose width is not a multiple of the group
+    take the reference.
+    """
+    from advisor.quantizers import get_dtype
+    from advisor.quantizers.grid import compute_grid_params
+
+    dt = get_dtype(dtype)
+    Wf = W.detach().float()
+    out, cols = Wf.shape
+    params = compute_grid_params(Wf, dt, group_size, symmetric=True)
+    g = params.group_size
+    if cols % g or params.offsets is not None or params.rounder.grid.dim() != 1:
+        return rtn_weight_reference(W, dtype, group_size)
+    s = params.scales.unsqueeze(-1)  # (out, groups, 1)
+    unit = params.rounder.values(Wf.view(out, cols // g, g) / s)
+    return (unit * s).view(out, cols)
 
 
 def rtn_error(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:

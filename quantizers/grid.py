@@ -66,6 +66,14 @@ class Rounder:
             in_order = torch.equal(self.codes, torch.arange(grid.numel()))
             if bool((steps == step).all()) and step > 0 and math.log2(step).is_integer() and in_order:
                 self.uniform = (float(grid[0]), step, grid.numel() - 1)
+        # Fast path for other shared grids and float32 input: a table over the top 16 bits of the float32
+        # bit pattern (sign, exponent, 7 mantissa bits). Each such bucket is a closed interval of floats;
+        # where it holds at most one midpoint ``m``, the bucketize index of every ``y`` in it is
+        # ``base + (y > m)`` with ``base`` the number of midpoints below the bucket. Built once per grid;
+        # grids with two midpoints in one bucket keep the reference.
+        self.lut: tuple[torch.Tensor, torch.Tensor] | None = None
+        if grid.dim() == 1 and self.uniform is None and grid.numel() > 1:
+            self.lut = _bucket_table(self.midpoints)
 
     def index(self, y: torch.Tensor) -> torch.Tensor:
         """Index of the nearest grid value for each element of ``y`` (long, same shape)."""
@@ -78,7 +86,28 @@ class Rounder:
             if g0 != 0.0:
                 t -= g0 / step
             return t.clamp_(0, last).long()
+        if self.lut is not None and y.dtype == torch.float32 and not bool(torch.isnan(y).any()):
+            base, mid = self.lut
+            y = y.contiguous()
+            k = (y.view(torch.int32) >> 16).bitwise_and_(0xFFFF).long().view(-1)
+            return base.index_select(0, k).add_(y.view(-1) > mid.index_select(0, k)).view(y.shape)
         return self.index_reference(y)
+
+    def values(self, y: torch.Tensor) -> torch.Tensor:
+        """The nearest grid values alone, equal to ``self(y)[1]`` (tested), without int64 codes.
+
+        Evenly spaced grids and float32 ``y``: ``t = y / step`` (exact: a power of two), then the nearest
+        integer with ties down as ``floor(t) + (t > floor(t) + 1/2)`` (``floor(t) + 1/2`` is exact in
+        float32 wherever ``t`` has a fraction), clamped to the grid: the index ``ceil(t - 1/2)`` of
+        ``index`` without float64."""
+        if self.uniform is not None and y.dtype == torch.float32:
+            g0, step, last = self.uniform
+            t = y / step if step != 1.0 else y
+            f = torch.floor(t)
+            n = f + torch.gt(t, f + 0.5)
+            lo = g0 / step
+            return n.clamp_(lo, lo + last).mul_(step).add_(0.0)
+        return self(y)[1]
 
     def index_reference(self, y: torch.Tensor) -> torch.Tensor:
         """The reference: ``bucketize`` on the midpoints (``searchsorted`` per row for row grids)."""
@@ -109,6 +138,30 @@ class Rounder:
         if y.dim() == 1:
             unit, codes = unit.squeeze(-1), codes.squeeze(-1)
         return codes, unit
+
+
+def _bucket_table(midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(base, midpoint) per top-16-bit float32 bucket for ``Rounder.index`` (see there); None when a
+    bucket holds more than one midpoint."""
+    top = torch.arange(1 << 16, dtype=torch.int64) << 16
+    first = ((top + 0) & 0xFFFFFFFF).to(torch.int64)
+    last = first | 0xFFFF
+    to_f = lambda bits: torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+    a, b = to_f(first), to_f(last)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)  # the bucket's floats: [lo, hi] (NaN buckets: NaN)
+    mids = midpoints.to(torch.float32)
+    base = torch.bucketize(lo, mids)  # midpoints < lo
+    inside = torch.bucketize(hi, mids, right=True) - base  # midpoints in [lo, hi]
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    if bool((inside[finite] > 1).any()):
+        return None
+    mid = torch.full((1 << 16,), math.inf, dtype=torch.float32)
+    one = finite & (inside == 1)
+    mid[one] = mids[base[one]]
+    # the buckets of +-inf: the reference's index of the infinity itself
+    inf = ~finite
+    base[inf] = torch.bucketize(torch.where(a[inf] > 0, math.inf, -math.inf), mids)
+    return base, mid
 
 
 @lru_cache(maxsize=None)

@@ -241,6 +241,21 @@ def test_feature_key_of_specs():
     assert all(p.description for p in probes.PROBES.values())
 
 
+def test_rtn_weight_equals_the_quantizer_reference():
+    """The probes' RTN weights (group views, grid values) equal the quantizers' codes-then-dequantize path
+    bit for bit, for every format of the sqnr grid, whole and partial groups, zero rows and bf16 input."""
+    from advisor.probes._rtn import configs, rtn_weight, rtn_weight_reference
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((16, 256), (9, 200), (4, 96)):
+        W = torch.randn(shape, generator=g) * 0.05
+        W[0, :5], W[1] = 0.0, 0.0
+        W[2, 3] = 40.0  # one outlier: a group whose scale is set by it
+        for w in (W, W.to(torch.bfloat16)):
+            for dtype, group, key in configs(None, all_group_sizes=True):
+                assert torch.equal(rtn_weight(w, dtype, group), rtn_weight_reference(w, dtype, group)), (shape, key)
+
+
 def test_stacked_rtn_errors_equal_layer_by_layer():
     from advisor.probes._rtn import layer_rows, rtn_error, sampled_rtn_errors
     from advisor.probes._util import layer_infos

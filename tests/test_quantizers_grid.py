@@ -21,10 +21,13 @@ def test_fast_index_equals_bucketize_reference(name, sym):
     m = r.midpoints
     y = torch.cat([
         torch.randn(20000, generator=g) * dt.max_abs * 0.7 + (0 if sym else 2 ** (dt.bits - 1)),
-        m, r.grid, torch.nextafter(m, m + 1), torch.nextafter(m, m - 1), torch.tensor([-1e30, 1e30, 0.0, -0.0]),
+        m, r.grid, torch.nextafter(m, m + 1), torch.nextafter(m, m - 1),
+        torch.tensor([-1e30, 1e30, 0.0, -0.0, math.inf, -math.inf, 1e-45, -1e-45]),
     ])
     assert torch.equal(r.index(y), r.index_reference(y))
     assert torch.equal(r.index(y.double()), r.index_reference(y.double()))
+    assert torch.equal(r.values(y), r(y)[1])
+    assert torch.equal(r.values(y.double()), r(y.double())[1])
 
 
 @pytest.mark.parametrize("name,sym", CASES)
