@@ -102,3 +102,11 @@ def test_staged_measurement_equals_one_pass():
     q2 = perplexity(other, w, progress=False, reference=joined, start=3)
     assert q2.window_nll == pytest.approx(q1.window_nll[3:], rel=1e-5)
     assert q2.kld.window_kld == pytest.approx(q1.kld.window_kld[3:], rel=1e-4)
+    # the KL statistics of stages merge into the one-pass statistics (median, p99 and max included)
+    from advisor.models.evaluate import merge_kl
+
+    q0 = perplexity(other, w, progress=False, reference=whole.reference, stop=3)
+    merged, one = merge_kl([q0.kld, q2.kld]).to_dict(), q1.kld.to_dict()
+    assert merged.keys() == one.keys()
+    for k in one:
+        assert merged[k] == pytest.approx(one[k], rel=1e-4), k

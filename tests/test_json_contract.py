@@ -90,7 +90,7 @@ def test_every_json_output_is_strict_and_stamped(setup, capsys):
                       "--out", str(s["tmp"] / "rep")],
         "sweep": ["sweep", "--models", s["model"], "--specs", "rtn:int8", *s["proto"], "--store", s["store"], "--no-probes"],
         "recommend-kld": ["recommend", *common, "--max-kld", "1e6", "--methods", "rtn", "--max-attempts", "1",
-                          "--out", str(s["tmp"] / "rep-kld")],
+                          "--no-early-stop", "--out", str(s["tmp"] / "rep-kld")],
         "probe": ["probe", "--model", s["model"], "--calib", f"file:{PTB}", "--probes", "sqnr", "--n-calib", "2",
                   "--calib-seq-len", "32", "--store", s["store"]],
         "fit": ["fit", "--runs", str(s["tmp"] / "runs.csv")],
@@ -109,6 +109,8 @@ def test_every_json_output_is_strict_and_stamped(setup, capsys):
     kl = outs["recommend-kld"]
     assert kl["verified"] and kl["budget_metric"] == "kld" and kl["kld_source"] == "measured"
     assert kl["max_kld"] == 1e6 and kl["max_ppl_delta"] is None and kl["attempts"][0]["kld"]["mean"] >= 0
+    assert kl["early_stop"] is False and outs["recommend"]["early_stop"] is True
+    assert kl["attempts"][0]["n_windows"] == 4 and kl["attempts"][0]["verdict"] == "pass"
     report = (s["tmp"] / "rep-kld" / "report.md").read_text()
     assert "mean KL measured, not predicted" in report and "PASS" in report
     assert outs["plan"]["confidence"] == outs["recommend"]["confidence"] == 0.9
