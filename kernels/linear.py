@@ -253,8 +253,7 @@ class QuantLinear(nn.Module):
 
             W = np.empty((self.out_features, self.n_pad), np.float32)
             with _quiet_numba():
-                cpu.qdequant(f["packed"], W, self.tile, self.tiles_per_group,
-                             UNIT[self.layout])
+                cpu.qdequant(f["packed"], W, UNIT[self.layout])
             W = torch.from_numpy(W)[:, :self.in_features]
             out = self.outliers()
             if out is not None:
@@ -418,8 +417,8 @@ class QuantLinear(nn.Module):
             xp, xsum = cpu.phase_order(x_np, self.n_pad, self.tile,
                                        cpu.WIDE_UNIT if wide else UNIT[self.layout],
                                        self.group_size, self.n_groups)
-            cpu.qgemv(f["packed"], xp, xsum, y, self.tile, self.tiles_per_group,
-                      f["wdec"] if wide else f["vdec"], 2 if wide else int(f["simd"]))
+            cpu.qgemv(f["packed"], xp, xsum, y, f["wdec"] if wide else f["vdec"],
+                      cpu.PATH_WIDE if wide else cpu.PATH_SIMD if f["simd"] else cpu.PATH_LOOPS)
             if f["outliers"] is not None:
                 rows, cols, vals = f["outliers"]
                 cpu.add_outliers(y, x_np, rows, cols, vals)
@@ -470,7 +469,8 @@ class QuantLinear(nn.Module):
         self._fast = {
             "packed": Packed(layout=LAYOUT_ID[self.layout], bits=self.bits, qa=qa, qb=qb, dec=dec,
                              per_row=per_row, scales=scales, offsets=offsets,
-                             mult=np.float32(dec_rule.mult), add=np.float32(dec_rule.add)),
+                             mult=np.float32(dec_rule.mult), add=np.float32(dec_rule.add),
+                             T=self.tile, tpg=self.tiles_per_group),
             "vdec": _vector_decode(dec_rule, t2, per_row, self.bits, simd.ISA),
             # explicit-SIMD batch-1 kernel: 16 codes per step of every phase of a tile
             # (bit planes: 3-bit codes only, which the kernel gathers with one multiply)
