@@ -12,10 +12,10 @@ time (numba specializes per type signature and ``cache=True`` keeps each special
 and by the code ``layout`` (crumb2, nib4, byte8, planes, split6; see :mod:`kernels.int_pack`),
 a literal in each layout's entry points, which are made from one template (``_PER_LAYOUT``). A
 layer's arrays and constants travel as one :class:`Packed` value, a product's activations and
-output as one :class:`Operands` value. Inputs arrive permuted into *phase order* per tile of ``T`` codes:
-the code at ``U*j + r`` of a tile (``U`` codes per storage unit) sits at ``r*(T/U) + j``, so
-the lowest nibbles of a tile's bytes meet contiguous activations and every inner loop is a
-unit-stride vector loop. Per group ``g``:
+output as one :class:`Operands` value. Inputs arrive permuted into *phase order* per tile of
+``T`` codes: the code at ``U*j + r`` of a tile (``U`` codes per storage unit) sits at
+``r*(T/U) + j``, so the lowest nibbles of a tile's bytes meet contiguous activations and every
+inner loop is a unit-stride vector loop. Per group ``g``:
 ``y[b, o] += (scale*mult) * sum_i value_i x_i + (scale*add + offset) * sum_i x_i``.
 Batch 1 decodes and multiplies in one pass -- with the explicit-SIMD kernel
 (:func:`_gemv_rows_simd_b1`, 16-lane vectors from :mod:`kernels.simd`) when every phase of a
@@ -23,8 +23,8 @@ tile is a multiple of 16 codes, else the auto-vectorized scalar loops; larger ba
 tile once into an L1 buffer (vector decode where the batch-1 SIMD kernel applies) and reuse it for
 up to four batch rows per pass. Row tasks of a product are claimed from an atomic counter by the
 threads of torch's OpenMP team (:mod:`kernels.team`; fallback: the caller and
-``numba.get_num_threads() - 1`` helper threads, :func:`qgemv`); the prefill dequantize kernel uses
-``prange``.
+``numba.get_num_threads() - 1`` helper threads, :func:`qgemv`), and so are those of the prefill
+dequantize kernel (:func:`qdequant`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import get_num_threads, njit, types
 from numba.extending import intrinsic, overload
 
 from . import team
@@ -444,7 +444,7 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
 #   float32 (1, 2, 16) array -> 32 magnitudes + sign bit 5, vpermi2ps: FP6 E3M2 / E2M3;
 #   (E, M, bias) ints -> ExMy value built from bits (FP8);
 #   (table (rows, 2**bits),) -> per-lane gather (other codebooks).
-# (Tables travel as arrays: float tuples passed into a prange body disable on-disk caching.)
+# (Tables travel as arrays, which numba caches as plain array arguments.)
 def _vrow_table(vdec, row):
     raise NotImplementedError
 
@@ -988,17 +988,18 @@ def _gemv_work_{name}(p, vdec, path, ops, ctr):
         _atomic_add(ctr, 1, 1)
 
 
-@njit(fastmath=True, cache=True)
-def _dequant_rows_{name}(p, W, unit, o0, o1):
-    _dequant_rows_body({lid}, p, W, unit, o0, o1)
-
-
-@njit(parallel=True, cache=True)
-def _qdequant_{name}(p, W, unit):
-    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for k in prange(n_tasks):
+@njit(nogil=True, fastmath=True, cache=True)
+def _dequant_work_{name}(p, W, unit, ctr):
+    """Claims tasks of ROWS_PER_TASK rows of ``W`` from ``ctr`` like the product's task loop."""
+    n_out = W.shape[0]
+    n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
         o0 = k * ROWS_PER_TASK
-        _dequant_rows_{name}(p, W, unit, o0, min(W.shape[0], o0 + ROWS_PER_TASK))
+        _dequant_rows_body({lid}, p, W, unit, o0, min(n_out, o0 + ROWS_PER_TASK))
+        _atomic_add(ctr, 1, 1)
 '''
 _WIDE_DEF = '''
 
@@ -1021,17 +1022,21 @@ for _name, _lid in LAYOUT_ID.items():
     _define_layout_entries(_name, _lid)
 
 _GEMV = tuple(globals()[f"_gemv_work_{n}"] for n in LAYOUT_ID)
-_DEQUANT = tuple(globals()[f"_qdequant_{n}"] for n in LAYOUT_ID)
+_DEQUANT = tuple(globals()[f"_dequant_work_{n}"] for n in LAYOUT_ID)
 
 
 def qgemv(p: Packed, xp, xsum, y, vdec=None, path: int = PATH_LOOPS) -> None:
     """``y[b] = W_hat @ x[b]`` for the layer ``p``, from phase-ordered activations ``xp`` and
     their group sums ``xsum`` (:func:`phase_order`), on torch's OpenMP team (else the caller and
     helper threads). ``vdec``: the vector decode descriptor of the explicit-SIMD paths."""
-    fn = _GEMV[p.layout]
-    args = (p, vdec, int(path), Operands(xp, xsum, y))
+    _run_tasks(_GEMV[p.layout], (p, vdec, int(path), Operands(xp, xsum, y)), y.shape[1])
+
+
+def _run_tasks(fn, args: tuple, n_rows: int) -> None:
+    """``fn(*args, ctr)`` on torch's OpenMP team (else the caller and helper threads): every call
+    claims tasks of ROWS_PER_TASK of the ``n_rows`` output rows from ``ctr`` until none is left."""
     ctr = np.zeros(2, np.int64)  # [next task to claim, tasks finished]
-    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if team.available():
         n = min(team.n_threads(), n_tasks)
         if n > 1:
@@ -1062,7 +1067,7 @@ def _helper_pool(n):
 def qdequant(p: Packed, W, unit) -> None:
     """Write the dequantized (out, n_pad) float32 matrix into ``W`` (natural column order);
     ``unit``: codes per storage unit of the layout (its phase count)."""
-    _DEQUANT[p.layout](p, W, unit)
+    _run_tasks(_DEQUANT[p.layout], (p, W, int(unit)), W.shape[0])
 
 
 @njit(cache=True)
