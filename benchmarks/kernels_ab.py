@@ -66,11 +66,15 @@ def _run(args) -> None:
             call = (f["wdec"] if wide else f["vdec"], 2 if wide else int(f["simd"]))
             sides = {"this": this, "rev": rev}
             outs = {}
-            def gemv(m, y):  # the named Packed argument, or the positional form of older trees
-                if hasattr(m, "Packed"):
-                    m.qgemv(m.Packed(*f["packed"]), xp, xsum, y, mod.tile, mod.tiles_per_group, *call)
+            def gemv(m, y):  # Packed with the tile fields, Packed without them, or older positional trees
+                fields = getattr(getattr(m, "Packed", None), "_fields", ())
+                old = tuple(f["packed"])[:10]
+                if "T" in fields:
+                    m.qgemv(m.Packed(*f["packed"]), xp, xsum, y, *call)
+                elif fields:
+                    m.qgemv(m.Packed(*old), xp, xsum, y, mod.tile, mod.tiles_per_group, *call)
                 else:
-                    m.qgemv(*f["packed"], xp, xsum, y, mod.tile, mod.tiles_per_group, *call)
+                    m.qgemv(*old, xp, xsum, y, mod.tile, mod.tiles_per_group, *call)
 
             for name, m in sides.items():  # first call compiles (or loads numba's cache)
                 outs[name] = np.zeros((B, 4096), np.float32)

@@ -9,11 +9,13 @@ time (numba specializes per type signature and ``cache=True`` keeps each special
 - ``scales``: uint16 (fp16 bit patterns), float32, or int8 (power-of-two exponents, MX).
 - ``offsets``: ``None`` or uint16 / float32.
 
-and by a runtime ``layout`` id branched once per tile (crumb2, nib4, byte8, planes, split6; see
-:mod:`kernels.int_pack`). Inputs arrive permuted into *phase order* per tile of ``T`` codes:
-the code at ``U*j + r`` of a tile (``U`` codes per storage unit) sits at ``r*(T/U) + j``, so
-the lowest nibbles of a tile's bytes meet contiguous activations and every inner loop is a
-unit-stride vector loop. Per group ``g``:
+and by the code ``layout`` (crumb2, nib4, byte8, planes, split6; see :mod:`kernels.int_pack`),
+a literal in each layout's entry points, which are made from one template (``_PER_LAYOUT``). A
+layer's arrays and constants travel as one :class:`Packed` value, a product's activations and
+output as one :class:`Operands` value. Inputs arrive permuted into *phase order* per tile of
+``T`` codes: the code at ``U*j + r`` of a tile (``U`` codes per storage unit) sits at
+``r*(T/U) + j``, so the lowest nibbles of a tile's bytes meet contiguous activations and every
+inner loop is a unit-stride vector loop. Per group ``g``:
 ``y[b, o] += (scale*mult) * sum_i value_i x_i + (scale*add + offset) * sum_i x_i``.
 Batch 1 decodes and multiplies in one pass -- with the explicit-SIMD kernel
 (:func:`_gemv_rows_simd_b1`, 16-lane vectors from :mod:`kernels.simd`) when every phase of a
@@ -21,8 +23,8 @@ tile is a multiple of 16 codes, else the auto-vectorized scalar loops; larger ba
 tile once into an L1 buffer (vector decode where the batch-1 SIMD kernel applies) and reuse it for
 up to four batch rows per pass. Row tasks of a product are claimed from an atomic counter by the
 threads of torch's OpenMP team (:mod:`kernels.team`; fallback: the caller and
-``numba.get_num_threads() - 1`` helper threads, :func:`qgemv`); the prefill dequantize kernel uses
-``prange``.
+``numba.get_num_threads() - 1`` helper threads, :func:`qgemv`), and so are those of the prefill
+dequantize kernel (:func:`qdequant`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types
+from numba import get_num_threads, njit, types
 from numba.extending import intrinsic, overload
 
 from . import team
@@ -442,7 +444,7 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
 #   float32 (1, 2, 16) array -> 32 magnitudes + sign bit 5, vpermi2ps: FP6 E3M2 / E2M3;
 #   (E, M, bias) ints -> ExMy value built from bits (FP8);
 #   (table (rows, 2**bits),) -> per-lane gather (other codebooks).
-# (Tables travel as arrays: float tuples passed into a prange body disable on-disk caching.)
+# (Tables travel as arrays, which numba caches as plain array arguments.)
 def _vrow_table(vdec, row):
     raise NotImplementedError
 
@@ -597,6 +599,12 @@ def _vdecode_tile(layout, qa, qb, o, tb, T, vdec, vt, wbuf):
                 vstore_f32(wbuf, r * Q + j, _split6_phase(w, s, r, vdec, vt))
 
 
+@njit(inline="always")
+def _layer_fields(p):
+    """The fields of a :class:`Packed` layer every row kernel reads."""
+    return p.qa, p.qb, p.per_row, p.scales, p.offsets, p.mult, p.add, p.T, p.tpg
+
+
 @njit(inline="always", fastmath=True)
 def _offset_term(srow, zrow, add, xsum):
     """sum_g (scale_g add + offset_g) sum(x_g): the affine part of a row, one short loop."""
@@ -607,11 +615,12 @@ def _offset_term(srow, zrow, add, xsum):
 
 
 @njit(inline="always", fastmath=True)
-def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                       T, tpg, o0, o1):
+def _gemv_rows_simd_b1(layout, p, vdec, ops, o0, o1):
     """Batch 1: y[o] = sum_g (scale_g mult) <codes_g, x_g> + (scale_g add + offset_g) sum(x_g),
     with the per-group dot kept in vector lanes and folded into a vector row accumulator
     (one horizontal sum per row)."""
+    qa, qb, per_row, scales, offsets, mult, add, T, tpg = _layer_fields(p)
+    xp, xsum, y = ops.xp, ops.xsum, ops.y
     ng = scales.shape[1]
     srow = np.empty(ng, np.float32)
     zrow = np.empty(ng, np.float32)
@@ -633,13 +642,14 @@ def _gemv_rows_simd_b1(layout, qa, qb, vdec, per_row, scales, offsets, mult, add
 
 
 @njit(inline="always", fastmath=True)
-def _gemv_rows_simd_bn(layout, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                       T, tpg, o0, o1):
+def _gemv_rows_simd_bn(layout, p, vdec, ops, o0, o1):
     """Batch 2..8, explicit SIMD: per pass of up to four tokens, each tile is decoded once into
     ``wbuf`` (L1, :func:`_vdecode_tile`) and multiplied into four vector accumulators; the group
     scale is folded in per group as in :func:`_gemv_rows_simd_b1`. A pass of fewer than four
     tokens repeats its last token (results discarded). Replaces the auto-vectorized loops, whose
     scalar decode and per-tile reductions ran at ~2.5 multiply-adds per cycle."""
+    qa, qb, per_row, scales, offsets, mult, add, T, tpg = _layer_fields(p)
+    xp, xsum, y = ops.xp, ops.xsum, ops.y
     B = xp.shape[0]
     ng = scales.shape[1]
     srow = np.empty(ng, np.float32)
@@ -755,10 +765,11 @@ def _wide_step6(ra, rb, tb, T, j, vt, x, pa, pb):
 
 
 @njit(inline="always", fastmath=True)
-def _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1):
+def _gemv_rows_wide_b1(p, vdec, ops, o0, o1):
     """Batch 1 FP6 (split6), one row at a time so the code streams are read sequentially.
     Needs T % 128 == 0 and xp phase-ordered with ``WIDE_UNIT``."""
+    qa, qb, per_row, scales, offsets, mult, add, T, tpg = _layer_fields(p)
+    xp, xsum, y = ops.xp, ops.xsum, ops.y
     ng = scales.shape[1]
     srow = np.empty(ng, np.float32)
     zrow = np.empty(ng, np.float32)
@@ -785,10 +796,12 @@ def _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xs
 
 # --------------------------------------------------------------------------------- row kernels
 @njit(inline="always", fastmath=True)
-def _gemv_rows_scalar(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum,
-                      y, T, tpg, o0, o1):
+def _gemv_rows_scalar(layout, p, ops, o0, o1):
     """Auto-vectorized loops: batch 1 fused decode + dot, batch 2..8 decode a tile once into
     ``wbuf`` and reuse it for four tokens per pass."""
+    qa, qb, per_row, scales, offsets, mult, add, T, tpg = _layer_fields(p)
+    bits, dec = p.bits, p.dec
+    xp, xsum, y = ops.xp, ops.xsum, ops.y
     B = xp.shape[0]
     ng = scales.shape[1]
     srow = np.empty(ng, np.float32)
@@ -855,8 +868,10 @@ def _gemv_rows_scalar(layout, bits, qa, qb, dec, per_row, scales, offsets, mult,
 
 
 @njit(inline="always", fastmath=True)
-def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T,
-                       tpg, unit, o0, o1):
+def _dequant_rows_body(layout, p, W, unit, o0, o1):
+    """Rows o0..o1 of the dequantized matrix into ``W`` (natural column order)."""
+    qa, qb, per_row, scales, offsets, mult, add, T, tpg = _layer_fields(p)
+    bits, dec = p.bits, p.dec
     n_pad = W.shape[1]
     ng = scales.shape[1]
     n_tiles = n_pad // T
@@ -882,334 +897,16 @@ def _dequant_rows_body(layout, bits, qa, qb, dec, per_row, scales, offsets, mult
                         row[unit * j + r] = wbuf[r * Q + j] * es + ez
 
 
-# One entry point per layout with the layout id as a literal in the source: numba prunes the
-# other layouts' branches before LLVM sees them, which measured 2x faster than a runtime id
-# (a numba.literally() specialization did not get the same pruning). The row functions are
-# separate (non-parallel) functions so their scratch buffers are private to each task.
-# Each kernel path (batch-1 SIMD, batch-n SIMD, loops, wide FP6) is its own compiled function
-# per layout, called once per task of ROWS_PER_TASK rows, rather than all paths inlined into one
-# row function: numba's inliner deep-copies the callee's IR once per block, with the whole
-# variable scope each time, so inlining the ~3000-statement union of all paths cost ~12 s of a
-# ~34 s cold compile (int4, measured with NUMBA_CACHE_DIR empty). The loops path does not take
-# the vector decode table, so its compiled code is shared by specializations that differ only
-# in that table (the batch-1 wide FP6 table vs the 16-lane one).
-# The blocks below are written out per layout on purpose. A factory closing over the layout id would
-# not cache: numba keys a closure's cache entry on its pickled cells, and a cell holding another
-# dispatcher (the work loop's paths) pickles differently in every process, so each process would add a
-# cache entry and compile again (checked with numba 0.68.1: a new .nbc file per run, a cache miss every time).
-
-@njit(fastmath=True, cache=True)
-def _gemv_b1_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_b1(0, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_bn_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_bn(0, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_loops_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1):
-    _gemv_rows_scalar(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                      tpg, o0, o1)
-
-
-@njit(nogil=True, cache=True)
-def _gemv_work_crumb2(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
-                      T, tpg, ctr):
-    B = xp.shape[0]
-    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    while True:
-        k = _atomic_add(ctr, 0, 1)
-        if k >= n_tasks:
-            break
-        o0 = k * ROWS_PER_TASK
-        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
-        if B == 1 and simd == 1:
-            _gemv_b1_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                            o0, o1)
-        elif simd == 1:
-            _gemv_bn_crumb2(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                            o0, o1)
-        else:
-            _gemv_loops_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                               T, tpg, o0, o1)
-        _atomic_add(ctr, 1, 1)
-
-
-@njit(fastmath=True, cache=True)
-def _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1):
-    _dequant_rows_body(0, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1)
-
-
-@njit(parallel=True, cache=True)
-def _qdequant_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
-    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for k in prange(n_tasks):
-        o0 = k * ROWS_PER_TASK
-        _dequant_rows_crumb2(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_b1_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_b1(1, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_bn_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_bn(1, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_loops_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                     o0, o1):
-    _gemv_rows_scalar(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                      tpg, o0, o1)
-
-
-@njit(nogil=True, cache=True)
-def _gemv_work_nib4(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
-                    T, tpg, ctr):
-    B = xp.shape[0]
-    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    while True:
-        k = _atomic_add(ctr, 0, 1)
-        if k >= n_tasks:
-            break
-        o0 = k * ROWS_PER_TASK
-        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
-        if B == 1 and simd == 1:
-            _gemv_b1_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                          o0, o1)
-        elif simd == 1:
-            _gemv_bn_nib4(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                          o0, o1)
-        else:
-            _gemv_loops_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                             T, tpg, o0, o1)
-        _atomic_add(ctr, 1, 1)
-
-
-@njit(fastmath=True, cache=True)
-def _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1):
-    _dequant_rows_body(1, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1)
-
-
-@njit(parallel=True, cache=True)
-def _qdequant_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
-    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for k in prange(n_tasks):
-        o0 = k * ROWS_PER_TASK
-        _dequant_rows_nib4(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_b1_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_b1(2, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_bn_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_bn(2, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_loops_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                      o0, o1):
-    _gemv_rows_scalar(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                      tpg, o0, o1)
-
-
-@njit(nogil=True, cache=True)
-def _gemv_work_byte8(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
-                     T, tpg, ctr):
-    B = xp.shape[0]
-    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    while True:
-        k = _atomic_add(ctr, 0, 1)
-        if k >= n_tasks:
-            break
-        o0 = k * ROWS_PER_TASK
-        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
-        if B == 1 and simd == 1:
-            _gemv_b1_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                           o0, o1)
-        elif simd == 1:
-            _gemv_bn_byte8(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                           o0, o1)
-        else:
-            _gemv_loops_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                              T, tpg, o0, o1)
-        _atomic_add(ctr, 1, 1)
-
-
-@njit(fastmath=True, cache=True)
-def _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1):
-    _dequant_rows_body(2, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1)
-
-
-@njit(parallel=True, cache=True)
-def _qdequant_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
-    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for k in prange(n_tasks):
-        o0 = k * ROWS_PER_TASK
-        _dequant_rows_byte8(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_b1_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_b1(3, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_bn_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_bn(3, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_loops_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1):
-    _gemv_rows_scalar(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                      tpg, o0, o1)
-
-
-@njit(nogil=True, cache=True)
-def _gemv_work_planes(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
-                      T, tpg, ctr):
-    B = xp.shape[0]
-    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    while True:
-        k = _atomic_add(ctr, 0, 1)
-        if k >= n_tasks:
-            break
-        o0 = k * ROWS_PER_TASK
-        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
-        if B == 1 and simd == 1:
-            _gemv_b1_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                            o0, o1)
-        elif simd == 1:
-            _gemv_bn_planes(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                            o0, o1)
-        else:
-            _gemv_loops_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                               T, tpg, o0, o1)
-        _atomic_add(ctr, 1, 1)
-
-
-@njit(fastmath=True, cache=True)
-def _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1):
-    _dequant_rows_body(3, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1)
-
-
-@njit(parallel=True, cache=True)
-def _qdequant_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
-    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for k in prange(n_tasks):
-        o0 = k * ROWS_PER_TASK
-        _dequant_rows_planes(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_b1_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_b1(4, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_bn_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_simd_bn(4, qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_loops_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                       o0, o1):
-    _gemv_rows_scalar(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y, T,
-                      tpg, o0, o1)
-
-
-@njit(fastmath=True, cache=True)
-def _gemv_wide_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0, o1):
-    _gemv_rows_wide_b1(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg, o0,
-                       o1)
-
-
-@njit(nogil=True, cache=True)
-def _gemv_work_split6(bits, qa, qb, dec, vdec, simd, per_row, scales, offsets, mult, add, xp, xsum, y,
-                      T, tpg, ctr):
-    B = xp.shape[0]
-    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    while True:
-        k = _atomic_add(ctr, 0, 1)
-        if k >= n_tasks:
-            break
-        o0 = k * ROWS_PER_TASK
-        o1 = min(y.shape[1], o0 + ROWS_PER_TASK)
-        if B == 1 and simd == 2:
-            _gemv_wide_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                              o0, o1)
-        elif B == 1 and simd == 1:
-            _gemv_b1_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                            o0, o1)
-        elif simd == 1:
-            _gemv_bn_split6(qa, qb, vdec, per_row, scales, offsets, mult, add, xp, xsum, y, T, tpg,
-                            o0, o1)
-        else:
-            _gemv_loops_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, xp, xsum, y,
-                               T, tpg, o0, o1)
-        _atomic_add(ctr, 1, 1)
-
-
-@njit(fastmath=True, cache=True)
-def _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1):
-    _dequant_rows_body(4, bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-                       o0, o1)
-
-
-@njit(parallel=True, cache=True)
-def _qdequant_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit):
-    n_tasks = (W.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for k in prange(n_tasks):
-        o0 = k * ROWS_PER_TASK
-        _dequant_rows_split6(bits, qa, qb, dec, per_row, scales, offsets, mult, add, W, T, tpg, unit,
-            o0, min(W.shape[0], o0 + ROWS_PER_TASK))
-
-
-_GEMV = (_gemv_work_crumb2, _gemv_work_nib4, _gemv_work_byte8, _gemv_work_planes,
-         _gemv_work_split6)
-_DEQUANT = (_qdequant_crumb2, _qdequant_nib4, _qdequant_byte8, _qdequant_planes, _qdequant_split6)
-
-
+# ------------------------------------------------------------------- per-layout entry points
 class Packed(NamedTuple):
-    """What the kernels read of a packed layer, by name (see ``QuantLinear._fast_args``).
+    """What the kernels read of a packed layer, by name (built by ``QuantLinear._fast_args``).
 
     ``layout``: :data:`LAYOUT_ID` of the code layout; ``bits``: code width; ``qa``/``qb``: code
     bytes (``qb`` the 2-bit segments of split6, else a 1x1 dummy); ``dec``: scalar decode
     descriptor (see ``_val``); ``per_row``: ``dec`` has one table row per output row;
     ``scales``/``offsets``: per-group arrays (see ``_load_row``); ``mult``/``add``: the decode
-    rule's affine fold (value = table value * mult + add before the group scale)."""
+    rule's affine fold (value = table value * mult + add before the group scale); ``T``: codes
+    per kernel tile; ``tpg``: tiles per scale group."""
     layout: int
     bits: int
     qa: np.ndarray
@@ -1220,14 +917,126 @@ class Packed(NamedTuple):
     offsets: Any
     mult: np.float32
     add: np.float32
+    T: int
+    tpg: int
 
 
-def qgemv(p: Packed, xp, xsum, y, T, tpg, vdec=None, simd=0):
-    fn = _GEMV[p.layout]
-    args = (p.bits, p.qa, p.qb, p.dec, vdec, int(simd), p.per_row, p.scales, p.offsets, p.mult,
-            p.add, xp, xsum, y, T, tpg)
+class Operands(NamedTuple):
+    """One product's activations and output: ``xp`` float32 (B, n_pad) phase-ordered
+    activations, ``xsum`` float32 (B, n_groups) their group sums, ``y`` float32 (B, out)."""
+    xp: np.ndarray
+    xsum: np.ndarray
+    y: np.ndarray
+
+
+# Kernel paths a product can take (``qgemv``'s ``path``).
+PATH_LOOPS, PATH_SIMD, PATH_WIDE = 0, 1, 2
+
+# One set of entry points per layout, with the layout id a literal in the source: numba prunes the
+# other layouts' branches before LLVM sees them (2x faster than a runtime id; a
+# ``numba.literally()`` specialization did not get the same pruning). The row functions are
+# separate (non-parallel) functions so their scratch buffers are private to each task, and each
+# kernel path (batch-1 SIMD, batch-n SIMD, loops, wide FP6) is its own compiled function called
+# once per task of ROWS_PER_TASK rows: numba's inliner deep-copies the callee's IR once per block
+# with the whole variable scope, so inlining the union of all paths into one row function made
+# the cold compile ~1.6x longer (``benchmarks/kernels_compile.py``). The loops path does not take
+# the vector decode table, so its compiled code is shared by specializations that differ only in
+# that table (the batch-1 wide FP6 table vs the 16-lane one).
+#
+# The entry points are written once, in ``_PER_LAYOUT`` below, and made per layout by compiling
+# the filled-in text with this file's name: numba's disk cache locates, stamps and names an entry
+# by its source file, qualified name and line, all of which are then those of this file. A
+# closure factory would not cache: numba keys a closure's cache entry on its pickled cells, and a
+# cell holding another dispatcher pickles differently in every process.
+_PER_LAYOUT = '''
+@njit(fastmath=True, cache=True)
+def _gemv_b1_{name}(p, vdec, ops, o0, o1):
+    _gemv_rows_simd_b1({lid}, p, vdec, ops, o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_bn_{name}(p, vdec, ops, o0, o1):
+    _gemv_rows_simd_bn({lid}, p, vdec, ops, o0, o1)
+
+
+@njit(fastmath=True, cache=True)
+def _gemv_loops_{name}(p, ops, o0, o1):
+    _gemv_rows_scalar({lid}, p, ops, o0, o1)
+{wide_def}
+
+@njit(nogil=True, cache=True)
+def _gemv_work_{name}(p, vdec, path, ops, ctr):
+    """Claims tasks of ROWS_PER_TASK output rows from ``ctr[0]`` until none is left, counting
+    finished ones in ``ctr[1]``; ``path``: PATH_LOOPS / PATH_SIMD / PATH_WIDE."""
+    B = ops.xp.shape[0]
+    n_out = ops.y.shape[1]
+    n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
+        o0 = k * ROWS_PER_TASK
+        o1 = min(n_out, o0 + ROWS_PER_TASK)
+        if B == 1 and path == PATH_WIDE:
+            {wide_call}
+        elif B == 1 and path == PATH_SIMD:
+            _gemv_b1_{name}(p, vdec, ops, o0, o1)
+        elif path == PATH_SIMD:
+            _gemv_bn_{name}(p, vdec, ops, o0, o1)
+        else:
+            _gemv_loops_{name}(p, ops, o0, o1)
+        _atomic_add(ctr, 1, 1)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dequant_work_{name}(p, W, unit, ctr):
+    """Claims tasks of ROWS_PER_TASK rows of ``W`` from ``ctr`` like the product's task loop."""
+    n_out = W.shape[0]
+    n_tasks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    while True:
+        k = _atomic_add(ctr, 0, 1)
+        if k >= n_tasks:
+            break
+        o0 = k * ROWS_PER_TASK
+        _dequant_rows_body({lid}, p, W, unit, o0, min(n_out, o0 + ROWS_PER_TASK))
+        _atomic_add(ctr, 1, 1)
+'''
+_WIDE_DEF = '''
+
+@njit(fastmath=True, cache=True)
+def _gemv_wide_{name}(p, vdec, ops, o0, o1):
+    _gemv_rows_wide_b1(p, vdec, ops, o0, o1)
+'''
+
+
+def _define_layout_entries(name: str, lid: int) -> None:
+    wide = name == "split6"  # the wide batch-1 kernel exists for FP6's 4+2 split only
+    text = _PER_LAYOUT.format(
+        name=name, lid=lid, wide_def=_WIDE_DEF.format(name=name) if wide else "",
+        wide_call=(f"_gemv_wide_{name}(p, vdec, ops, o0, o1)" if wide
+                   else f"_gemv_loops_{name}(p, ops, o0, o1)"))
+    exec(compile(text, __file__, "exec"), globals())
+
+
+for _name, _lid in LAYOUT_ID.items():
+    _define_layout_entries(_name, _lid)
+
+_GEMV = tuple(globals()[f"_gemv_work_{n}"] for n in LAYOUT_ID)
+_DEQUANT = tuple(globals()[f"_dequant_work_{n}"] for n in LAYOUT_ID)
+
+
+def qgemv(p: Packed, xp, xsum, y, vdec=None, path: int = PATH_LOOPS) -> None:
+    """``y[b] = W_hat @ x[b]`` for the layer ``p``, from phase-ordered activations ``xp`` and
+    their group sums ``xsum`` (:func:`phase_order`), on torch's OpenMP team (else the caller and
+    helper threads). ``vdec``: the vector decode descriptor of the explicit-SIMD paths."""
+    _run_tasks(_GEMV[p.layout], (p, vdec, int(path), Operands(xp, xsum, y)), y.shape[1])
+
+
+def _run_tasks(fn, args: tuple, n_rows: int) -> None:
+    """``fn(*args, ctr)`` on torch's OpenMP team (else the caller and helper threads): every call
+    claims tasks of ROWS_PER_TASK of the ``n_rows`` output rows from ``ctr`` until none is left."""
     ctr = np.zeros(2, np.int64)  # [next task to claim, tasks finished]
-    n_tasks = (y.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    n_tasks = (n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     if team.available():
         n = min(team.n_threads(), n_tasks)
         if n > 1:
@@ -1255,10 +1064,10 @@ def _helper_pool(n):
     return _POOL
 
 
-def qdequant(p: Packed, W, T, tpg, unit):
-    """Write the dequantized (out, n_pad) float32 matrix into ``W`` (natural column order)."""
-    _DEQUANT[p.layout](p.bits, p.qa, p.qb, p.dec, p.per_row, p.scales, p.offsets, p.mult, p.add,
-                       W, T, tpg, unit)
+def qdequant(p: Packed, W, unit) -> None:
+    """Write the dequantized (out, n_pad) float32 matrix into ``W`` (natural column order);
+    ``unit``: codes per storage unit of the layout (its phase count)."""
+    _run_tasks(_DEQUANT[p.layout], (p, W, int(unit)), W.shape[0])
 
 
 @njit(cache=True)

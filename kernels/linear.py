@@ -17,6 +17,7 @@ whole bytes; the true shape is kept in ``in_features``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -29,9 +30,11 @@ from torch import nn
 from .codebook import Decode, classify_table, exmy_grid
 from .int_pack import UNIT, layout_for_bits, pack_codes, unpack_codes
 
-# Batch sizes up to this run the packed kernels on CPU; larger ones dequantize into bf16 and run
-# a bf16 GEMM (benchmarks/kernels.py measures both at the boundary).
+# Batch sizes up to this run the packed kernels on CPU; larger ones dequantize once and run one
+# GEMM (benchmarks/kernels.py measures both at the boundary).
 MAX_FAST_BATCH = 8
+# CPU features with native bfloat16 dot products (LLVM names): x86 AVX512-BF16 / AMX-BF16, Arm BF16.
+BF16_FEATURES = ("avx512bf16", "amx-bf16", "bf16")
 INT4_ENV = "ADVISOR_KERNEL_INT4"  # "torch": int4 layers on torch's CPU int4 kernel (opt-in)
 MAX_TILE = 256
 
@@ -93,6 +96,18 @@ def _keep_torch_threads():
     finally:
         if torch.get_num_threads() != n_torch_threads:
             torch.set_num_threads(n_torch_threads)
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (:data:`BF16_FEATURES`). Without it torch's
+    bf16 GEMM converts and runs slower than fp32: on an AMD EPYC Zen 1 (AVX2, one thread)
+    4096x4096 by 16 / 64 / 256 tokens took 98 / 382 / 1567 ms in bf16 against 47 / 105 / 292 ms
+    in fp32, so the CPU prefill path multiplies in fp32 there."""
+    from . import simd
+
+    features = simd.host_features()
+    return any(features.get(name, False) for name in BF16_FEATURES)
 
 
 def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int, isa: str):
@@ -253,8 +268,7 @@ class QuantLinear(nn.Module):
 
             W = np.empty((self.out_features, self.n_pad), np.float32)
             with _quiet_numba():
-                cpu.qdequant(f["packed"], W, self.tile, self.tiles_per_group,
-                             UNIT[self.layout])
+                cpu.qdequant(f["packed"], W, UNIT[self.layout])
             W = torch.from_numpy(W)[:, :self.in_features]
             out = self.outliers()
             if out is not None:
@@ -306,7 +320,7 @@ class QuantLinear(nn.Module):
         elif path == "dequant_bf16":
             y = (x2.to(torch.bfloat16) @ self._dequantize_bf16().T).float()
         else:
-            y = x2 @ self._dequantize_torch().T
+            y = x2 @ self.dequantize().T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -316,14 +330,17 @@ class QuantLinear(nn.Module):
 
         - ``packed``: the packed CPU kernels (decode, up to ``MAX_FAST_BATCH`` tokens);
         - ``dequant_bf16``: dequantize once per call into bfloat16, then a bf16 GEMM (more
-          tokens on CPU, where the GEMM amortizes the decode; and on accelerators for layouts
-          torch's int4 kernel does not take);
+          tokens on a CPU with native bf16 dot products, :func:`native_bf16_gemm`, where the
+          GEMM amortizes the decode; and on accelerators for layouts torch's int4 kernel does
+          not take);
         - ``cuda_int4``: torch's CUDA int4 weight-only kernel (affine 4-bit codes, groups of
           32..256; the repacked weight is kept beside the codes);
         - ``torch_int4``: torch's CPU int4 weight-only kernel, any batch, opted into with
           ``ADVISOR_KERNEL_INT4=torch`` for layers that fit its layout (bf16 activations; the
           repacked weight is kept beside the codes, the same bytes again);
-        - ``dequant_fp32``: CPU layers without a fast kernel (group size not a multiple of 8).
+        - ``dequant_fp32``: dequantize once per call into float32 (the fast kernel where the
+          layer has one), then an fp32 GEMM: more tokens on a CPU without native bf16, and
+          CPU layers without a fast kernel (group size not a multiple of 8) at any batch.
         """
         dev = torch.device(device)
         if dev.type == "cpu":
@@ -331,7 +348,9 @@ class QuantLinear(nn.Module):
                 return "torch_int4"
             if not self.tile:
                 return "dequant_fp32"
-            return "packed" if n_tokens <= MAX_FAST_BATCH else "dequant_bf16"
+            if n_tokens <= MAX_FAST_BATCH:
+                return "packed"
+            return "dequant_bf16" if native_bf16_gemm() else "dequant_fp32"
         if dev.type == "cuda" and self._cuda_int4_ok():
             return "cuda_int4"
         return "dequant_bf16"
@@ -418,8 +437,8 @@ class QuantLinear(nn.Module):
             xp, xsum = cpu.phase_order(x_np, self.n_pad, self.tile,
                                        cpu.WIDE_UNIT if wide else UNIT[self.layout],
                                        self.group_size, self.n_groups)
-            cpu.qgemv(f["packed"], xp, xsum, y, self.tile, self.tiles_per_group,
-                      f["wdec"] if wide else f["vdec"], 2 if wide else int(f["simd"]))
+            cpu.qgemv(f["packed"], xp, xsum, y, f["wdec"] if wide else f["vdec"],
+                      cpu.PATH_WIDE if wide else cpu.PATH_SIMD if f["simd"] else cpu.PATH_LOOPS)
             if f["outliers"] is not None:
                 rows, cols, vals = f["outliers"]
                 cpu.add_outliers(y, x_np, rows, cols, vals)
@@ -470,7 +489,8 @@ class QuantLinear(nn.Module):
         self._fast = {
             "packed": Packed(layout=LAYOUT_ID[self.layout], bits=self.bits, qa=qa, qb=qb, dec=dec,
                              per_row=per_row, scales=scales, offsets=offsets,
-                             mult=np.float32(dec_rule.mult), add=np.float32(dec_rule.add)),
+                             mult=np.float32(dec_rule.mult), add=np.float32(dec_rule.add),
+                             T=self.tile, tpg=self.tiles_per_group),
             "vdec": _vector_decode(dec_rule, t2, per_row, self.bits, simd.ISA),
             # explicit-SIMD batch-1 kernel: 16 codes per step of every phase of a tile
             # (bit planes: 3-bit codes only, which the kernel gathers with one multiply)

@@ -5,6 +5,7 @@ checked against the reference forward (slow: each path compiles its own kernels;
 them per path, so a second run is fast). The path choice, the cache separation and the
 forward dispatch (packed kernels / bf16 prefill / CUDA int4 layout) are checked by default.
 """
+import json
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_isa_choice_from_host_features_and_override(monkeypatch):
 def test_compiled_kernels_are_cached_per_isa_path():
     """numba's cache key does not see the ISA global the intrinsics read, so the package keeps
     one cache folder per path."""
-    for fn in (cpu._gemv_work_nib4, cpu._gemv_b1_split6, cpu._qdequant_planes):
+    for fn in (cpu._gemv_work_nib4, cpu._gemv_b1_split6, cpu._dequant_work_planes):
         path = fn._cache._cache_path
         assert os.path.basename(path) == f"isa-{simd.ISA}", path
 
@@ -93,6 +94,36 @@ def test_each_runnable_isa_path_matches_reference(isa, tmp_path):
     assert f"ok {isa}" in out.stdout
 
 
+_CACHED = r"""
+import json, torch
+from advisor import kernels
+from advisor.kernels import cpu
+g = torch.Generator().manual_seed(0)
+m = kernels.pack_linear(torch.randint(0, 16, (40, 512), generator=g), torch.rand(40, 4) + 0.1,
+                        None, bits=4, table=torch.arange(16.0), group_size=128)
+for b in (1, 3):
+    m(torch.randn(b, 512, generator=g))
+s = cpu._gemv_work_nib4.stats
+print(json.dumps([sum(s.cache_hits.values()), sum(s.cache_misses.values())]))
+"""
+
+
+@pytest.mark.slow
+def test_template_made_entry_points_load_from_numbas_disk_cache(tmp_path):
+    """The per-layout entry points are made from one template at import; numba must still find
+    them in its disk cache: a second process compiles nothing."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _CACHED], env=env, cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    (hits0, misses0), (hits1, misses1) = runs
+    assert misses0 > 0 and hits0 == 0
+    assert hits1 > 0 and misses1 == 0
+
+
 def test_unrunnable_isa_request_is_one_clear_error(tmp_path):
     if "avx512" in simd.runnable_paths():
         pytest.skip("this host runs every path")
@@ -113,8 +144,8 @@ def _int4(out=16, inn=1024, group=128, seed=0):
 
 def test_forward_path_per_batch_and_device():
     mod = _int4()
-    assert [mod.forward_path(b) for b in (1, 8, 9, 512)] == ["packed", "packed", "dequant_bf16",
-                                                            "dequant_bf16"]
+    prefill = "dequant_bf16" if kernels.linear.native_bf16_gemm() else "dequant_fp32"
+    assert [mod.forward_path(b) for b in (1, 8, 9, 512)] == ["packed", "packed", prefill, prefill]
     assert mod.forward_path(1, "cuda") == "cuda_int4"
     assert mod.forward_path(1, "mps") == "dequant_bf16"
     nf4 = kernels.pack_linear(torch.randint(0, 16, (16, 1024)), torch.rand(16, 8), None, bits=4,
@@ -176,10 +207,11 @@ def test_cuda_int4_falls_back_for_good_when_the_kernel_refuses(monkeypatch):
     assert _rel_err(y, mod.reference_forward(x)) < 2e-2
 
 
-def test_prefill_runs_in_bf16_within_its_tolerance():
-    """More than MAX_FAST_BATCH tokens: bf16 activations and weights, fp32 accumulation; the
-    error against the fp32 reference stays within 2e-2 of the largest output, every format
-    family (its effect on a model's perplexity: tests/test_pipeline.py)."""
+def test_prefill_runs_in_bf16_within_its_tolerance(monkeypatch):
+    """More than MAX_FAST_BATCH tokens on a CPU with native bf16: bf16 activations and weights,
+    fp32 accumulation; the error against the fp32 reference stays within 2e-2 of the largest
+    output, every format family (its effect on a model's perplexity: tests/test_pipeline.py)."""
+    monkeypatch.setattr(kernels.linear, "native_bf16_gemm", lambda: True)
     g = torch.Generator().manual_seed(2)
     for bits, table in ((4, torch.arange(16.0)), (6, torch.tensor(exmy_grid(3, 2)).float())):
         mod = kernels.pack_linear(torch.randint(0, 2 ** bits, (32, 256), generator=g),
@@ -188,6 +220,32 @@ def test_prefill_runs_in_bf16_within_its_tolerance():
         x = torch.randn(40, 256, generator=g)
         assert mod.forward_path(40) == "dequant_bf16"
         assert _rel_err(mod(x), mod.reference_forward(x)) < 2e-2
+
+
+def test_prefill_runs_in_fp32_without_native_bf16(monkeypatch):
+    """More than MAX_FAST_BATCH tokens on a CPU without native bf16 (where torch's bf16 GEMM is
+    slower than fp32): one fast dequantize into fp32, then an fp32 GEMM, equal to the reference."""
+    monkeypatch.setattr(kernels.linear, "native_bf16_gemm", lambda: False)
+    mod = _int4(out=32)
+    calls = []
+    real = mod.dequantize
+    monkeypatch.setattr(mod, "dequantize", lambda: calls.append(1) or real())
+    x = torch.randn(40, mod.in_features)
+    assert mod.forward_path(40) == "dequant_fp32"
+    assert _rel_err(mod(x), mod.reference_forward(x)) < 1e-5
+    assert calls == [1]
+
+
+def test_native_bf16_is_read_from_the_cpu_features(monkeypatch):
+    kernels.linear.native_bf16_gemm.cache_clear()
+    try:
+        monkeypatch.setattr(simd, "host_features", lambda: {"avx2": True, "avx512bf16": False})
+        assert not kernels.linear.native_bf16_gemm()
+        kernels.linear.native_bf16_gemm.cache_clear()
+        monkeypatch.setattr(simd, "host_features", lambda: {"avx512f": True, "avx512bf16": True})
+        assert kernels.linear.native_bf16_gemm()
+    finally:
+        kernels.linear.native_bf16_gemm.cache_clear()
 
 
 def test_opt_in_torch_int4_cpu_kernel(monkeypatch):

@@ -137,7 +137,7 @@ def _qgemv(mod, x, mode, vdec):
     xp, xsum = cpu.phase_order(x.numpy(), mod.n_pad, mod.tile, unit, mod.group_size,
                                mod.n_groups)
     y = torch.empty(x.shape[0], mod.out_features).numpy()
-    cpu.qgemv(f["packed"], xp, xsum, y, mod.tile, mod.tiles_per_group, vdec, mode)
+    cpu.qgemv(f["packed"], xp, xsum, y, vdec, mode)
     return torch.from_numpy(y)
 
 
