@@ -340,6 +340,25 @@ def probe_features(loaded, calib, store: Store | None = None, seed: int = 0, los
     return features, provenance
 
 
+def cached_format_features(loaded, calib, store: Store, seed: int, loss_windows, keys: Iterable[str]
+                           ) -> dict[str, float]:
+    """The stored ``sqnr``, ``second_order`` and ``rtn_loss`` features of every format of ``keys`` whose three
+    records are all in ``store`` (nothing is measured): the measured neighbours a prediction is made
+    consistent with (``advisor.orderings``)."""
+    features: dict[str, float] = {}
+    fp = loaded.source.fingerprint
+    for key in dict.fromkeys(keys):
+        found = {}
+        for unit in (Unit("sqnr", key), Unit("second_order", key), Unit("rtn_loss", key, on_loss_windows=True)):
+            hit = store.probe(fp, unit_key(unit, seed, (loss_windows if unit.on_loss_windows else calib).protocol))
+            if hit is None:
+                break
+            found.update(hit["features"])
+        else:
+            features.update(found)
+    return features
+
+
 def run_key(fingerprint: str, names: list[str], resolved: dict[str, dict[str, Any]], calibration: dict[str, Any],
             seed: int) -> dict[str, Any]:
     """The identity of an ``advisor probe`` run in the store: probes with versions and resolved settings,

@@ -20,6 +20,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "candidates whose median prediction meets the budget)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
+    p.add_argument("--specs", nargs="+", default=None,
+                   help="the candidates, any formats (e.g. rtn:fp6_e3m2:g128 gptq:int3:g256); default: the default "
+                        "grid, filtered by --methods/--dtypes")
     p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up (default 3)")
     add_protocol_args(p)
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = predictor_from(args)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
                     explore=not args.no_explore,
-                    methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"), max_attempts=args.max_attempts,
+                    methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"), specs=args.specs, max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes,
                     **protocol_kwargs(args))
     files = write_report(rec, args.out) if args.out else {}
