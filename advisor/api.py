@@ -114,8 +114,9 @@ def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str |
                                               seed=protocol.seed, loss_windows=cal, keys=probe_keys(specs),
                                               progress=progress,
                                               seconds_per_token=(base["seconds"] or 0) / max(1, base["n_tokens"]))
+    measured_now = provenance.get("probes", {}).get("rtn_loss", {}).get("run", [])
     return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store, protocol,
-                   progress=progress, rtn_loss_on_demand=list(provenance.get("probes", {}).get("rtn_loss", {}).get("run", [])))
+                   progress=progress, rtn_loss_on_demand=list(measured_now))
 
 
 def _format_features_missing(features: dict[str, float], keys: list[str]) -> list[str]:
@@ -139,7 +140,8 @@ def measure_formats(ctx: Context, specs: list[str]) -> list[str]:
                                           store=ctx.store, seed=ctx.protocol.seed, loss_windows=ctx.calib,
                                           keys=missing, progress=ctx.progress)
     ctx.features.update(features)
-    run = [k for k in provenance.get("probes", {}).get("rtn_loss", {}).get("run", []) if k not in ctx.rtn_loss_on_demand]
+    measured_now = provenance.get("probes", {}).get("rtn_loss", {}).get("run", [])
+    run = [k for k in measured_now if k not in ctx.rtn_loss_on_demand]
     ctx.rtn_loss_on_demand.extend(run)
     return run
 

@@ -399,8 +399,10 @@ def cached_run_probes(loaded, calib, store: Store, names: list[str] | None = Non
     return record, False
 
 
-def store_probes(session) -> None:
-    """Sweep hook: probe one model fully (cached) so its runs can be joined with its features."""
+def store_probes(session, specs: list[str] | None = None) -> None:
+    """Sweep hook: probe one model fully (cached), and every format of the sweep's ``specs`` (off the
+    grid too), so its runs can be joined with its features."""
     windows = session.protocol.probe_windows(session.loaded, exclude=session.eval)
+    keys = list(dict.fromkeys([*RTN_LOSS_KEYS, *probe_keys(specs)])) if specs else None
     probe_features(session.loaded, windows, store=session.store, seed=session.protocol.seed,
-                   loss_windows=session.calib, full=True)
+                   loss_windows=session.calib, keys=keys, full=True)

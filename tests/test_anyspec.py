@@ -260,6 +260,19 @@ def test_plan_and_recommend_keep_every_requested_off_grid_spec(tiny_folder, comm
     assert "either a candidate list" in capsys.readouterr().err
 
 
+def test_a_sweep_of_off_grid_specs_exports_their_features(tiny_folder, common, tmp_path, capsys):
+    """A sweep probes the formats it sweeps, so an off-grid or asymmetric run joins its own features."""
+    from advisor.cli import main
+
+    out = tmp_path / "runs.csv"
+    assert main(["sweep", "--models", str(tiny_folder), "--specs", "rtn:int3:g96:asym", "rtn:int4:g256",
+                 "--calib", common["calib"], "--eval", common["eval"], "--seq-len", "32", "--max-windows", "4",
+                 "--n-calib", "2", "--store", str(tmp_path / "s.sqlite"), "--export", str(out)]) == 0
+    df = pd.read_csv(out).set_index("spec")
+    assert sorted(df.index) == ["rtn:int3:g96:asym", "rtn:int4:g256"] and df["rtn_dl"].notna().all()
+    assert df.loc["rtn:int3:g96:asym", "log_so"] != df.loc["rtn:int4:g256", "log_so"]
+
+
 @pytest.mark.slow
 def test_every_format_on_smollm2_is_predicted_in_order(tmp_path):
     """SmolLM2-135M (a 4-5-bit GGUF source): every format x group size gets a measured RTN loss and the

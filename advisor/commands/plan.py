@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     max_bytes = memory_budget(args)
     predictor = predictor_from(args)
     df = plan(args.model, args.max_ppl_delta, max_bytes, max_ppl_ratio=args.max_ppl_ratio,
-              confidence=args.confidence, methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"), specs=args.specs,
+              confidence=args.confidence, methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"),
+              specs=args.specs,
               predictor=predictor, **protocol_kwargs(args))
     budgeted = "passes" in df or "fits" in df
     code = 0 if df["chosen"].any() or not budgeted else 2

@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     predictor = predictor_from(args)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, confidence=args.confidence,
                     explore=not args.no_explore,
-                    methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"), specs=args.specs, max_attempts=args.max_attempts,
+                    methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"),
+                    specs=args.specs, max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes,
                     **protocol_kwargs(args))
     files = write_report(rec, args.out) if args.out else {}

@@ -84,11 +84,14 @@ def run(args: argparse.Namespace) -> int:
     protocol = SweepProtocol(**protocol_from(args).to_dict(), device=args.device)
     store = open_store(args.store)
     on_model = None
+    specs = expand_specs(args.specs)
     if not args.no_probes:
+        from functools import partial
+
         from advisor.probing import store_probes
 
-        on_model = store_probes
-    summary = run_sweep(expand_models(args.models), expand_specs(args.specs), store, protocol, jobs=args.jobs,
+        on_model = partial(store_probes, specs=specs)  # every swept format, off the grid too
+    summary = run_sweep(expand_models(args.models), specs, store, protocol, jobs=args.jobs,
                         retry_failed=args.retry_failed, on_model=on_model, engine=args.engine, address=args.address,
                         engine_options=dict(cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task))
     out = dict(summary.to_dict(), store=str(store.path), runs_in_store=store.count_runs())
