@@ -44,10 +44,11 @@ SPECS = ["rtn:fp6_e3m2:g128", "rtn:nf4:g32", "rtn:int3:g256", "rtn:fp8_e4m3:g128
 RESULTS = ROOT / "benchmarks" / "results" / "anyspec_smollm2.json"
 
 
-def protocol(max_windows: int, n_calib: int = 16):
+def protocol(args):
     from advisor.protocol import Protocol
 
-    return Protocol(eval=f"file:{WIKITEXT}", calib=f"file:{WIKITEXT}", max_windows=max_windows, n_calib=n_calib)
+    return Protocol(eval=f"file:{WIKITEXT}", calib=f"file:{WIKITEXT}", seq_len=args.seq_len,
+                    max_windows=args.max_windows, n_calib=args.n_calib)
 
 
 def open_bench_store(path: str | None):
@@ -66,7 +67,7 @@ def measure(args) -> int:
 
     torch.set_num_threads(1)
     store = open_bench_store(args.store)
-    proto = protocol(args.max_windows)
+    proto = protocol(args)
     loaded = load(args.model)
     ev, cal = proto.windows(loaded)
     fp = loaded.source.fingerprint
@@ -103,7 +104,7 @@ def predict(args) -> int:
     from advisor.models.loading import load
 
     store = open_bench_store(args.store)
-    proto = protocol(args.max_windows, args.n_calib)
+    proto = protocol(args)
     loaded = load(args.model)
     before = probe_records(store)
     t0 = time.perf_counter()
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("phase", choices=["measure", "predict", "report", "transfer"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--specs", nargs="+", default=SPECS)
+    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=20)
     p.add_argument("--n-calib", type=int, default=16,
                    help="quantization-calibration windows; the rtn_loss probe uses at most 8 of them (predict)")
