@@ -145,13 +145,14 @@ def test_an_estimate_yields_to_measured_neighbours_and_covers_them():
 
 
 # -- on a tiny real model ------------------------------------------------------------------------
-def test_every_format_and_group_size_is_measured_and_predicted_in_order(tiny_folder, common):
+def test_every_format_and_group_size_is_measured_and_predicted_in_order(tiny_folder, common, tmp_path):
     """Every data type x group size the kernels run (per channel, g16-g256, MX blocks; ints also asymmetric)
     gets a measured RTN loss and a prediction; every ordered pair holds on centre and bounds."""
     from advisor.api import plan
     from advisor.candidates import all_format_specs
     from advisor.fitting import load_default_predictor
 
+    common = dict(common, store=Store(tmp_path / "fresh.sqlite"))  # nothing measured yet
     specs = all_format_specs("rtn")
     df = plan(str(tiny_folder), specs=specs, predictor=load_default_predictor(), **common)
     assert sorted(df["spec"]) == sorted(specs) and df.attrs["requested"] == specs
