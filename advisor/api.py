@@ -77,6 +77,9 @@ class Context:
     protocol: Protocol = field(default_factory=Protocol)
     reference: Any = None  # models.evaluate.Reference of the baseline, kept once a candidate is verified
     extension: Any = None  # models.data.Windows after the evaluation windows (sequential test), cut on first use
+    progress: bool = False  # print the probes' cost estimate and progress (stderr)
+    # format keys whose RTN loss this context measured because no stored measurement existed
+    rtn_loss_on_demand: list[str] = field(default_factory=list)
 
 
 def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str | None = None,
@@ -123,7 +126,65 @@ def prepare(model: str | Any, protocol: Protocol | None = None, *, device: str |
                                               seed=protocol.seed, loss_windows=cal, keys=probe_keys(specs),
                                               progress=progress,
                                               seconds_per_token=(base["seconds"] or 0) / max(1, base["n_tokens"]))
-    return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store, protocol)
+    measured_now = provenance.get("probes", {}).get("rtn_loss", {}).get("run", [])
+    return Context(loaded, ev, cal, float(base["ppl"]), float(base["nll"]), features, provenance, store, protocol,
+                   progress=progress, rtn_loss_on_demand=list(measured_now))
+
+
+def _format_features_missing(features: dict[str, float], keys: list[str]) -> list[str]:
+    """The format keys of ``keys`` whose features a prediction needs but ``features`` lacks."""
+    from advisor.features import KNEE_KEY
+
+    need = lambda k: (f"second_order.{k}", f"sqnr.{k}_db", f"rtn_loss.{k}")  # noqa: E731
+    return [k for k in keys if KNEE_KEY not in features or any(n not in features for n in need(k))]
+
+
+def measure_formats(ctx: Context, specs: list[str]) -> list[str]:
+    """Measure (or read from the store) the probe features of every format of ``specs`` that ``ctx`` lacks:
+    the RTN loss with the same ``rtn_loss`` probe on the same windows as every other format, cached in the
+    same store. Adds them to ``ctx.features``; returns the format keys whose RTN loss was measured now."""
+    from advisor.probing import probe_features, probe_keys
+
+    missing = _format_features_missing(ctx.features, probe_keys(specs))
+    if not missing:
+        return []
+    features, provenance = probe_features(ctx.loaded, ctx.protocol.probe_windows(ctx.loaded, exclude=ctx.eval),
+                                          store=ctx.store, seed=ctx.protocol.seed, loss_windows=ctx.calib,
+                                          keys=missing, progress=ctx.progress)
+    ctx.features.update(features)
+    measured_now = provenance.get("probes", {}).get("rtn_loss", {}).get("run", [])
+    run = [k for k in measured_now if k not in ctx.rtn_loss_on_demand]
+    ctx.rtn_loss_on_demand.extend(run)
+    return run
+
+
+def measured_neighbours(ctx: Context, specs: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Specs ordered against some of ``specs`` (``advisor.orderings``: the same method, a finer or coarser
+    format) whose RTN loss is measured, in ``ctx.features`` or stored; (those specs, their features)."""
+    from advisor.candidates import all_formats
+    from advisor.orderings import finer_or_equal
+    from advisor.probes import feature_key
+    from advisor.probing import cached_format_features
+    from advisor.quantizers import QuantSpec
+
+    wanted = [QuantSpec.parse(s) for s in specs]
+    groups = sorted({q.group_size for q in wanted if q.group_size is not None})
+    candidates: dict[str, QuantSpec] = {}
+    for q in wanted:
+        for dtype, group in all_formats(extra_group_sizes=groups):
+            try:
+                n = QuantSpec(q.method, dtype, group, q.symmetric, q.options)
+            except ValueError:  # the method does not take this data type
+                continue
+            if n != q and str(n) not in specs and (finer_or_equal(n, q) or finer_or_equal(q, n)):
+                candidates.setdefault(str(n), n)
+    keys = {s: feature_key(n) for s, n in candidates.items()}
+    known = {k for k in keys.values() if not _format_features_missing(ctx.features, [k])}
+    stored = cached_format_features(ctx.loaded, ctx.protocol.probe_windows(ctx.loaded, exclude=ctx.eval), ctx.store,
+                                    ctx.protocol.seed, ctx.calib, [k for k in dict.fromkeys(keys.values())
+                                                                    if k not in known])
+    features = {**stored, **ctx.features}
+    return [s for s, k in keys.items() if not _format_features_missing(features, [k])], features
 
 
 def _check_request(confidence: float, max_bytes: int | None) -> None:
@@ -144,32 +205,58 @@ def nearest_miss(df: pd.DataFrame, description: str, confidence: float, where: s
 
 
 def predict_candidates(ctx: Context, specs: list[str] | None = None, confidence: float = 0.9,
-                       predictor=None) -> pd.DataFrame:
+                       predictor=None, measure_missing: bool = True) -> pd.DataFrame:
     """Every candidate with its cost and predicted dL / dPPL interval, cheapest first.
 
-    ``df.attrs["predictor"]``: the predictor's ``describe()`` (source, format, design, training runs);
-    ``df.attrs["outside_fitted_range"]``: the model's scale terms outside the fitted range (``{}`` inside)."""
-    from advisor.candidates import enumerate_candidates
+    A candidate whose format has no measured RTN loss gets one now (``measure_formats``), unless
+    ``measure_missing`` is False (then its physics is the second-order estimate: ``estimated_physics``).
+    The predictions are made consistent with the orderings that hold for RTN (``advisor.orderings``) over
+    the candidates and their measured neighbours (stored measurements of finer or coarser formats).
+
+    Columns beyond the candidate's cost: ``pred_dl``/``pred_dppl`` with ``_lower``/``_upper``,
+    ``method_gain_extrapolated``, ``rtn_dl``/``rtn_dl_se`` (the measured RTN loss of the format, NaN where
+    none), ``rtn_loss_on_demand`` (measured for this request: no stored measurement existed),
+    ``estimated_physics`` (no RTN loss measured: the second-order estimate stands in, and the interval
+    covers the measured neighbours). ``df.attrs``: ``predictor`` (the predictor's ``describe()``),
+    ``outside_fitted_range`` (the model's scale terms outside the fitted range, ``{}`` inside),
+    ``rtn_loss_on_demand`` (the format keys measured for this context), ``neighbours`` (the measured
+    specs the orderings were enforced against)."""
+    from advisor.candidates import enumerate_candidates, order_by_cost_then_quality
     from advisor.features import feature_rows
     from advisor.fitting import load_default_predictor
+    from advisor.orderings import consistent
+    from advisor.probes import feature_key
 
     predictor = predictor or load_default_predictor()
     cands = enumerate_candidates(ctx.loaded, specs)
-    rows = feature_rows(ctx.features, [c.spec for c in cands], non_embedding_params=ctx.loaded.n_params(True),
+    wanted = [c.spec for c in cands]
+    if measure_missing:
+        measure_formats(ctx, wanted)
+    neighbours, features = measured_neighbours(ctx, wanted)
+    together = wanted + neighbours
+    rows = feature_rows(features, together, non_embedding_params=ctx.loaded.n_params(True),
                         baseline_nll=ctx.baseline_nll)
     mean, lower, upper = predictor.predict_interval(rows, alpha=1 - confidence)
+    estimated = predictor.estimated_physics(rows)
+    mean, lower, upper = consistent(together, mean, lower, upper, predictor.predictive_variance(rows), estimated)
+    n = len(wanted)
+    rows = rows.iloc[:n].reset_index(drop=True)
+    mean, lower, upper = mean[:n], lower[:n], upper[:n]
     df = pd.DataFrame([c.to_dict() for c in cands])
     df["pred_dl"], df["pred_dl_lower"], df["pred_dl_upper"] = mean, lower, upper
     # the method's gain over RTN is extrapolated beyond the losses it was fitted on (docs/predictor.md)
     df["method_gain_extrapolated"] = predictor.extrapolated_methods(rows)
+    df["rtn_dl"], df["rtn_dl_se"] = rows["rtn_dl"].to_numpy(float), rows["rtn_dl_se"].to_numpy(float)
+    df["rtn_loss_on_demand"] = [feature_key(s) in ctx.rtn_loss_on_demand for s in wanted]
+    df["estimated_physics"] = estimated[:n]
     bp = ctx.baseline_ppl
     df["pred_dppl"] = bp * np.expm1(mean)
     df["pred_dppl_lower"] = bp * np.expm1(lower)
     df["pred_dppl_upper"] = bp * np.expm1(upper)
     df.attrs["predictor"] = predictor.describe()  # which predictor made these numbers (reports cite it)
     df.attrs["outside_fitted_range"] = predictor.outside_fitted_range(rows)  # the model's scale vs the fit's
-    from advisor.candidates import order_by_cost_then_quality
-
+    df.attrs["rtn_loss_on_demand"] = list(ctx.rtn_loss_on_demand)
+    df.attrs["neighbours"] = neighbours
     return order_by_cost_then_quality(df)  # at equal cost, the better predicted quality first
 
 
@@ -192,9 +279,11 @@ def plan(model: str | Any, max_ppl_delta: float | None = None, max_bytes: int | 
     ppl_budget = max_ppl_delta is not None or max_ppl_ratio is not None
     if ppl_budget:
         Budget.from_args(1.0, max_ppl_delta, max_ppl_ratio)  # validate the numbers before any work
+    requested = specs is not None
     specs = _specs(specs, methods, dtypes)
     ctx = prepare(model, specs=specs, **prepare_kwargs)
     df = predict_candidates(ctx, specs, confidence, predictor)
+    df.attrs["requested"] = list(specs) if requested else []  # the user's own list: every one is shown
     df.attrs["baseline_ppl"] = ctx.baseline_ppl
     df.attrs["protocol"] = {"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol}
     df.attrs["budget"] = {"confidence": confidence, "max_bytes": max_bytes}
@@ -274,12 +363,16 @@ class Recommendation:
 
 
 def _specs(specs: list[str] | None, methods: list[str] | None, dtypes: list[str] | None) -> list[str]:
-    """The candidate grid: explicit ``specs`` (validated), else the default grid filtered by methods/dtypes."""
+    """The candidate grid: explicit ``specs`` (validated; any format, on the default grid or not), else the
+    default grid filtered by methods/dtypes."""
     from advisor.candidates import default_specs
     from advisor.quantizers import QuantSpec
 
     if specs is None:
         return default_specs(methods, dtypes)
+    if methods or dtypes:
+        raise AdvisorError("give either a candidate list (--specs) or --methods/--dtypes to filter the default grid, "
+                           "not both")
     if not specs:
         raise AdvisorError("the candidate list is empty; give at least one spec such as gptq:int4:g128")
     out = []
@@ -340,6 +433,7 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
 
         check_output_dir(out, force=force, names=REPORT_NAMES)
         check_output_dir(Path(out) / "model", force=force)
+    requested = list(_specs(specs, None, None)) if specs is not None else []
     specs = _specs(specs, methods, dtypes)
     check_loaded = None
     if verify_export is not None:
@@ -365,7 +459,8 @@ def recommend(model: str | Any, max_ppl_delta: float | None = None, *, max_ppl_r
                   protocol={"eval": ctx.eval.protocol, "calibration": ctx.calib.protocol},
                   provenance=dict(ctx.provenance, model=ctx.loaded.source.name, fingerprint=ctx.loaded.source.fingerprint,
                                   predictor=df.attrs["predictor"],
-                                  outside_fitted_range=df.attrs["outside_fitted_range"]))
+                                  outside_fitted_range=df.attrs["outside_fitted_range"],
+                                  rtn_loss_on_demand=df.attrs["rtn_loss_on_demand"], requested_specs=requested))
     if passing.empty:
         msg = nearest_miss(df, budget.description, confidence)
         if max_bytes is not None and len(over_memory):

@@ -42,6 +42,38 @@ DEFAULT_SPECS: tuple[str, ...] = (
 )
 
 
+# Group sizes deployments use, besides one scale per output channel: multiples of 8 (the packed
+# kernels' fast path), from the finest common one to the coarsest. Any other positive group size is a
+# valid spec too; these are the ones every format is predicted at (``all_formats``).
+FORMAT_GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
+
+
+def all_formats(extra_group_sizes: Iterable[int] = ()) -> list[tuple[str, int | None]]:
+    """Every (data type, group size) the kernels run: each data type per channel and at every
+    ``FORMAT_GROUP_SIZES`` (and ``extra_group_sizes``); MX types at their fixed block (group None)."""
+    from advisor.quantizers import DTYPES
+
+    groups = sorted(set(FORMAT_GROUP_SIZES) | {int(g) for g in extra_group_sizes})
+    out: list[tuple[str, int | None]] = []
+    for name, dt in DTYPES.items():
+        out += [(name, None)] if dt.block_size is not None else [(name, None)] + [(name, g) for g in groups]
+    return out
+
+
+def all_format_specs(method: str = "rtn") -> list[str]:
+    """``method`` at every format of ``all_formats``, symmetric and, for integer types, asymmetric."""
+    from advisor.quantizers import QuantSpec, get_dtype
+
+    out = []
+    for dtype, group in all_formats():
+        for symmetric in ((True, False) if get_dtype(dtype).supports_asymmetric else (True,)):
+            try:
+                out.append(str(QuantSpec(method, dtype, group, symmetric)))
+            except ValueError:  # the method does not take this data type or symmetry
+                continue
+    return out
+
+
 @dataclass(frozen=True)
 class Candidate:
     spec: str

@@ -370,6 +370,21 @@ class Predictor:
         with np.errstate(invalid="ignore"):
             return (X["method"] != "rtn").to_numpy() & np.isfinite(r) & (r > top)
 
+    def estimated_physics(self, X: pd.DataFrame) -> np.ndarray:
+        """Boolean per row: the physics term is the second-order estimate, not a measured RTN loss (the
+        ``rtn_loss`` probe did not run for the row's format, or this predictor was fitted without it).
+        A measured loss below ``DL_FLOOR`` is a measurement: the fallback only sets its scale."""
+        self._check_fitted()
+        x, _ = rtn_measurement(X)
+        return ~np.isfinite(x) | (not self.use_measured_)
+
+    def predictive_variance(self, X: pd.DataFrame) -> np.ndarray:
+        """Variance of each row's prediction of dL (nats^2): the log-space sd taken to dL, plus the
+        first-order term of random sign (``(D sigma_log)^2 + kappa^2 D``)."""
+        self._check_fitted()
+        D, sl = self._parts(X)
+        return (D * sl) ** 2 + self.noise_kappa_ ** 2 * D
+
     def outside_fitted_range(self, X: pd.DataFrame) -> dict[str, dict[str, Any]]:
         """The model's scale terms (``log_params``, ``baseline_nll``: the same on every row of one model)
         outside the range this predictor was fitted on: ``{term: {"value", "fitted": [lo, hi]}}``, empty when

@@ -345,6 +345,25 @@ def probe_features(loaded, calib, store: Store | None = None, seed: int = 0, los
     return features, provenance
 
 
+def cached_format_features(loaded, calib, store: Store, seed: int, loss_windows, keys: Iterable[str]
+                           ) -> dict[str, float]:
+    """The stored ``sqnr``, ``second_order`` and ``rtn_loss`` features of every format of ``keys`` whose three
+    records are all in ``store`` (nothing is measured): the measured neighbours a prediction is made
+    consistent with (``advisor.orderings``)."""
+    features: dict[str, float] = {}
+    fp = loaded.source.fingerprint
+    for key in dict.fromkeys(keys):
+        found = {}
+        for unit in (Unit("sqnr", key), Unit("second_order", key), Unit("rtn_loss", key, on_loss_windows=True)):
+            hit = store.probe(fp, unit_key(unit, seed, (loss_windows if unit.on_loss_windows else calib).protocol))
+            if hit is None:
+                break
+            found.update(hit["features"])
+        else:
+            features.update(found)
+    return features
+
+
 def run_key(fingerprint: str, names: list[str], resolved: dict[str, dict[str, Any]], calibration: dict[str, Any],
             seed: int) -> dict[str, Any]:
     """The identity of an ``advisor probe`` run in the store: probes with versions and resolved settings,
@@ -385,8 +404,10 @@ def cached_run_probes(loaded, calib, store: Store, names: list[str] | None = Non
     return record, False
 
 
-def store_probes(session) -> None:
-    """Sweep hook: probe one model fully (cached) so its runs can be joined with its features."""
+def store_probes(session, specs: list[str] | None = None) -> None:
+    """Sweep hook: probe one model fully (cached), and every format of the sweep's ``specs`` (off the
+    grid too), so its runs can be joined with its features."""
     windows = session.protocol.probe_windows(session.loaded, exclude=session.eval)
+    keys = list(dict.fromkeys([*RTN_LOSS_KEYS, *probe_keys(specs)])) if specs else None
     probe_features(session.loaded, windows, store=session.store, seed=session.protocol.seed,
-                   loss_windows=session.calib, full=True)
+                   loss_windows=session.calib, keys=keys, full=True)

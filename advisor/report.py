@@ -66,9 +66,31 @@ def scale_note(outside: dict[str, dict[str, Any]]) -> list[str]:
 _HEADER = f"{'spec':<30} {'bits/w':>7} {'MB':>9} {'speed':>6} {'pred dPPL':>10} {'interval':>21}"
 
 
+ESTIMATED_FOOTNOTE = ("# no RTN loss could be measured for this format: the second-order estimate stands in "
+                      "(estimated_physics), and the interval is widened to cover the measured finer and coarser "
+                      "formats (docs/predictor.md)")
+
+
+def physics_notes(rows: list[dict[str, Any]], on_demand: list[str]) -> list[str]:
+    """Lines saying which formats' RTN loss was measured for this request (``on_demand``: format keys) and,
+    when some row is marked `#`, the footnote for a physics term that is an estimate."""
+    lines = []
+    if on_demand:
+        lines.append(f"measured the RTN loss of {len(on_demand)} format(s) on demand (rtn_loss probe on the "
+                     f"calibration windows, stored for the next request): {', '.join(on_demand)}")
+    if any(r.get("estimated_physics") for r in rows):
+        lines.append(ESTIMATED_FOOTNOTE)
+    return lines
+
+
+def marks(c: dict[str, Any]) -> str:
+    """A candidate's marks: `*` method gain extrapolated, `#` physics estimated."""
+    return (" *" if c.get("method_gain_extrapolated") else "") + (" #" if c.get("estimated_physics") else "")
+
+
 def _row(c: dict[str, Any], *flags: str) -> str:
-    """One candidate: cost, predicted dPPL and interval, then ``flags`` (and `*` when extrapolated)."""
-    mark = " *" if c.get("method_gain_extrapolated") else ""
+    """One candidate: cost, predicted dPPL and interval, then ``flags`` (and the marks of ``marks``)."""
+    mark = marks(c)
     # "~": not measured on this machine, the memory-bound estimate 16 / bits (advisor/kernel_speed.py)
     speed = ("~" if c.get("speed_source") == "estimate" else "") + f"{c['relative_speed']:.2f}"
     return (f"{c['spec']:<30} {c['bits_per_weight']:7.3f} {c['bytes'] / 1e6:9.2f} {speed:>6} "
@@ -87,9 +109,11 @@ def candidates_table(rec, top: int = 12) -> str:
     limit = (f"mean KL measured, not predicted; candidates ranked by predicted dL as its stand-in"
              if rec.max_ppl_delta is None else f"dPPL <= {rec.max_ppl_delta:.4f}")
     lines = [f"baseline ppl {rec.baseline_ppl:.4f}; budget {rec.budget} ({limit})", "", _HEADER + " pass"]
-    shown = list(rec.candidates[:top])
+    # the candidates a user listed are all shown; of the default grid, the cheapest ``top``
+    shown = list(rec.candidates if rec.provenance.get("requested_specs") else rec.candidates[:top])
     lines += [_row(c, "yes" if c.get("passes") else "no") for c in shown]
     lines += _footnote(shown, rec.provenance.get("predictor", {}))
+    lines += physics_notes(shown, rec.provenance.get("rtn_loss_on_demand", []))
     lines += scale_note(rec.provenance.get("outside_fitted_range", {}))
     if rec.attempts:
         lines += ["", "attempts (predicted vs measured dPPL; verdict of the sequential test at "
@@ -106,8 +130,9 @@ def candidates_table(rec, top: int = 12) -> str:
 
 
 def plan_table(df, top: int = 40) -> str:
-    """`advisor plan`'s table: the cheapest ``top`` candidates, with `pass`/`fits` when those budgets were
-    given, and `<-` on the chosen one (always shown)."""
+    """`advisor plan`'s table: the cheapest ``top`` candidates (every one when the user listed them,
+    ``df.attrs["requested"]``), with `pass`/`fits` when those budgets were given, and `<-` on the chosen one
+    (always shown)."""
     b = df.attrs.get("budget", {})
     head = f"baseline ppl {df.attrs['baseline_ppl']:.4f}"
     if "description" in b:
@@ -117,13 +142,15 @@ def plan_table(df, top: int = 40) -> str:
     cols = [c for c in ("passes", "fits") if c in df]
     lines = [head, "", _HEADER + "".join(" " + {"passes": "pass", "fits": "fits"}[c] for c in cols)]
     rows = df.to_dict("records")
-    shown = [c for i, c in enumerate(rows) if i < top or c.get("chosen")]
+    everything = bool(df.attrs.get("requested"))
+    shown = [c for i, c in enumerate(rows) if everything or i < top or c.get("chosen")]
     for c in shown:
         line = _row(c, *("yes" if c[k] else "no" for k in cols))
         lines.append(line + ("  <- chosen" if c.get("chosen") else ""))
     if len(shown) < len(rows):
         lines.append(f"... {len(rows) - len(shown)} more (--top, --csv)")
     lines += _footnote(shown, df.attrs.get("predictor", {}))
+    lines += physics_notes(shown, df.attrs.get("rtn_loss_on_demand", []))
     lines += scale_note(df.attrs.get("outside_fitted_range", {}))
     return "\n".join(lines)
 

@@ -14,13 +14,13 @@ from advisor.probes._util import spec_key
 def feature_key(spec) -> str:
     """The ``sqnr`` / ``second_order`` feature-key fragment of an RTN-able spec (``QuantSpec`` or string).
 
-    ``rtn:int4:g128 -> int4_g128``, ``rtn:int8 -> int8_pc``, ``gptq:mxfp4 -> mxfp4``. Asymmetric
-    specs map to their symmetric key (the probes measure symmetric RTN).
+    ``rtn:int4:g128 -> int4_g128``, ``rtn:int8 -> int8_pc``, ``gptq:mxfp4 -> mxfp4``,
+    ``gptq:int4:g128:asym -> int4_g128_asym`` (the probes measure RTN of that symmetry).
     """
     from advisor.quantizers import QuantSpec, get_dtype
 
     spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
-    return spec_key(spec.dtype, spec.group_size, get_dtype(spec.dtype).block_size)
+    return spec_key(spec.dtype, spec.group_size, get_dtype(spec.dtype).block_size, spec.symmetric)
 
 
 __all__ = ["PROBES", "Probe", "ProbeResult", "ProbeContext", "FeatureRecord", "run_probes", "get_probe",

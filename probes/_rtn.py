@@ -54,20 +54,57 @@ def configs(dtypes: list[str] | None = None, all_group_sizes: bool = True) -> li
     return out
 
 
+def parse_key(key: str) -> tuple[str, int | None, bool]:
+    """(dtype, group size, symmetric) of a format key: ``int4_g128``, ``int8_pc``, ``mxfp4``,
+    ``int3_g256_asym``; any group size, the canonical spelling only (``spec_key`` is its inverse).
+
+    Raises:
+        AdvisorError: a key that names no format, naming what keys look like.
+    """
+    from advisor.quantizers import QuantSpec, get_dtype
+
+    body, symmetric = (key[:-5], False) if isinstance(key, str) and key.endswith("_asym") else (key, True)
+    try:
+        if isinstance(body, str) and body in dtype_names() and get_dtype(body).block_size is not None:
+            dtype, group = body, None
+        else:
+            dtype, _, tail = str(body).rpartition("_")
+            if tail == "pc":
+                group = None
+            elif tail[:1] == "g" and tail[1:].isdigit():
+                group = int(tail[1:])
+            else:
+                raise ValueError("no group")
+        spec = QuantSpec("rtn", dtype, group, symmetric)
+        if spec_key(spec.dtype, spec.group_size, get_dtype(dtype).block_size, spec.symmetric) != key:
+            raise ValueError("not canonical")
+    except ValueError:
+        raise AdvisorError(f"unknown format key {key!r}; keys look like int4_g128, int8_pc, mxfp4, int3_g256_asym "
+                           f"(data types: {', '.join(dtype_names())})") from None
+    return dtype, group, symmetric
+
+
+def is_symmetric_key(key: str) -> bool:
+    """Whether format ``key`` is symmetric (no ``_asym`` suffix)."""
+    return not key.endswith("_asym")
+
+
 def format_table(keys: list[str] | None) -> list[tuple[str, int | None, str]]:
     """(dtype, group size, key) of the requested feature keys (None: every data type at its default group).
 
+    Any format the quantizers accept has a key (``parse_key``), on the ``sqnr`` grid or not; a key's
+    symmetry is ``is_symmetric_key(key)``.
+
     Raises:
-        AdvisorError: a key that names no (data type, group size) of the ``sqnr`` grid.
+        AdvisorError: a key that names no format.
     """
     if keys is None:
         return configs(None, all_group_sizes=False)
-    known = {k: (d, g, k) for d, g, k in configs(None, all_group_sizes=True)}
-    unknown = [k for k in keys if k not in known]
-    if unknown:
-        raise AdvisorError(f"unknown format keys {unknown}; keys look like int4_g128, int8_pc, mxfp4 "
-                           f"(known: {', '.join(sorted(known))})")
-    return [known[k] for k in dict.fromkeys(keys)]
+    out = []
+    for k in dict.fromkeys(keys):
+        dtype, group, _ = parse_key(k)
+        out.append((dtype, group, k))
+    return out
 
 
 def sampled_rows(layer_index: int, out_features: int, fraction: float, min_rows: int, seed: int) -> torch.Tensor:
@@ -86,27 +123,30 @@ def row_fraction(layers: list[LayerInfo], max_elements: int | None) -> float:
     return max_elements / total
 
 
-def rtn_weight_reference(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
+def rtn_weight_reference(W: torch.Tensor, dtype: str, group_size: int | None,
+                         symmetric: bool = True) -> torch.Tensor:
     """``Q(W)``: the round-to-nearest weights, float32 (rows, in), through the quantizers' RTN method
     (codes, then ``QuantizedWeight.dequantize``)."""
     from advisor.quantizers import LayerStats, QuantSpec, get_method
 
-    spec = QuantSpec("rtn", dtype, group_size)
+    spec = QuantSpec("rtn", dtype, group_size, symmetric)
     return get_method("rtn").quantize(W.detach().float(), spec, LayerStats()).dequantize()
 
 
-def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
+def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None, symmetric: bool = True) -> torch.Tensor:
     """``Q(W)`` as ``rtn_weight_reference``, bit for bit (tested), without its per-weight detours.
 
     The reference expands each group's scale to a full ``(out, in)`` tensor by indexing, rounds to
     int64 codes and dequantizes them through the table. Here the scales broadcast over a
     ``(out, groups, group)`` view and the rounder's grid values are used directly: the same division,
     the same nearest grid value, the same product. Matrices whose width is not a multiple of the group
-    take the reference.
+    take the reference, and so do asymmetric formats (zero points).
     """
     from advisor.quantizers import get_dtype
     from advisor.quantizers.grid import compute_grid_params
 
+    if not symmetric:
+        return rtn_weight_reference(W, dtype, group_size, symmetric=False)
     dt = get_dtype(dtype)
     Wf = W.detach().float()
     out, cols = Wf.shape
@@ -119,9 +159,9 @@ def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Ten
     return (unit * s).view(out, cols)
 
 
-def rtn_error(W: torch.Tensor, dtype: str, group_size: int | None) -> torch.Tensor:
+def rtn_error(W: torch.Tensor, dtype: str, group_size: int | None, symmetric: bool = True) -> torch.Tensor:
     """``Q(W) - W`` for round-to-nearest, float32 (rows, in), through the quantizers' RTN method."""
-    return rtn_weight(W, dtype, group_size) - W.detach().float()
+    return rtn_weight(W, dtype, group_size, symmetric) - W.detach().float()
 
 
 def layer_rows(layers: list[LayerInfo], max_elements: int | None, min_rows: int, seed: int) -> list[torch.Tensor]:
@@ -131,7 +171,7 @@ def layer_rows(layers: list[LayerInfo], max_elements: int | None, min_rows: int,
 
 
 def sampled_rtn_errors(layers: list[LayerInfo], rows: list[torch.Tensor], dtype: str,
-                       group_size: int | None) -> list[torch.Tensor]:
+                       group_size: int | None, symmetric: bool = True) -> list[torch.Tensor]:
     """RTN errors of the sampled rows of every layer, (rows_l, in_l) each.
 
     Rows of all layers with the same input width are stacked and quantized in one call (one call per
@@ -144,20 +184,21 @@ def sampled_rtn_errors(layers: list[LayerInfo], rows: list[torch.Tensor], dtype:
     out: list[torch.Tensor | None] = [None] * len(layers)
     for idx in by_width.values():
         W = torch.cat([layers[i].module.weight.detach()[rows[i]].float().cpu() for i in idx])
-        E = rtn_error(W, dtype, group_size)
+        E = rtn_error(W, dtype, group_size, symmetric)
         for i, part in zip(idx, torch.split(E, [int(rows[i].numel()) for i in idx])):
             out[i] = part
     return out  # type: ignore[return-value]
 
 
 def cached_rtn_errors(cache: dict, layers: list[LayerInfo], max_elements: int | None, min_rows: int, seed: int,
-                      dtype: str, group_size: int | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                      dtype: str, group_size: int | None, symmetric: bool = True
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(rows, errors) per layer, memoized in ``cache`` for the probes of one run (``sqnr``, ``second_order``)."""
     rows_key = ("rtn_rows", max_elements, min_rows, seed)
     if rows_key not in cache:
         cache[rows_key] = layer_rows(layers, max_elements, min_rows, seed)
     rows = cache[rows_key]
-    key = ("rtn_errors", max_elements, min_rows, seed, dtype, group_size)
+    key = ("rtn_errors", max_elements, min_rows, seed, dtype, group_size, symmetric)
     if key not in cache:
-        cache[key] = sampled_rtn_errors(layers, rows, dtype, group_size)
+        cache[key] = sampled_rtn_errors(layers, rows, dtype, group_size, symmetric)
     return rows, cache[key]

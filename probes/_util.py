@@ -370,11 +370,13 @@ def _shares_storage(w: torch.Tensor) -> bool:
     return w.untyped_storage().nbytes() > w.numel() * w.element_size()
 
 
-def spec_key(dtype: str, group_size: int | None, block_size: int | None = None) -> str:
-    """Feature-key fragment of a (dtype, group) pair: ``int4_g128``, ``int8_pc`` (per channel), ``mxfp4``."""
+def spec_key(dtype: str, group_size: int | None, block_size: int | None = None, symmetric: bool = True) -> str:
+    """Feature-key fragment of a (dtype, group, symmetry) format: ``int4_g128``, ``int8_pc`` (per channel),
+    ``mxfp4``, ``int4_g128_asym`` (integer zero point per group)."""
     if block_size is not None:
         return dtype
-    return f"{dtype}_pc" if group_size is None else f"{dtype}_g{group_size}"
+    key = f"{dtype}_pc" if group_size is None else f"{dtype}_g{group_size}"
+    return key if symmetric else f"{key}_asym"
 
 
 def sigma_key(sigma: float) -> str:

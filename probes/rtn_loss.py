@@ -1,7 +1,7 @@
 """``rtn_loss``: the measured loss increase of round-to-nearest, per data type (all orders).
 
 For each format, every linear layer is replaced by its RTN-quantized weights (the quantizers' own
-``rtn`` method, symmetric, at the format's group size), the mean token NLL on the first ``n_windows``
+``rtn`` method, at the format's group size and symmetry), the mean token NLL on the first ``n_windows``
 calibration windows is measured and the weights are restored:
 
     dnll = mean NLL(RTN weights) - mean NLL(float weights)       (paired: same windows, same tokens)
@@ -14,7 +14,8 @@ costs no calibration solve, so measuring it directly is cheap: one quantization 
 pass over a few thousand tokens per format. The predictor uses it as its physics term, and corrects
 it for the method (GPTQ, AWQ, ...) and the evaluation set with fitted terms.
 
-Features per format key (``int4_g128``, ``int8_pc``, ``mxfp4``; see ``probes.feature_key``):
+Features per format key (``int4_g128``, ``int8_pc``, ``mxfp4``, ``int3_g256_asym``: any group size and
+symmetry the quantizers accept; see ``probes.feature_key``):
 - ``<key>``: dnll in nats;
 - ``<key>_se``: its standard error over windows (sd of the per-window paired differences / sqrt(n)).
 
@@ -48,7 +49,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from advisor.probes._rtn import format_table, rtn_weight
+from advisor.probes._rtn import format_table, is_symmetric_key, rtn_weight
 from advisor.probes._util import (chunked_window_nll, device_of, first_windows, layer_infos, preserved_state,
                                   swapped_weights)
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
@@ -97,7 +98,7 @@ def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]],
         passes, done, n = 0, 0, first
         while True:
             base = base_nll(model, ids, n, batch_size, context, base_key)
-            with swapped_weights(layers, lambda W, name: rtn_weight(W, dtype, group)):
+            with swapped_weights(layers, lambda W, name: rtn_weight(W, dtype, group, is_symmetric_key(key))):
                 for i in range(done, n, batch_size):
                     part = ids[i : min(i + batch_size, n)]
                     q = chunked_window_nll(model, part.to(device_of(model))).double().cpu()
@@ -153,7 +154,7 @@ class RtnLossProbe(Probe):
         info = {"n_tokens": int(base.numel() * ids.shape[1]), "base_nll": float(base.mean()),
                 "by_key": {r["key"]: [r["key"], f"{r['key']}_se"] for r in rows},
                 "precision": {r["key"]: {"n_windows": r["n_windows"], "rel_se": r["rel_se"]} for r in rows},
-                "rtn": "symmetric round-to-nearest through quantizers' rtn method, every linear layer"}
+                "rtn": "round-to-nearest (the key's symmetry) through quantizers' rtn method, every linear layer"}
         return ProbeResult(self.name, features, frame, settings, info=info)
 
 

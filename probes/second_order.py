@@ -29,7 +29,8 @@ import math
 import pandas as pd
 import torch
 
-from advisor.probes._rtn import cached_rtn_errors, configs, default_group, format_table, row_fraction
+from advisor.probes._rtn import (cached_rtn_errors, configs, default_group, format_table, is_symmetric_key,
+                                  row_fraction)
 from advisor.probes._util import layer_infos, spec_key
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 from advisor.probes.fisher import ensure_fisher
@@ -68,7 +69,7 @@ class SecondOrderProbe(Probe):
         rows = [{"layer": li.name, "block": li.block, "kind": li.kind, "role": li.role, "n_params": li.n_params}
                 for li in layers]
         for dtype, g, key in wanted:
-            idx, errors = cached_rtn_errors(context.cache, layers, *args, dtype, g)
+            idx, errors = cached_rtn_errors(context.cache, layers, *args, dtype, g, is_symmetric_key(key))
             for row, li, r, e in zip(rows, layers, idx, errors):
                 scale = li.module.out_features / r.numel()
                 row[key] = scale * second_order_estimate(diag[li.name], e)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from advisor.probes._rtn import cached_rtn_errors, configs, format_table, layer_rows, row_fraction
+from advisor.probes._rtn import cached_rtn_errors, configs, format_table, is_symmetric_key, layer_rows, row_fraction
 from advisor.probes._util import layer_infos
 from advisor.probes.base import Probe, ProbeContext, ProbeResult, register
 
@@ -53,7 +53,7 @@ class SqnrProbe(Probe):
         signal = [float(li.module.weight.detach()[r].double().pow(2).sum()) for li, r in zip(layers, rows)]
         table = {f"{key}_db": [] for _, _, key in cfgs}
         for dtype, g, key in cfgs:
-            _, errors = cached_rtn_errors(context.cache, layers, *args, dtype, g)
+            _, errors = cached_rtn_errors(context.cache, layers, *args, dtype, g, is_symmetric_key(key))
             table[f"{key}_db"] = [sqnr_db(s, float(e.double().pow(2).sum())) for s, e in zip(signal, errors)]
         frame = pd.DataFrame({"layer": [li.name for li in layers], "block": [li.block for li in layers],
                               "kind": [li.kind for li in layers], "role": [li.role for li in layers],

@@ -117,7 +117,8 @@ def test_every_json_output_is_strict_and_stamped(setup, capsys):
     # one candidate row schema for predict, plan and recommend
     keys = {name: set(outs[name]["candidates"][0]) for name in ("predict", "plan", "recommend")}
     shared = {"spec", "bytes", "bits_per_weight", "relative_speed", "pred_dl", "pred_dl_lower", "pred_dl_upper",
-              "pred_dppl", "pred_dppl_lower", "pred_dppl_upper", "tie_break"}
+              "pred_dppl", "pred_dppl_lower", "pred_dppl_upper", "tie_break", "method_gain_extrapolated", "rtn_dl",
+              "rtn_dl_se", "rtn_loss_on_demand", "estimated_physics"}
     assert all(shared <= k for k in keys.values())
     assert shared <= set(outs["predict-spec"]["candidate"])
     # the same protocol gives the same fingerprint in every command

@@ -280,11 +280,12 @@ def test_rtn_loss_equals_the_quantize_then_evaluate_reference():
     calib = _calib(4, 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rec = probes.run_probes(loaded, calib, names=["rtn_loss"],
-                            settings={"rtn_loss": {"keys": ["int4_g128", "int3_pc", "mxfp4", "int8_pc"]}})
+                            settings={"rtn_loss": {"keys": ["int4_g128", "int3_pc", "mxfp4", "int8_pc", "int4_g24_asym"]}})
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     base = mean_nll(model, calib.ids)
-    for key, spec in (("int4_g128", "rtn:int4:g128"), ("int3_pc", "rtn:int3"), ("mxfp4", "rtn:mxfp4")):
+    for key, spec in (("int4_g128", "rtn:int4:g128"), ("int3_pc", "rtn:int3"), ("mxfp4", "rtn:mxfp4"),
+                      ("int4_g24_asym", "rtn:int4:g24:asym")):  # any group size, asymmetric as asked
         quantize_model(loaded, spec, None, pack=False, progress=False)
         want = mean_nll(model, calib.ids) - base
         model.load_state_dict(before)
@@ -293,9 +294,9 @@ def test_rtn_loss_equals_the_quantize_then_evaluate_reference():
     f = rec.features
     assert abs(f["rtn_loss.int8_pc"]) < abs(f["rtn_loss.int3_pc"])  # a random model: signs are random
     frame = rec.per_layer["rtn_loss"]
-    assert list(frame["key"]) == ["int4_g128", "int3_pc", "mxfp4", "int8_pc"]
-    with pytest.raises(AdvisorError, match="unknown format keys"):
-        probes.run_probes(loaded, calib, names=["rtn_loss"], settings={"rtn_loss": {"keys": ["int4_g100"]}})
+    assert list(frame["key"]) == ["int4_g128", "int3_pc", "mxfp4", "int8_pc", "int4_g24_asym"]
+    with pytest.raises(AdvisorError, match="unknown format key"):
+        probes.run_probes(loaded, calib, names=["rtn_loss"], settings={"rtn_loss": {"keys": ["int5_g100"]}})
 
 
 def test_rtn_loss_formats_are_the_candidate_grids():

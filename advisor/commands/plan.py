@@ -16,6 +16,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="coverage of the interval whose upper bound must meet the perplexity budget (default 0.9)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
+    p.add_argument("--specs", nargs="+", default=None,
+                   help="the candidates, any formats (e.g. rtn:fp6_e3m2:g128 gptq:int3:g256); default: the default "
+                        "grid, filtered by --methods/--dtypes")
     add_protocol_args(p)
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
     p.add_argument("--predictor", default=None, help="predictor JSON from `advisor fit` (default: shipped)")
@@ -46,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = predictor_from(args)
     df = plan(args.model, args.max_ppl_delta, max_bytes, max_ppl_ratio=args.max_ppl_ratio,
               confidence=args.confidence, methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"),
+              specs=args.specs,
               predictor=predictor, **protocol_kwargs(args))
     budgeted = "passes" in df or "fits" in df
     code = 0 if df["chosen"].any() or not budgeted else 2
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
         emit_json(document({"baseline_ppl": df.attrs["baseline_ppl"], "predictor": df.attrs["predictor"],
                             "budget": df.attrs["budget"], "outside_fitted_range": df.attrs["outside_fitted_range"],
+                            "rtn_loss_on_demand": df.attrs["rtn_loss_on_demand"],
                             "chosen": chosen["spec"].iloc[0] if len(chosen) else None, "message": message,
                             "candidates": df.to_dict("records")}, confidence=args.confidence,
                            eval_protocol=df.attrs.get("protocol", {}).get("eval"),

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
         r["mean"], r["lower"], r["upper"] = r["pred_dppl"], r["pred_dppl_lower"], r["pred_dppl_upper"]
     outside, info = df.attrs["outside_fitted_range"], df.attrs["predictor"]
     if args.json:
-        common = {"baseline_ppl": ctx.baseline_ppl, "predictor": info, "outside_fitted_range": outside}
+        common = {"baseline_ppl": ctx.baseline_ppl, "predictor": info, "outside_fitted_range": outside,
+                  "rtn_loss_on_demand": df.attrs["rtn_loss_on_demand"]}
         from advisor.jsonio import document
 
         shared = df.to_dict("records")
@@ -41,13 +42,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"baseline ppl {ctx.baseline_ppl:.4f}; predictor {info['source']} (format {info['format_version']}, "
           f"fitted on {info['n_train']} runs)")
-    for r in rows:
-        mark = " *" if r["method_gain_extrapolated"] else ""
-        print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]{mark}")
-    from advisor.report import extrapolation_footnote, scale_note
+    from advisor.report import extrapolation_footnote, marks, physics_notes, scale_note
 
+    for r in rows:
+        print(f"{r['spec']:<30} {r['bits_per_weight']:6.3f} b/w  dPPL {r['mean']:.4f} [{r['lower']:.4f}, {r['upper']:.4f}]"
+              f"{marks(r)}")
     if any(r["method_gain_extrapolated"] for r in rows):
         print(extrapolation_footnote(info["design_options"]["method_guard"]))
+    for line in physics_notes(rows, df.attrs["rtn_loss_on_demand"]):
+        print(line)
     for line in scale_note(outside):
         print(line)
     return 0

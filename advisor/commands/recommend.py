@@ -27,6 +27,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "or miss a candidate after a quarter, half or three quarters of them; docs/recommend.md)")
     p.add_argument("--methods", default=None, help="comma-separated methods to consider (default all)")
     p.add_argument("--dtypes", default=None, help="comma-separated data types to consider (default all)")
+    p.add_argument("--specs", nargs="+", default=None,
+                   help="the candidates, any formats (e.g. rtn:fp6_e3m2:g128 gptq:int3:g256); default: the default "
+                        "grid, filtered by --methods/--dtypes")
     p.add_argument("--max-attempts", type=int, default=3, help="candidates to try before giving up (default 3)")
     add_protocol_args(p)
     p.add_argument("--store", default=None, help="measurement store (default ADVISOR_HOME/measurements.sqlite)")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     predictor = predictor_from(args)
     rec = recommend(args.model, args.max_ppl_delta, max_ppl_ratio=args.max_ppl_ratio, max_kld=args.max_kld,
                     confidence=args.confidence, explore=not args.no_explore, early_stop=not args.no_early_stop,
-                    methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"), max_attempts=args.max_attempts,
+                    methods=split_list(args.methods), dtypes=split_list(args.dtypes, "--dtypes"),
+                    specs=args.specs, max_attempts=args.max_attempts,
                     out=args.out, dry_run=args.dry_run, predictor=predictor, max_bytes=max_bytes,
                     verify_export=args.verify_export, force=args.force, **protocol_kwargs(args))
     files = write_report(rec, args.out) if args.out else {}

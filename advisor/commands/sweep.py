@@ -92,10 +92,13 @@ def run(args: argparse.Namespace) -> int:
             raise AdvisorError(f"--specs {s[:80]!r}: {e}") from None
     store = open_store(args.store)
     on_model = None
+    specs = expand_specs(args.specs)
     if not args.no_probes:
+        from functools import partial
+
         from advisor.probing import store_probes
 
-        on_model = store_probes
+        on_model = partial(store_probes, specs=specs)  # every swept format, off the grid too
     summary = run_sweep(expand_models(args.models), specs, store, protocol, jobs=args.jobs,
                         retry_failed=args.retry_failed, on_model=on_model, engine=args.engine, address=args.address,
                         engine_options=dict(cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task))
