@@ -1,7 +1,7 @@
 """Exports re-measured in the target's own loader, on SmolLM2-135M, side by side in one run.
 
     python benchmarks/export_roundtrip.py [--model smollm2-135m] [--work DIR]
-    python benchmarks/export_roundtrip.py --windows 2 --seq-len 64 --n-calib 2 --out /tmp/x.json  # smoke run
+    python benchmarks/export_roundtrip.py --windows 2 --seq-len 64 --n-calib 2 --out smoke.json  # smoke run
 
 For each (spec, format) pair: `advisor quantize --spec SPEC --format FORMAT --out DIR` (WikiText-2 test,
 the first 20 windows of 512 tokens, corpus spec ``wikitext2:PATH``), then a fresh process loads the
