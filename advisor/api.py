@@ -578,9 +578,6 @@ def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reaso
     evaluation windows in looks, stop once the bound at ``confidence`` clears or misses the budget, go on
     to further windows of the same text while it straddles it. Records the run; returns the attempt and
     the swap state."""
-    import torch
-
-    from advisor.models.data import Windows
     from advisor.models.evaluate import merge_kl, paired_se, perplexity
     from advisor.models.pipeline import quantize_model
     from advisor.models.saving import package_versions
@@ -588,9 +585,7 @@ def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reaso
 
     reference = _reference(ctx, progress)  # the baseline's distributions, before any weight changes
     k = len(ctx.eval)
-    extension = _extension(ctx)
-    windows = Windows(torch.cat([ctx.eval.ids, extension.ids]), ctx.eval.protocol,
-                      tuple(ctx.eval.offsets) + tuple(extension.offsets))
+    windows = _verification_windows(ctx)
     rule = SequentialRule(plan_looks(k, len(windows), early_stop=early_stop), confidence)
     t0 = time.perf_counter()
     originals = {name: layer for name, layer in ctx.loaded.adapter.linear_layers()}
@@ -636,6 +631,17 @@ def _execute(ctx: Context, row: pd.Series, budget: Budget, progress: bool, reaso
                       passed=verdict == PASS, reason=reason, bytes=int(row["bytes"]), dl_se=dl_se,
                       kld=kld.to_dict(), n_windows=n, verdict=verdict, looks=tuple(looks))
     return attempt, (originals, result)
+
+
+def _verification_windows(ctx: Context):
+    """The windows the sequential test draws from: the evaluation windows, then their extension."""
+    import torch
+
+    from advisor.models.data import Windows
+
+    extension = _extension(ctx)
+    return Windows(torch.cat([ctx.eval.ids, extension.ids]), ctx.eval.protocol,
+                   tuple(ctx.eval.offsets) + tuple(extension.offsets))
 
 
 def _extension(ctx: Context):
@@ -760,11 +766,7 @@ def _verify_export(ctx: Context, quantized, attempt: Attempt, fmt: str, out: str
     from advisor.models.export import export_model, load_export
 
     n = attempt.n_windows
-    windows = ctx.eval
-    if n > len(ctx.eval):
-        extension = _extension(ctx)
-        windows = Windows(torch.cat([ctx.eval.ids, extension.ids]), ctx.eval.protocol,
-                          tuple(ctx.eval.offsets) + tuple(extension.offsets))
+    windows = _verification_windows(ctx)
     windows = Windows(windows.ids[:n], windows.protocol, tuple(windows.offsets[:n]))
     base_nll = sum(ctx.reference.window_nll[:n]) / n
     advisor_ppl = math.exp(base_nll + attempt.measured_dl)
