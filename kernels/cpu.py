@@ -38,7 +38,7 @@ from numba import get_num_threads, njit, types
 from numba.extending import intrinsic, overload
 
 from . import team
-from .simd import (vadd, vexmy, vfield, vflip_sign, vfma, vgather, vhsum, vload_f32, vload_u8,
+from .simd import (vadd, vexmy, vlut8, vfield, vflip_sign, vfma, vgather, vhsum, vload_f32, vload_u8,
                    vload_u16, vload_u32, vload_u8w, vmul_k, vor_shl, vstore_f32, prefetch, vbf16_even, vbf16_odd,
                    vcode6w, vperm16, vperm32, vperm64w, vsplat, vtof, vzero)
 
@@ -442,6 +442,9 @@ def _dot_tile_b1(layout, qa, qb, o, tb, T, dec, tt, x):
 #   float32 (rows, 16) array -> 16-entry register table per row (or one shared row), vpermps:
 #     4-bit ints, 4-bit ExMy (FP4, MXFP4), NF4, any table of <= 16 values;
 #   float32 (1, 2, 16) array -> 32 magnitudes + sign bit 5, vpermi2ps: FP6 E3M2 / E2M3;
+#   (uint8 (rows, 16), float32 (1,)) -> 16 signed bytes, one pshufb (avx2), for 16-value tables of
+#     small dyadic numbers (FP4 E2M1 and MXFP4 elements are halves): the bytes are the values times
+#     2**k and the kernels fold the 2**-k (``_vdec_mult``) into the group scale, which is exact;
 #   (E, M, bias) ints -> ExMy value built from bits (FP8);
 #   (table (rows, 2**bits),) -> per-lane gather (other codebooks).
 # (Tables travel as arrays, which numba caches as plain array arguments.)
@@ -464,9 +467,29 @@ def _ov_vrow_table(vdec, row):
         return impl16
     if isinstance(vdec, types.Array) and vdec.ndim == 3:
         return lambda vdec, row: (vload_f32(vdec[0, 0], 0), vload_f32(vdec[0, 1], 0))
+    if _is_byte_table(vdec):
+        return lambda vdec, row: vload_u8(vdec[0][row], 0)
     if isinstance(vdec, types.BaseTuple) and isinstance(vdec[0], types.Array):
         return lambda vdec, row: vdec[0][row]
     return lambda vdec, row: 0
+
+
+def _vdec_mult(vdec):
+    raise NotImplementedError
+
+
+@overload(_vdec_mult, inline="always")
+def _ov_vdec_mult(vdec):
+    """What ``_vdec``'s values are multiplied by to equal the scalar decode's (1 but for byte tables)."""
+    if _is_byte_table(vdec):
+        return lambda vdec: vdec[1][0]
+    return lambda vdec: np.float32(1.0)
+
+
+def _is_byte_table(vdec) -> bool:
+    """The (16 signed bytes per row, power-of-two multiplier) descriptor, by numba type."""
+    return (isinstance(vdec, types.BaseTuple) and len(vdec) == 2 and isinstance(vdec[0], types.Array)
+            and vdec[0].dtype == types.uint8 and isinstance(vdec[1], types.Array))
 
 
 @overload(_vdec, inline="always")
@@ -481,6 +504,8 @@ def _ov_vdec(c, vdec, vt):
         return lambda c, vdec, vt: vflip_sign(vperm32(vt[0], vt[1], c), c, 5)
     if isinstance(vdec, types.UniTuple) and isinstance(vdec.dtype, types.Integer):
         return lambda c, vdec, vt: vexmy(c, vdec[0], vdec[1], vdec[2])
+    if _is_byte_table(vdec):
+        return lambda c, vdec, vt: vlut8(vt, c)
     if isinstance(vdec, types.BaseTuple) and isinstance(vdec[0], types.Array):
         return lambda c, vdec, vt: vgather(vt, c)
     raise TypeError("unsupported vector decode descriptor")
@@ -626,6 +651,7 @@ def _gemv_rows_simd_b1(layout, p, vdec, ops, o0, o1):
     zrow = np.empty(ng, np.float32)
     n_tiles = xp.shape[1] // T
     x = xp[0]
+    gm = mult * _vdec_mult(vdec)
     for o in range(o0, o1):
         vt = _vrow_table(vdec, o if per_row else 0)
         _load_row(scales, o, srow)
@@ -637,7 +663,7 @@ def _gemv_rows_simd_b1(layout, p, vdec, ops, o0, o1):
             for t in range(min(tpg, n_tiles - g * tpg)):
                 tb = g * tpg + t
                 pa, pb = _vdot_tile(layout, qa, qb, o, tb, T, vdec, vt, x, tb * T, pa, pb)
-            acc = vfma(vsplat(srow[g] * mult), vadd(pa, pb), acc)
+            acc = vfma(vsplat(srow[g] * gm), vadd(pa, pb), acc)
         y[0, o] = vhsum(acc) + _offset_term(srow, zrow, add, xsum[0])
 
 
@@ -656,6 +682,7 @@ def _gemv_rows_simd_bn(layout, p, vdec, ops, o0, o1):
     zrow = np.empty(ng, np.float32)
     wbuf = np.empty(T, np.float32)
     n_tiles = xp.shape[1] // T
+    gm = mult * _vdec_mult(vdec)
     for o in range(o0, o1):
         vt = _vrow_table(vdec, o if per_row else 0)
         _load_row(scales, o, srow)
@@ -684,7 +711,7 @@ def _gemv_rows_simd_bn(layout, p, vdec, ops, o0, o1):
                         p1 = vfma(w, vload_f32(x1, base + j), p1)
                         p2 = vfma(w, vload_f32(x2, base + j), p2)
                         p3 = vfma(w, vload_f32(x3, base + j), p3)
-                s = vsplat(srow[g] * mult)
+                s = vsplat(srow[g] * gm)
                 a0 = vfma(s, p0, a0)
                 a1 = vfma(s, p1, a1)
                 a2 = vfma(s, p2, a2)

@@ -117,12 +117,15 @@ def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int, is
     A register lookup is one instruction on ``avx512``, so it decodes every table of up to 32
     entries there; on ``avx2`` (two or four 8-lane permutes and blends) and ``portable`` (select
     tree) integer codes convert directly and ExMy grids are built from their bits instead,
-    except 4-bit ExMy on ``avx2``, where the two-permute lookup is shorter."""
+    except 16-value tables on ``avx2``: a byte table (one ``pshufb``, :func:`_byte_table`) where
+    the values are small dyadic numbers (FP4 E2M1, MXFP4), else the two-permute lookup."""
     if rule.kind == "affine":  # float(code)
         return np.arange(16, dtype=np.float32)[None] if bits <= 4 and isa == "avx512" else None
     if rule.kind == "exmy":
         n_exp, n_man, _ = rule.exmy
         grid = exmy_grid(n_exp, n_man).astype(np.float32)
+        if bits == 4 and 1 + n_exp + n_man == 4 and isa == "avx2" and (lut := _byte_table(grid[None])) is not None:
+            return lut
         if bits == 4 and 1 + n_exp + n_man == 4 and isa != "portable":  # 16 codes, one register
             return grid[None].copy()
         if bits == 6 and n_exp + n_man == 5 and isa == "avx512":  # 32 magnitudes + sign bit 5
@@ -132,8 +135,23 @@ def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int, is
     if rule.kind == "lut16":
         rows = np.zeros((t2.shape[0] if per_row else 1, 16), np.float32)
         rows[:, :t2.shape[1]] = t2[:rows.shape[0]]
+        if isa == "avx2" and (lut := _byte_table(rows)) is not None:
+            return lut
         return rows
     return (t2,)
+
+
+def _byte_table(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``rows`` (r, 16) as 16 signed bytes per row and one power-of-two multiplier (``kernels.cpu``'s
+    byte-table descriptor) when every value is exactly ``byte * 2**-k`` for some ``k`` in 0..7, else
+    None. On AVX2 one ``pshufb`` then looks up 16 codes, where a float table takes four 8-lane
+    permutes and two blends."""
+    for k in range(8):
+        scaled = rows.astype(np.float64) * 2.0 ** k
+        if np.all(scaled == np.round(scaled)) and np.all(np.abs(scaled) <= 127):
+            table = np.ascontiguousarray(scaled.astype(np.int8).view(np.uint8))
+            return table, np.array([2.0 ** -k], np.float32)
+    return None
 
 
 def _wide_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int):

@@ -424,6 +424,22 @@ def vperm32(typingctx, lo, hi, idx):
 
 
 @intrinsic
+def vlut8(typingctx, table, idx):
+    """``float(table[idx & 15])`` per lane, where ``table`` holds 16 signed bytes (each
+    zero-extended into an int32 lane, as :func:`vload_u8` loads them): one ``pshufb`` looks up
+    all 16 lanes, then sign extension and conversion. x86 only (``avx2`` and ``avx512`` hosts
+    have SSSE3); ``kernels.linear`` builds such tables only there."""
+    def codegen(context, builder, sig, args):
+        b16 = ir.VectorType(ir.IntType(8), V)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(b16, [b16, b16]),
+                                            "llvm.x86.ssse3.pshuf.b.128")
+        k = builder.trunc(builder.and_(args[1], _ivec(15)), b16)
+        r = builder.call(fn, [builder.trunc(args[0], b16), k])
+        return builder.sitofp(builder.sext(r, _IV), _FV)
+    return f32v(i32v, i32v), codegen
+
+
+@intrinsic
 def vflip_sign(typingctx, v, c, bit):
     """-v where bit ``bit`` of c is set (xor of the sign bit)."""
     def codegen(context, builder, sig, args):
