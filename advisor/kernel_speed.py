@@ -67,15 +67,25 @@ def _package_version() -> str:
         return "unknown"
 
 
+def _kernels_digest() -> str:
+    """Digest of the kernels' sources: an edited kernel (a checkout between releases) is re-timed."""
+    from advisor import kernels
+
+    h = hashlib.sha256()
+    for f in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key() -> dict:
-    """What a calibration is valid for: machine, kernel path, software, threads."""
+    """What a calibration is valid for: machine, kernel path and sources, software, threads."""
     import torch
 
     from advisor.kernels import simd
 
     return {"cache_version": CACHE_VERSION, "cpu": cpu_model(), "machine": platform.machine(),
-            "isa": simd.ISA, "advisor": _package_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "isa": simd.ISA, "advisor": _package_version(), "kernels": _kernels_digest(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def cache_path(key: dict | None = None) -> Path:

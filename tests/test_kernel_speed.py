@@ -21,7 +21,7 @@ def test_calibration_is_keyed_cached_and_reused(home, monkeypatch):
     table = _tiny_calibration()
     assert table.measured and set(table.speeds) == {"int4"} and table.speeds["int4"] > 0
     key = kernel_speed.cache_key()
-    assert {"cpu", "isa", "advisor", "torch", "threads"} <= set(key)
+    assert {"cpu", "isa", "advisor", "kernels", "torch", "threads"} <= set(key)
     path = kernel_speed.cache_path(key)
     assert str(path) == table.path and path.is_relative_to(home)
     doc = json.loads(path.read_text())
