@@ -15,6 +15,13 @@ PTB = SHARED / "data/text/ptb/ptb.valid.txt"
 
 VOCAB = 96
 
+# Under pytest-xdist (the default run, pyproject.toml) every worker gets an equal share of the cores for
+# torch's thread team, on which the packed kernels run too: workers x threads never exceeds the cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(_share))
+
 if any(Path(p or ".").resolve() == ROOT for p in sys.path):
     pytest.exit("the checkout is on sys.path (python -m pytest from it, or PYTHONPATH), where its kernels/ folder "
                 "shadows Hugging Face's `kernels`: run the tests with the pytest script (make test)", returncode=4)
