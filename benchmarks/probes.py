@@ -301,7 +301,7 @@ def cost_main(args) -> int:
 
     models = args.cost_models or COST_MODELS
     procs = {}
-    tmp = Path(args.cost_out).parent
+    tmp = Path(args.cost_out).resolve().parent  # the parts are written from this folder (cwd=tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     for m in models:
         part = tmp / f".probes_cost_{m.replace(':', '_')}.json"
