@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--measure-brute-force", default=None, metavar="STORE",
                    help="for a model with no runs in the fitting data (zoo:default), sweep every default candidate on "
                         "the same protocol into this store first: that is its brute force")
+    p.add_argument("--remeasure", action="store_true",
+                   help="with --measure-brute-force: measure brute force for every model, not only those without runs "
+                        "(zoo models trained on this machine differ in the last bits from the shipped runs' weights)")
     p.add_argument("--early-stop", choices=["both", "on", "off"], default="both",
                    help="run recommend with the sequential test's early looks, without them, or both side by side")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recommend.json"))
@@ -110,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     cases, per_model = [], {}
     for name in models:
         mruns = df[df["model"] == name]
-        if mruns.empty and args.measure_brute_force:
-            mruns = measure_brute_force(name, proto, args.measure_brute_force)
+        if args.measure_brute_force and (mruns.empty or args.remeasure):
+            group = mruns["group"].iloc[0] if not mruns.empty else name
+            mruns = measure_brute_force(name, proto, args.measure_brute_force, group)
         if mruns.empty:
             print(f"skipping {name}: no runs in the fitting data", file=sys.stderr)
             continue
@@ -247,9 +251,9 @@ def summarize(cases: list[dict]) -> dict:
     }
 
 
-def measure_brute_force(name: str, proto, store_path: str):
+def measure_brute_force(name: str, proto, store_path: str, group: str):
     """Every default candidate of ``name`` measured on ``proto`` (a sweep, resumable in ``store_path``), as
-    fitting-data rows: the model is outside the fitting data, so the predictor never saw it either."""
+    fitting-data rows of ``group`` (the group left out of the predictor's fit)."""
     from advisor.candidates import default_specs
     from advisor.store import Store
     from advisor.sweep import SweepProtocol, run_sweep
@@ -258,7 +262,7 @@ def measure_brute_force(name: str, proto, store_path: str):
     run_sweep([name], default_specs(), store, SweepProtocol(**proto.to_dict()), progress=False)
     runs = store.runs()
     runs = runs[runs["model_name"] == name].copy() if "model_name" in runs else runs
-    runs["model"], runs["group"] = name, name
+    runs["model"], runs["group"] = name, group
     return runs
 
 
