@@ -16,6 +16,7 @@ Methods that need no statistics (RTN) skip the forward passes entirely.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -253,6 +254,14 @@ def _check_memory(loaded, spec, calib, need_h: bool, need_abs: bool, device: tor
     check_quantization_fits(model_bytes, work, f"quantizing with {spec}")
 
 
+def _dense_stand_in(layer: nn.Module, W_hat: torch.Tensor) -> nn.Module:
+    """A shallow copy of ``layer`` (same class, bias and hooks) whose weight is ``W_hat``; ``layer`` is untouched."""
+    stand_in = copy.copy(layer)
+    stand_in._parameters = dict(layer._parameters)
+    stand_in.weight = nn.Parameter(W_hat.to(device=layer.weight.device, dtype=layer.weight.dtype), requires_grad=False)
+    return stand_in
+
+
 def _pack_into(block: nn.Module, path: str, qw, layer: nn.Linear) -> None:
     qlinear = qw.pack(bias=None if layer.bias is None else layer.bias.data.float())
     qlinear.to(layer.weight.device)
@@ -274,9 +283,12 @@ def _quantize_layer(block: nn.Module, path: str, full: str, layer: nn.Linear, me
         rel = layer_error(W.float(), W_hat, stats.H) / base if base > 0 else 0.0
     if pack and pending is None:
         _pack_into(block, path, qw, layer)
+    elif pending is not None:
+        # the block's later statistics passes run on the quantized weights, through a stand-in: the
+        # caller's layer object keeps its weights (recommend puts it back after an attempt)
+        set_module(block, path, _dense_stand_in(layer, W_hat))
+        pending.append((path, qw, layer))
     else:
-        if pending is not None:
-            pending.append((path, qw, layer))
         with torch.no_grad():
             layer.weight.copy_(W_hat.to(W.dtype))
     info = {k: v for k, v in qw.info.items() if isinstance(v, (int, float, str, bool))}

@@ -192,3 +192,16 @@ def test_experts_no_calibration_token_reached_are_rounded_and_reported():
     unreached = [r for r in result.layers if "unreached" in r.info]
     assert unreached and len(unreached) < len(result.layers)
     assert all(".experts." in r.name for r in unreached)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_packing_leaves_the_callers_layer_objects_as_they_were(arch):
+    """recommend keeps the layer objects and puts them back after an attempt: a calibrated method's
+    statistics passes must not write its quantized weights into them (the next attempt, and the
+    baseline's extra windows, would start from a quantized model)."""
+    loaded = _loaded(arch)
+    layers = dict(loaded.adapter.linear_layers())
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    quantize_model(loaded, "gptq:int3:g16", _calib(), pack=True, progress=False)
+    changed = [name for name, layer in layers.items() if not torch.equal(layer.weight, before[name])]
+    assert not changed, changed
