@@ -14,6 +14,7 @@ measurement, candidates carry the memory-bound estimate ``16 / bits per weight``
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,8 +68,10 @@ def _package_version() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=1)
 def _kernels_digest() -> str:
-    """Digest of the kernels' sources: an edited kernel (a checkout between releases) is re-timed."""
+    """Digest of the kernels' sources (read once per process): an edited kernel (a checkout between
+    releases) is re-timed."""
     from advisor import kernels
 
     h = hashlib.sha256()

@@ -124,10 +124,8 @@ def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int, is
     if rule.kind == "exmy":
         n_exp, n_man, _ = rule.exmy
         grid = exmy_grid(n_exp, n_man).astype(np.float32)
-        if bits == 4 and 1 + n_exp + n_man == 4 and isa == "avx2" and (lut := _byte_table(grid[None])) is not None:
-            return lut
         if bits == 4 and 1 + n_exp + n_man == 4 and isa != "portable":  # 16 codes, one register
-            return grid[None].copy()
+            return _table16(grid[None].copy(), isa)
         if bits == 6 and n_exp + n_man == 5 and isa == "avx512":  # 32 magnitudes + sign bit 5
             return grid[:32].reshape(1, 2, 16).copy()
         return tuple(int(v) for v in rule.exmy)
@@ -135,10 +133,15 @@ def _vector_decode(rule: Decode, table: np.ndarray, per_row: bool, bits: int, is
     if rule.kind == "lut16":
         rows = np.zeros((t2.shape[0] if per_row else 1, 16), np.float32)
         rows[:, :t2.shape[1]] = t2[:rows.shape[0]]
-        if isa == "avx2" and (lut := _byte_table(rows)) is not None:
-            return lut
-        return rows
+        return _table16(rows, isa)
     return (t2,)
+
+
+def _table16(rows: np.ndarray, isa: str):
+    """A 16-value register table (r, 16) as the ISA path looks it up: on ``avx2`` a byte table where the
+    values allow one (:func:`_byte_table`), else the float rows (``vpermps``)."""
+    lut = _byte_table(rows) if isa == "avx2" else None
+    return rows if lut is None else lut
 
 
 def _byte_table(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
