@@ -338,6 +338,28 @@ def test_chunked_nll_equals_full_logits(arch, monkeypatch):
     torch.testing.assert_close(nll, full.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("plain", [True, False])
+def test_vocabulary_slices_and_token_chunks_give_the_full_cross_entropy(plain, monkeypatch):
+    """A plain linear head (with bias, scale and cap) runs on vocabulary slices with an online log-sum-exp;
+    any other head on chunks of tokens: both equal the cross-entropy of the full logits."""
+    from advisor.probes import _util
+
+    class Wrapped(nn.Linear):
+        def forward(self, x):
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    vocab, d, n = 1000, 24, 70
+    head = (nn.Linear if plain else Wrapped)(d, vocab, bias=True)
+    split = _util.HeadSplit(body=nn.Identity(), head=head, softcap=30.0, scale=2.0)
+    assert (split.linear is head) == plain
+    monkeypatch.setattr(_util, "LOGIT_CHUNK_BYTES", 4 * n * 90)  # 90-row slices / 16-token chunks: many of each
+    h, targets = torch.randn(n, d) * 3, torch.randint(0, vocab, (n,))
+    targets[:3] = torch.tensor([0, vocab - 1, 89])  # first and last rows, a slice edge
+    want = F.cross_entropy(split.logits(h).float(), targets, reduction="none")
+    torch.testing.assert_close(_util.chunked_nll_from_hidden(split, h, targets), want.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_softcapped_head_is_cut_with_its_cap():
     """Gemma 2 caps its logits (tanh) after the head: the cut applies the same cap."""
     import transformers as tf
