@@ -139,8 +139,9 @@ def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None, symmetric: b
     The reference expands each group's scale to a full ``(out, in)`` tensor by indexing, rounds to
     int64 codes and dequantizes them through the table. Here the scales broadcast over a
     ``(out, groups, group)`` view and the rounder's grid values are used directly: the same division,
-    the same nearest grid value, the same product. Matrices whose width is not a multiple of the group
-    take the reference, and so do asymmetric formats (zero points).
+    the same nearest grid value, the same product. A width that is not a multiple of the group (SmolLM2's
+    576 at group 128) has its last, shorter group done the same way on its own; asymmetric formats (zero
+    points) take the reference.
     """
     from advisor.quantizers import get_dtype
     from advisor.quantizers.grid import compute_grid_params
@@ -152,11 +153,20 @@ def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None, symmetric: b
     out, cols = Wf.shape
     params = compute_grid_params(Wf, dt, group_size, symmetric=True)
     g = params.group_size
-    if cols % g or params.offsets is not None or params.rounder.grid.dim() != 1:
+    if params.offsets is not None or params.rounder.grid.dim() != 1:
         return rtn_weight_reference(W, dtype, group_size)
-    s = params.scales.unsqueeze(-1)  # (out, groups, 1)
-    unit = params.rounder.values(Wf.view(out, cols // g, g) / s)
-    return (unit * s).view(out, cols)
+    full = cols // g
+    if not cols % g:
+        s = params.scales.unsqueeze(-1)  # (out, groups, 1)
+        return (params.rounder.values(Wf.view(out, full, g) / s) * s).view(out, cols)
+    res = torch.empty_like(Wf)
+    if full:
+        s = params.scales[:, :full].unsqueeze(-1)
+        main = params.rounder.values(Wf[:, : full * g].reshape(out, full, g) / s) * s
+        res[:, : full * g] = main.view(out, full * g)
+    s = params.scales[:, full:]  # (out, 1): the last, shorter group
+    res[:, full * g :] = params.rounder.values(Wf[:, full * g :] / s) * s
+    return res
 
 
 def rtn_error(W: torch.Tensor, dtype: str, group_size: int | None, symmetric: bool = True) -> torch.Tensor:

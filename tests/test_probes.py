@@ -247,7 +247,7 @@ def test_rtn_weight_equals_the_quantizer_reference():
     from advisor.probes._rtn import configs, rtn_weight, rtn_weight_reference
 
     g = torch.Generator().manual_seed(0)
-    for shape in ((16, 256), (9, 200), (4, 96)):
+    for shape in ((16, 256), (9, 200), (4, 96), (6, 576)):
         W = torch.randn(shape, generator=g) * 0.05
         W[0, :5], W[1] = 0.0, 0.0
         W[2, 3] = 40.0  # one outlier: a group whose scale is set by it
