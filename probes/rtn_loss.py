@@ -25,8 +25,8 @@ off-grid format, is measured on its own), ``n_windows`` (the most windows to use
 
 Stopping when the answer is known: with ``target_rel_se`` or ``target_abs_se`` set, a format is
 measured on ``min_windows`` windows first, then, if its standard error is not yet small enough, on as
-many more as the error's ``1/sqrt(n)`` says the target needs (at most ``n_windows``; each round is one
-RTN pass per ``batch_size`` windows), and it stops once its standard error is at most
+many more as the error's ``1/sqrt(n)`` says the target needs, but at most ``min_windows`` more per round
+(at most ``n_windows`` in all; each round is one RTN pass per ``batch_size`` windows), and it stops once its standard error is at most
 ``target_rel_se`` of its mean loss increase, or at most ``target_abs_se`` nats (a loss too small to
 matter, known well enough: 8 bits on a real model), or when the target is out of reach (it would need
 more than ``OUT_OF_REACH`` times ``n_windows``: a loss lost in its noise, which the predictor weighs by
@@ -113,8 +113,10 @@ def measure(loaded, ids: torch.Tensor, table: list[tuple[str, int | None, str]],
                     n * (se / target_abs_se) ** 2 if target_abs_se is not None else math.inf]
             if min(need) <= n or min(need) > OUT_OF_REACH * n_max:
                 break
-            # the windows the standard error (~ 1/sqrt(n)) says are needed, in one more round
-            n = min(n_max, max(n + 1, math.ceil(min(need))))
+            # towards the windows the standard error (~ 1/sqrt(n)) says are needed, ``first`` more at most per
+            # round: an estimate from few windows is itself noisy, and a window too many (two forward
+            # passes) costs more than one more round (one RTN pass)
+            n = min(n_max, n + first, max(n + 1, math.ceil(min(need))))
         rel = se / abs(mean) if mean != 0 and math.isfinite(se) else float("inf")
         rows.append({"key": key, "dtype": dtype, "group_size": group, "dnll": mean, "se": se,
                      "rel_se": rel, "n_windows": done, "rtn_passes": passes})

@@ -495,19 +495,26 @@ def test_swapped_weights_restore_even_after_an_error():
 
 
 def test_rtn_loss_takes_the_windows_its_standard_error_asks_for():
-    """After the first round a format gets, in one more round, the windows the target needs (n * (se/target)^2),
-    when they are within reach; values then equal a fixed run on that many windows."""
+    """After the first round a format gets the windows the target needs (n * (se/target)^2), at most
+    ``min_windows`` more per round, until its standard error meets the target or the windows run out; values then equal
+    a fixed run on that many windows."""
     import math
+
+    from advisor.probes import rtn_loss
 
     loaded = _loaded(_micro_llama())
     calib = _calib(16, 16)
     first = probes.run_probes(loaded, calib, names=["rtn_loss"], settings={"rtn_loss": {"keys": ["int3_pc"], "n_windows": 2}})
     dnll, se = first.features["rtn_loss.int3_pc"], first.features["rtn_loss.int3_pc_se"]
-    target = se / abs(dnll) / math.sqrt(3.5)  # asks for 2 * 3.5 = 7 windows
+    target = se / abs(dnll) / math.sqrt(3.5)  # asks for 2 * 3.5 = 7 windows: more than one doubling
     rec = probes.run_probes(loaded, calib, names=["rtn_loss"],
                             settings={"rtn_loss": {"keys": ["int3_pc"], "target_rel_se": target}})
     row = rec.per_layer["rtn_loss"].iloc[0]
-    assert row["n_windows"] >= 7 and row["rtn_passes"] >= 2
+    assert row["n_windows"] >= 4 and row["rtn_passes"] >= 2
+    assert row["n_windows"] <= 2 * row["rtn_passes"]  # 2, then at most 2 more per round
+    # it stopped for a reason: target met, windows run out, or a target out of reach
+    need = row["n_windows"] * (row["rel_se"] / target) ** 2
+    assert row["rel_se"] <= target or row["n_windows"] == 16 or need > rtn_loss.OUT_OF_REACH * 16
     fixed = probes.run_probes(loaded, calib, names=["rtn_loss"],
                               settings={"rtn_loss": {"keys": ["int3_pc"], "n_windows": int(row["n_windows"])}})
     assert rec.features["rtn_loss.int3_pc"] == pytest.approx(fixed.features["rtn_loss.int3_pc"], rel=1e-6, abs=1e-9)
