@@ -340,7 +340,8 @@ def load(
 
         if native_folder(target):
             loaded = load_native(target, name_in, device=device, dtype=dtype, attn_implementation=attn_implementation)
-            loaded.info.update(device=str(device), dtype=str(dtype).replace("torch.", ""), options=options.to_dict())
+            loaded.info.update(device=str(device), dtype=str(dtype).replace("torch.", ""), options=options.to_dict(),
+                               **_products(loaded.model, device, dtype))
             return loaded
     # a tensor of the wrong shape is reported (and refused by _check_load_report) rather than raised with a
     # pointer to a report that advisor's quiet logging hides
@@ -404,7 +405,17 @@ def load(
     source = ModelSource(name=name, kind=kind, resolved=str(target), fingerprint=fp, notes=notes)
     return LoadedModel(model=model, tokenizer=tok, adapter=adapter, source=source,
                        info={"device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                             "options": options.to_dict()})
+                             "options": options.to_dict(), **_products(model, device, dtype)})
+
+
+def _products(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """16-bit weights on a CPU without bf16 arithmetic: linear layers multiply in float32 (``models.upcast``)."""
+    from advisor.models.upcast import float32_products, needs_float32_products
+
+    if not needs_float32_products(device, dtype):
+        return {}
+    float32_products(model)
+    return {"products": "float32 from 16-bit weights (this CPU has no bf16 arithmetic)"}
 
 
 def _check_folder_files(folder: Path) -> None:
