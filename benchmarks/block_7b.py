@@ -1,6 +1,7 @@
 """One decoder block of mistral-7b's configuration (random weights, 218M parameters) forward on 128 tokens,
-in bf16 and in fp32, on this machine: the measured unit behind the README's 7B CPU times (a 7B forward
-is 32 such blocks plus the head), without building the 14.5 GB checkpoint.
+in bf16, in bf16 weights with float32 products (what advisor loads a bf16 model as on a CPU without bf16
+arithmetic, ``models.upcast``) and in fp32, on this machine: the measured unit behind the README's 7B CPU
+times (a 7B forward is 32 such blocks plus the head), without building the 14.5 GB checkpoint.
 
     python benchmarks/block_7b.py [--threads 2] [--tokens 128]
 
@@ -37,23 +38,28 @@ def main(argv: list[str] | None = None) -> int:
                 if ln.startswith("model name")), "")
     out = {"command": "python benchmarks/block_7b.py " + " ".join(argv or sys.argv[1:]), "cpu": cpu,
            "threads": args.threads, "tokens": args.tokens, "load_average_start": os.getloadavg()}
-    for dt in (torch.bfloat16, torch.float32):
+    from advisor.models.upcast import float32_products
+
+    for name, dt in (("bfloat16", torch.bfloat16), ("bfloat16_float32_products", torch.bfloat16),
+                     ("float32", torch.float32)):
         torch.manual_seed(0)
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dt).eval()
+        if name == "bfloat16_float32_products":
+            float32_products(model)
         n = sum(q.numel() for q in model.model.layers[0].parameters())
         ids = torch.randint(0, cfg.vocab_size, (1, args.tokens))
         with torch.no_grad():
             t0 = time.perf_counter()
             model.model(ids)
             s = time.perf_counter() - t0
-        out[str(dt).replace("torch.", "")] = {"block_params": n, "seconds": s, "gflops": 2 * n * args.tokens / s / 1e9,
+        out[name] = {"block_params": n, "seconds": s, "gflops": 2 * n * args.tokens / s / 1e9,
                                               "projected_7b_forward_seconds": 32 * s}
         del model
     out["load_average_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(out, indent=2))
-    for k in ("bfloat16", "float32"):
+    for k in ("bfloat16", "bfloat16_float32_products", "float32"):
         r = out[k]
-        print(f"{k:9s} one block, {args.tokens} tokens: {r['seconds']:.1f} s ({r['gflops']:.2f} GFLOP/s); "
+        print(f"{k:26s} one block, {args.tokens} tokens: {r['seconds']:.1f} s ({r['gflops']:.2f} GFLOP/s); "
               f"32 blocks {r['projected_7b_forward_seconds'] / 60:.1f} min")
     return 0
 
