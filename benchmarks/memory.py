@@ -291,10 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per command")
     p.add_argument("--probes", default=None,
                    help="probes for the probe command (default all; e.g. fisher, the issue's first measurement)")
+    p.add_argument("--dtype", default=None,
+                   help="passed to every command (e.g. bfloat16: bf16 weights, float32 products on a CPU without bf16)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--report-only", action="store_true",
                    help="recompute the fits and projections of --out without running anything")
     args = p.parse_args(argv)
+    if args.dtype:
+        for name in COMMANDS:
+            COMMANDS[name] = COMMANDS[name] + ["--dtype", args.dtype]
     if args.probes:
         COMMANDS["probe"] = COMMANDS["probe"] + ["--probes", args.probes]
         report_probes = args.probes
