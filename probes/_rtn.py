@@ -156,14 +156,12 @@ def rtn_weight(W: torch.Tensor, dtype: str, group_size: int | None, symmetric: b
     if params.offsets is not None or params.rounder.grid.dim() != 1:
         return rtn_weight_reference(W, dtype, group_size)
     full = cols // g
-    if not cols % g:
-        s = params.scales.unsqueeze(-1)  # (out, groups, 1)
-        return (params.rounder.values(Wf.view(out, full, g) / s) * s).view(out, cols)
+    s = params.scales[:, :full].unsqueeze(-1)  # (out, full groups, 1)
+    main = (params.rounder.values(Wf[:, : full * g].reshape(out, full, g) / s) * s).view(out, full * g)
+    if full * g == cols:
+        return main
     res = torch.empty_like(Wf)
-    if full:
-        s = params.scales[:, :full].unsqueeze(-1)
-        main = params.rounder.values(Wf[:, : full * g].reshape(out, full, g) / s) * s
-        res[:, : full * g] = main.view(out, full * g)
+    res[:, : full * g] = main
     s = params.scales[:, full:]  # (out, 1): the last, shorter group
     res[:, full * g :] = params.rounder.values(Wf[:, full * g :] / s) * s
     return res

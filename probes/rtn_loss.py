@@ -26,11 +26,11 @@ off-grid format, is measured on its own), ``n_windows`` (the most windows to use
 Stopping when the answer is known: with ``target_rel_se`` or ``target_abs_se`` set, a format is
 measured on ``min_windows`` windows first, then, if its standard error is not yet small enough, on as
 many more as the error's ``1/sqrt(n)`` says the target needs, but at most ``min_windows`` more per round
-(at most ``n_windows`` in all; each round is one RTN pass per ``batch_size`` windows), and it stops once its standard error is at most
-``target_rel_se`` of its mean loss increase, or at most ``target_abs_se`` nats (a loss too small to
-matter, known well enough: 8 bits on a real model), or when the target is out of reach (it would need
-more than ``OUT_OF_REACH`` times ``n_windows``: a loss lost in its noise, which the predictor weighs by
-its standard error); otherwise it uses every window.
+(at most ``n_windows`` in all; each round is one RTN pass per ``batch_size`` windows), and it stops once
+its standard error is at most ``target_rel_se`` of its mean loss increase, or at most ``target_abs_se``
+nats (a loss too small to matter, known well enough: 8 bits on a real model), or when the target is out
+of reach (it would need more than ``OUT_OF_REACH`` times ``n_windows``: a loss lost in its noise, which
+the predictor weighs by its standard error); otherwise it uses every window.
 The per-layer table records the windows used and the relative standard error reached (``rel_se``).
 With both targets None every format uses all ``n_windows``.
 
